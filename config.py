@@ -1,0 +1,170 @@
+"""The one place that reads the service's environment.
+
+Every variable the service understands is a field of `Settings` (or `ServerSettings`
+for gunicorn), read once by `from_env`. Values are validated here so that a typo
+fails at startup with the variable's name, not deep inside a request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+import groundingdino
+
+# Checkpoint file names as published by their authors (used for default paths and model_version).
+SAM_CHECKPOINT_NAMES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+}
+GROUNDINGDINO_PACKAGED_CONFIG = str(
+    Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default, kind=float, lo=None, hi=None):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {raw!r}")
+    return value
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings; see README "Environment variables" for each one."""
+
+    # Models
+    model_dir: str = "models"
+    groundingdino_config: str = GROUNDINGDINO_PACKAGED_CONFIG
+    groundingdino_checkpoint: str = "models/groundingdino_swint_ogc.pth"
+    groundingdino_text_encoder: str = "bert-base-uncased"
+    use_sam: bool = False
+    use_mobile_sam: bool = True
+    sam_model_type: str = "vit_h"
+    sam_checkpoint: str = "models/sam_vit_h_4b8939.pth"
+    mobilesam_checkpoint: str = "models/mobile_sam.pt"
+    device: str = "auto"
+    # Detection
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    max_detections: int = 50
+    nms_iou: float = 0.7
+    # None: prompt with the config's label names; "": no prediction without a prompt.
+    default_prompt: str | None = None
+    # Label Studio access (for /data/upload/... task images)
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    local_files_document_root: str = ""
+    image_fetch_timeout: float = 30.0
+    image_max_mb: float = 64.0
+    image_max_pixels: int = 100_000_000
+    # Service
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    model_load_wait: float = 90.0
+    data_dir: str = "data"
+
+    @property
+    def segmenter(self) -> str | None:
+        """'sam', 'mobile_sam' or None (boxes only). USE_SAM wins when both are on."""
+        if self.use_sam:
+            return "sam"
+        return "mobile_sam" if self.use_mobile_sam else None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        model_dir = _str(env, "MODEL_DIR", cls.model_dir)
+        sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
+        if sam_type not in SAM_CHECKPOINT_NAMES:
+            raise ConfigError(f"SAM_MODEL_TYPE must be one of vit_h, vit_l, vit_b, got {sam_type!r}")
+        device = _str(env, "DEVICE", "auto").lower()
+        if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+            raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return cls(
+            model_dir=model_dir,
+            groundingdino_config=_str(env, "GROUNDINGDINO_CONFIG", GROUNDINGDINO_PACKAGED_CONFIG),
+            groundingdino_checkpoint=_str(
+                env, "GROUNDINGDINO_CHECKPOINT", os.path.join(model_dir, "groundingdino_swint_ogc.pth")
+            ),
+            groundingdino_text_encoder=_str(env, "GROUNDINGDINO_TEXT_ENCODER", cls.groundingdino_text_encoder),
+            use_sam=_bool(env, "USE_SAM", cls.use_sam),
+            use_mobile_sam=_bool(env, "USE_MOBILE_SAM", cls.use_mobile_sam),
+            sam_model_type=sam_type,
+            sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SAM_CHECKPOINT_NAMES[sam_type])),
+            mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT", os.path.join(model_dir, "mobile_sam.pt")),
+            device=device,
+            box_threshold=_number(env, "BOX_THRESHOLD", cls.box_threshold, float, 0.0, 1.0),
+            text_threshold=_number(env, "TEXT_THRESHOLD", cls.text_threshold, float, 0.0, 1.0),
+            max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),
+            nms_iou=_number(env, "NMS_IOU", cls.nms_iou, float, 0.0, 1.0),
+            default_prompt=env.get("DEFAULT_PROMPT"),
+            label_studio_url=_str(env, "LABEL_STUDIO_URL", _str(env, "LABEL_STUDIO_HOST", "")).rstrip("/"),
+            label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY", _str(env, "LABEL_STUDIO_ACCESS_TOKEN", "")),
+            local_files_document_root=_str(env, "LOCAL_FILES_DOCUMENT_ROOT", ""),
+            image_fetch_timeout=_number(env, "IMAGE_FETCH_TIMEOUT", cls.image_fetch_timeout, float, 0.1),
+            image_max_mb=_number(env, "IMAGE_MAX_MB", cls.image_max_mb, float, 0.001),
+            image_max_pixels=_number(env, "IMAGE_MAX_PIXELS", cls.image_max_pixels, int, 1),
+            basic_auth_user=_str(env, "BASIC_AUTH_USER", ""),
+            basic_auth_pass=_str(env, "BASIC_AUTH_PASS", ""),
+            model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),
+            data_dir=_str(env, "DATA_DIR", cls.data_dir),
+        )
+
+    def redacted(self) -> dict:
+        """The settings as a dict with secrets masked, for the startup log line."""
+        secret = {"label_studio_api_key", "basic_auth_pass"}
+        return {f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
+                for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How gunicorn serves the app (read by gunicorn.conf.py)."""
+
+    port: int = 9090
+    workers: int = 1
+    threads: int = 4
+    timeout: int = 300
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+        env = os.environ if env is None else env
+        return cls(
+            port=_number(env, "PORT", cls.port, int, 1, 65535),
+            workers=_number(env, "WORKERS", cls.workers, int, 1, 64),
+            threads=_number(env, "THREADS", cls.threads, int, 1, 64),
+            timeout=_number(env, "TIMEOUT", cls.timeout, int, 1),
+            log_level=_str(env, "LOG_LEVEL", cls.log_level).lower(),
+        )

@@ -1,0 +1,61 @@
+"""The one data type that flows detector → segmenter → region builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Objects found in one image, all in the image's displayed pixel frame.
+
+    xyxy:   (N, 4) float32, x0, y0, x1, y1 in pixels of the displayed (EXIF-rotated) image.
+    scores: (N,) float32 in [0, 1], the detector's confidence.
+    labels: N config label names (the label each region will carry).
+    masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size.
+    """
+
+    xyxy: np.ndarray
+    scores: np.ndarray
+    labels: tuple[str, ...]
+    masks: np.ndarray | None = None
+
+    def __post_init__(self):
+        xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
+        scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        object.__setattr__(self, "xyxy", xyxy)
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "labels", tuple(self.labels))
+        n = len(xyxy)
+        if len(scores) != n or len(self.labels) != n:
+            raise ValueError(
+                f"Detections: xyxy has {n} rows but scores has {len(scores)} and labels {len(self.labels)}"
+            )
+        if self.masks is not None and (self.masks.ndim != 3 or len(self.masks) != n or self.masks.dtype != bool):
+            raise ValueError(
+                f"Detections: masks must be bool of shape ({n}, H, W), got {self.masks.dtype} {self.masks.shape}"
+            )
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), ())
+
+    def __len__(self) -> int:
+        return len(self.xyxy)
+
+    def select(self, index) -> "Detections":
+        """Rows picked by an index array or boolean mask, in that order."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return Detections(
+            self.xyxy[index],
+            self.scores[index],
+            tuple(self.labels[i] for i in index),
+            None if self.masks is None else self.masks[index],
+        )
+
+    def with_masks(self, masks: np.ndarray) -> "Detections":
+        return replace(self, masks=masks)

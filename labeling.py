@@ -1,0 +1,89 @@
+"""What a project's labeling config asks for, read with label_studio_sdk's LabelInterface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from label_studio_sdk.label_interface import LabelInterface
+
+
+class LabelConfigError(ValueError):
+    """The labeling config can't be served by this backend; the message says why."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """One labels control on the image, e.g. <RectangleLabels name="label" toName="image">."""
+
+    name: str
+    labels: tuple[str, ...]
+    smart: bool = False
+
+
+@dataclass(frozen=True)
+class LabelingConfig:
+    image_name: str  # the Image tag's name: every region's to_name
+    image_key: str  # the task data key holding the image URL ("$image" -> "image")
+    prompt_name: str | None  # the TextArea on that image that holds the text prompt
+    rectangles: tuple[Control, ...] = ()
+    brushes: tuple[Control, ...] = ()
+    keypoints: tuple[Control, ...] = ()
+    # label -> extra phrases that mean it, from <Label predicted_values="a,b">
+    predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every label of the rectangle and brush controls, in config order, once each."""
+        seen: dict[str, None] = {}
+        for control in self.rectangles + self.brushes:
+            seen.update(dict.fromkeys(control.labels))
+        return tuple(seen)
+
+
+def parse_label_config(xml: str) -> LabelingConfig:
+    """Find the Image, its prompt TextArea and its RectangleLabels / BrushLabels controls."""
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("label config is empty")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as e:  # the SDK raises several XML error types
+        raise LabelConfigError(f"label config is not valid XML: {e}") from None
+
+    images = [o for o in interface.objects if o.tag.lower() == "image"]
+    if not images:
+        raise LabelConfigError("label config has no <Image> tag")
+    by_kind: dict[str, list] = {"rectanglelabels": [], "brushlabels": [], "keypointlabels": [], "textarea": []}
+    image = None
+    for candidate in images:  # the first image that has a labels control wins
+        controls = [c for c in interface.controls if candidate.name in (c.to_name or [])]
+        if any(c.tag.lower() in ("rectanglelabels", "brushlabels") for c in controls):
+            image = candidate
+            for c in controls:
+                if c.tag.lower() in by_kind:
+                    by_kind[c.tag.lower()].append(c)
+            break
+    if image is None:
+        raise LabelConfigError(
+            "label config has no <RectangleLabels> or <BrushLabels> control on an <Image>: "
+            "this backend predicts rectangles and brush masks"
+        )
+
+    def control(c) -> Control:
+        return Control(c.name, tuple(c.labels or ()), str(c.attr.get("smart", "")).lower() == "true")
+
+    predicted_values: dict[str, tuple[str, ...]] = {}
+    for c in by_kind["rectanglelabels"] + by_kind["brushlabels"]:
+        for label, attrs in (getattr(c, "labels_attrs", None) or {}).items():
+            values = [v.strip() for v in str(attrs.attr.get("predicted_values", "")).split(",") if v.strip()]
+            if values:
+                predicted_values[label] = tuple(dict.fromkeys(predicted_values.get(label, ()) + tuple(values)))
+    prompts = by_kind["textarea"]
+    return LabelingConfig(
+        image_name=image.name,
+        image_key=str(image.value).lstrip("$"),
+        prompt_name=prompts[0].name if prompts else None,
+        rectangles=tuple(control(c) for c in by_kind["rectanglelabels"]),
+        brushes=tuple(control(c) for c in by_kind["brushlabels"]),
+        keypoints=tuple(control(c) for c in by_kind["keypointlabels"]),
+        predicted_values=predicted_values,
+    )
