@@ -8,9 +8,9 @@ fails at startup with the variable's name, not deep inside a request.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
 
 import groundingdino
 
@@ -102,7 +102,7 @@ class Settings:
         return "mobile_sam" if self.use_mobile_sam else None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         model_dir = _str(env, "MODEL_DIR", cls.model_dir)
         sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
@@ -152,6 +152,7 @@ class Settings:
 class ServerSettings:
     """How gunicorn serves the app (read by gunicorn.conf.py)."""
 
+    host: str = "0.0.0.0"
     port: int = 9090
     workers: int = 1
     threads: int = 4
@@ -159,9 +160,10 @@ class ServerSettings:
     log_level: str = "info"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         env = os.environ if env is None else env
         return cls(
+            host=_str(env, "HOST", cls.host),
             port=_number(env, "PORT", cls.port, int, 1, 65535),
             workers=_number(env, "WORKERS", cls.workers, int, 1, 64),
             threads=_number(env, "THREADS", cls.threads, int, 1, 64),

@@ -39,13 +39,13 @@ class Detections:
             )
 
     @classmethod
-    def empty(cls) -> "Detections":
+    def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), ())
 
     def __len__(self) -> int:
         return len(self.xyxy)
 
-    def select(self, index) -> "Detections":
+    def select(self, index) -> Detections:
         """Rows picked by an index array or boolean mask, in that order."""
         index = np.asarray(index)
         if index.dtype == bool:
@@ -57,5 +57,5 @@ class Detections:
             None if self.masks is None else self.masks[index],
         )
 
-    def with_masks(self, masks: np.ndarray) -> "Detections":
+    def with_masks(self, masks: np.ndarray) -> Detections:
         return replace(self, masks=masks)

@@ -1,0 +1,190 @@
+"""The HTTP layer: Label Studio's ML backend routes, parsed and validated, as a Flask app.
+
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics. Every answer is
+JSON, errors included ({"error": "..."} with a 4xx/5xx status). With BASIC_AUTH_USER and
+BASIC_AUTH_PASS set, every route but /health needs those credentials.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from mlbase import LabelStudioMLBase, RequestError, project_key
+
+logger = logging.getLogger(__name__)
+
+ModelFactory = Callable[[str | None, str | None], LabelStudioMLBase]
+
+
+def parse_extra_params(raw) -> dict:
+    """extra_params arrives as an object (set through the API), a JSON string (typed into the UI's
+    "Extra params" box), or null/empty. Returns a dict or raises RequestError."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"extra_params is not valid JSON: {e.msg} at position {e.pos}") from None
+    if not isinstance(raw, dict):
+        raise RequestError(f"extra_params must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+class Metrics:
+    """Request counters served on /metrics."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.predict_seconds = 0.0
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def add_seconds(self, seconds: float) -> None:
+        with self._lock:
+            self.predict_seconds += seconds
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {**self.counts, "predict_seconds_total": round(self.predict_seconds, 3)}
+
+
+def _json_body() -> dict:
+    data = request.get_data(cache=True)
+    if not data:
+        raise RequestError("request body is empty: expected a JSON object")
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def create_app(
+    factory: ModelFactory,
+    health: Callable[[], dict] = dict,
+    basic_auth: tuple[str, str] | None = None,
+) -> Flask:
+    """A Flask app serving the backend that `factory(project, label_config)` creates per request.
+
+    health: extra fields for GET /health (e.g. the model load state); it must answer instantly.
+    """
+    app = Flask(__name__)
+    metrics = Metrics()
+
+    @app.before_request
+    def check_auth():
+        if not basic_auth or request.path == "/health":
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and hmac.compare_digest((auth.username or "").encode(), basic_auth[0].encode())
+            and hmac.compare_digest((auth.password or "").encode(), basic_auth[1].encode())
+        )
+        if ok:
+            return None
+        response = jsonify(error="authentication required: HTTP basic auth with BASIC_AUTH_USER/BASIC_AUTH_PASS")
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+        return response
+
+    @app.errorhandler(RequestError)
+    def request_error(e: RequestError):
+        metrics.add(f"errors_{e.status}")
+        logger.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
+        return jsonify(error=str(e)), e.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return jsonify(error=e.description), e.code
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        metrics.add("errors_500")
+        logger.exception("%s %s failed", request.method, request.path)
+        return jsonify(error=f"internal error: {type(e).__name__}: {e}"), 500
+
+    @app.get("/health")
+    @app.get("/")
+    def health_route():
+        return jsonify(status="UP", **health())
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        project, schema = body.get("project"), body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise RequestError("'schema' (the project's labeling config) is missing")
+        extra_params = parse_extra_params(body.get("extra_params"))
+        model = factory(project, schema)
+        # Stored before setup() validates them so setup() sees them through model.extra_params.
+        previous = model.get("extra_params")
+        model.set("extra_params", extra_params)
+        try:
+            model.setup()
+        except RequestError:
+            model.set("extra_params", previous)
+            raise
+        for key in ("hostname", "access_token"):
+            if body.get(key):
+                model.set(key, body[key])
+        metrics.add("setup")
+        return jsonify(model_version=model.model_version)
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise RequestError(f"'tasks' must be a list of task objects, got {type(tasks).__name__}")
+        bad = [i for i, task in enumerate(tasks) if not isinstance(task, dict)]
+        if bad:
+            raise RequestError(f"tasks {bad} are not JSON objects")
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise RequestError("'params' must be an object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise RequestError("'params.context' must be an object or null")
+        project = body.get("project")
+        model = factory(project, body.get("label_config"))
+        started = time.perf_counter()
+        results = model.predict(tasks, context=context, login=params.get("login"), password=params.get("password"))
+        elapsed = time.perf_counter() - started
+        metrics.add("predict_requests")
+        metrics.add("predicted_tasks", len(tasks))
+        metrics.add_seconds(elapsed)
+        logger.info("project %s: %d task(s) predicted in %.2f s", project_key(project), len(tasks), elapsed)
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        event = body.get("action")
+        if not isinstance(event, str):
+            raise RequestError("'action' (the webhook event name) is missing")
+        project = (body.get("project") or {}).get("id") if isinstance(body.get("project"), dict) else None
+        model = factory(str(project) if project is not None else None, None)
+        result = model.fit(event, body)
+        metrics.add("webhooks")
+        return jsonify(result or {}), 201
+
+    @app.get("/metrics")
+    def metrics_route():
+        return jsonify(metrics.snapshot())
+
+    return app

@@ -1,0 +1,98 @@
+"""Loads the models once per worker process, in the background, and hands them out when ready.
+
+/health and /setup never wait for it; /predict waits (up to MODEL_LOAD_WAIT seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from config import Settings
+from dino import GroundingDino, ModelLoadError, resolve_device
+from mlbase import RequestError
+from sam_wrapper import Segmenter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Models:
+    detector: GroundingDino
+    segmenter: Segmenter | None
+
+
+class ModelLoader:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._models: Models | None = None
+        self._error: str | None = None
+        self._seconds: float | None = None
+
+    def start(self) -> None:
+        """Begin loading in a daemon thread (idempotent; call it in each worker, after fork)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+                self._thread.start()
+
+    def _load(self) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            device = resolve_device(s.device)
+            logger.info("loading models on %s", device)
+            detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,
+                                          s.groundingdino_text_encoder, device)
+            segmenter = None
+            if s.segmenter == "sam":
+                segmenter = Segmenter.load("sam", s.sam_checkpoint, device, s.sam_model_type)
+            elif s.segmenter == "mobile_sam":
+                segmenter = Segmenter.load("mobile_sam", s.mobilesam_checkpoint, device)
+            self._models = Models(detector, segmenter)
+            self._seconds = time.perf_counter() - started
+            logger.info("models ready in %.1f s: %s", self._seconds, self.model_version)
+        except ModelLoadError as e:
+            self._error = str(e)
+            logger.error("model loading failed: %s", e)
+        except Exception as e:  # anything else must still end "loading" with a message
+            self._error = f"{type(e).__name__}: {e}"
+            logger.exception("model loading failed")
+        finally:
+            self._done.set()
+
+    @property
+    def model_version(self) -> str:
+        """Names the models in use, from the settings (known before loading finishes)."""
+        s = self.settings
+        parts = [os.path.splitext(os.path.basename(s.groundingdino_checkpoint))[0]]
+        if s.segmenter == "sam":
+            parts.append(os.path.splitext(os.path.basename(s.sam_checkpoint))[0])
+        elif s.segmenter == "mobile_sam":
+            parts.append(os.path.splitext(os.path.basename(s.mobilesam_checkpoint))[0])
+        return "+".join(parts)
+
+    def state(self) -> dict:
+        """For /health: never blocks."""
+        if not self._done.is_set():
+            return {"models": "loading" if self._thread else "not started", "model_version": self.model_version}
+        if self._error:
+            return {"models": "failed", "error": self._error, "model_version": self.model_version}
+        return {"models": "ready", "load_seconds": round(self._seconds or 0, 1), "model_version": self.model_version}
+
+    def get(self, timeout: float | None = None) -> Models:
+        """The loaded models; waits for loading up to `timeout` (default MODEL_LOAD_WAIT) seconds."""
+        self.start()
+        timeout = self.settings.model_load_wait if timeout is None else timeout
+        if not self._done.wait(timeout):
+            raise RequestError(f"models are still loading (waited {timeout:.0f} s, MODEL_LOAD_WAIT); "
+                               "try again shortly", status=503)
+        if self._error:
+            raise RequestError(f"models failed to load: {self._error}", status=503)
+        return self._models

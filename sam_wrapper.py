@@ -1,0 +1,150 @@
+"""SAM / MobileSAM: boxes (or points) on an image -> masks in the image's pixel frame.
+
+Frames: "image" = the displayed image, (H, W) pixels; "input" = the image resized so its long
+side is 1024 (SAM's ResizeLongestSide), top-left aligned in a padded 1024x1024 square.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from dino import ModelLoadError, require_file, resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Upscale at most this many float32 mask pixels at once: a 4032x3024 image is ~49 MB per mask,
+# so 50 boxes never materialise the 2.4 GB (N, H, W) float tensor of SamPredictor's path.
+_UPSCALE_CHUNK_PIXELS = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image encoded by SAM's image encoder.
+
+    features: (1, 256, 64, 64) float tensor on the model's device.
+    input_size: (h, w) of the resized image inside the 1024x1024 input.
+    original_size: (H, W) of the image.
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class Segmenter:
+    """Owns one SAM-family model (segment_anything's Sam or mobile_sam's Sam); stateless between calls.
+
+    Every call takes the image embedding it works on as an argument, so threads never share a
+    "current image" (SamPredictor's set_image state); the model itself is used under a lock.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str, name: str):
+        self.model = model.eval().to(device)
+        self.device = device
+        self.name = name
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h") -> Segmenter:
+        """kind: "sam" (segment_anything, model_type vit_h | vit_l | vit_b) or "mobile_sam" (vit_t)."""
+        variable = "SAM_CHECKPOINT" if kind == "sam" else "MOBILESAM_CHECKPOINT"
+        require_file(variable, checkpoint)
+        if kind == "sam":
+            from segment_anything import sam_model_registry
+        else:
+            from mobile_sam import sam_model_registry
+
+            model_type = "vit_t"
+        try:
+            model = sam_model_registry[model_type](checkpoint=checkpoint)
+        except Exception as e:  # a truncated file, or weights of another model type
+            hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if kind == "sam" else ""
+            raise ModelLoadError(f"{variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
+        name = os.path.splitext(os.path.basename(checkpoint))[0]
+        return cls(model, resolve_device(device), name)
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """(H, W, 3) uint8 RGB -> its embedding (the expensive step: one image encoder pass)."""
+        if self.model.image_format != "RGB":
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with self._lock:
+            features = self.model.image_encoder(self.model.preprocess(tensor))
+        return ImageEmbedding(features, tuple(tensor.shape[-2:]), tuple(image.shape[:2]))
+
+    @torch.no_grad()
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompt encoder and mask decoder once for a batch of prompts.
+
+        boxes: (B, 4) xyxy in image pixels; points: (B, P, 2) xy in image pixels with
+        point_labels (B, P), 1 = foreground, 0 = background. Returns low-resolution mask logits
+        (B, C, 256, 256) and predicted IoUs (B, C), C = 3 if multimask else 1.
+        """
+        size = embedding.original_size
+        box_t = pts = None
+        if boxes is not None:
+            # The torch transform, as in the batched SamPredictor.predict_torch recipe.
+            box_t = self.transform.apply_boxes_torch(
+                torch.as_tensor(np.asarray(boxes), dtype=torch.float, device=self.device), size
+            )
+        if points is not None:
+            coords = torch.as_tensor(self.transform.apply_coords(np.asarray(points), size), dtype=torch.float,
+                                     device=self.device)
+            pts = (coords, torch.as_tensor(point_labels, dtype=torch.int, device=self.device))
+        with self._lock:
+            sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res, iou
+
+    @torch.no_grad()
+    def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+        """(B, 256, 256) mask logits -> (B, H, W) bool masks in image pixels.
+
+        The same interpolation as Sam.postprocess_masks (bit-identical), done a few masks at a
+        time so peak memory stays bounded for large images and many boxes.
+        """
+        height, width = embedding.original_size
+        out = np.empty((len(low_res), height, width), dtype=bool)
+        chunk = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
+        for start in range(0, len(low_res), chunk):
+            part = low_res[start : start + chunk, None]
+            part = self.model.postprocess_masks(part, embedding.input_size, embedding.original_size)
+            out[start : start + chunk] = (part[:, 0] > self.model.mask_threshold).cpu().numpy()
+        return out
+
+    def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
+                      embedding: ImageEmbedding | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per box, all boxes in one decoder call.
+
+        image: (H, W, 3) uint8 RGB; xyxy: (N, 4) image pixels. Returns masks (N, H, W) bool and
+        SAM's predicted IoU per mask (N,) float32. N == 0 skips the encoder entirely.
+        """
+        height, width = image.shape[:2]
+        if len(xyxy) == 0:
+            return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
+        embedding = embedding or self.embed(image)
+        low_res, iou = self.decode(embedding, boxes=xyxy)
+        return self.upscale(low_res[:, 0], embedding), iou[:, 0].float().cpu().numpy()

@@ -1,0 +1,332 @@
+"""Small random-weight models saved in the published checkpoints' formats, for tests and benchmarks.
+
+No real weights can be fetched here, so these functions build the same architectures (shrunk where the packages
+allow it) with seeded random weights and write them the way the real files are laid out, so that the product's
+real loading code (``groundingdino.util.inference.load_model``, ``sam_model_registry[...](checkpoint=...)``,
+``AutoTokenizer`` / ``BertModel.from_pretrained``) loads them unchanged.
+
+Importing this module has no side effects: heavy packages are imported inside the functions, and every function
+that draws random numbers does so inside ``torch.random.fork_rng`` so the caller's global RNG state is untouched.
+Nothing here touches the network; callers should still set ``HF_HUB_OFFLINE=1`` (tests/conftest.py does).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+# bert-base-uncased's layout: [PAD]=0, [unused0..98]=1..99, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103,
+# [unused99..993]=104..998, then single characters from 999: the printable ASCII punctuation, digits and
+# lowercase letters in code-point order ('!'=999, ','=1010, '.'=1012, ';'=1025, '?'=1029, 'a'=1037).
+VOCAB_SIZE = 30522
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
+FIRST_CHAR_ID = 999
+FIRST_WORD_ID = 1996  # 'the' in the real vocab; whole words start here as they do there
+# Whole-word tokens the tests and benchmarks rely on (ids are NOT the real bert-base-uncased ids, only the
+# special tokens and the single characters above are).
+WORDS = (
+    "the a an and of on in with is are this that there "
+    "cat cats dog dogs house houses shape shapes round thing things box boxes brown red green blue white black "
+    "car cars light lights traffic person people tree trees sky road sign window door wall grass water "
+    "object objects circle rectangle square"
+).split()
+
+# Cheaper settings written over the packaged GroundingDINO_SwinT_OGC.py (hidden_dim stays 256: the text
+# position embedding hard-codes 256 features; nheads stays 8; the Swin-T backbone is already the smallest
+# supported one: the ResNet choices need torchvision's pretrained download).
+GROUNDINGDINO_OVERRIDES = {
+    "enc_layers": 1,
+    "dec_layers": 1,
+    "dim_feedforward": 256,
+    "num_queries": 100,
+    "use_checkpoint": False,
+    "use_transformer_ckpt": False,
+}
+
+
+def _vocab_tokens() -> list[str]:
+    chars = [c for c in string.punctuation + string.digits + string.ascii_lowercase]
+    chars.sort()  # code-point order, as in bert-base-uncased
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [f"[unused{i}]" for i in range(99, 99 + FIRST_CHAR_ID - len(tokens))]
+    assert len(tokens) == FIRST_CHAR_ID
+    tokens += chars
+    unused = 99 + FIRST_CHAR_ID - 104
+    while len(tokens) < FIRST_WORD_ID:
+        tokens.append(f"[unused{unused}]")
+        unused += 1
+    words = [w for w in dict.fromkeys(WORDS) if w not in tokens]
+    tokens += words
+    tokens += ["##" + c for c in string.ascii_lowercase + string.digits]
+    while len(tokens) < VOCAB_SIZE:
+        tokens.append(f"[unused{unused}]")
+        unused += 1
+    return tokens
+
+
+def make_text_encoder(directory: Path, hidden_size: int = 64, layers: int = 1, seed: int = 0) -> Path:
+    """Write a small random BERT that ``AutoTokenizer.from_pretrained(dir)`` / ``BertModel.from_pretrained(dir)``
+    load offline: config.json + model.safetensors (``BertModel.save_pretrained``) and vocab.txt + tokenizer files
+    (``BertTokenizerFast.save_pretrained``), uncased.
+
+    The vocab keeps bert-base-uncased's id layout where Grounding DINO hard-codes ids: 30,522 entries, [PAD]=0,
+    [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, ','=1010, '.'=1012, ';'=1025, '?'=1029 (all single ASCII
+    punctuation, digits and letters at their real ids 999..1062). From id 1996 it holds the whole words in
+    ``WORDS`` (not at their real ids), then '##a'..'##z', '##0'..'##9' (so every lowercase word tokenises without
+    [UNK]), and '[unusedN]' for the rest. Returns ``directory``.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(_vocab_tokens()) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(str(directory))
+
+    heads = max(1, hidden_size // 32)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config).eval()
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def _write_groundingdino_config(path: Path, text_encoder_dir: Path) -> Path:
+    import groundingdino
+
+    source = Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
+    text = source.read_text(encoding="utf-8")
+    overrides = {**GROUNDINGDINO_OVERRIDES, "text_encoder_type": str(text_encoder_dir)}
+    for name, value in overrides.items():
+        text, count = re.subn(rf"(?m)^{name}\s*=.*$", f"{name} = {value!r}", text)
+        if count != 1:
+            raise RuntimeError(f"{source} has {count} assignments to {name}, expected 1")
+    path.write_text(
+        "# Small random-weight Grounding DINO for tests (written by tests/model_factory.py from\n"
+        f"# {source.name}).\n" + text,
+        encoding="utf-8",
+    )
+    return path
+
+
+def make_groundingdino(
+    directory: Path, seed: int = 0, text_encoder_dir: Path | None = None
+) -> tuple[Path, Path, Path]:
+    """Write a small random Grounding DINO; return ``(config_path, checkpoint_path, text_encoder_dir)``.
+
+    - config: the packaged ``GroundingDINO_SwinT_OGC.py`` with ``GROUNDINGDINO_OVERRIDES`` (1 encoder and 1
+      decoder layer, dim_feedforward 256, 100 queries, no activation checkpointing) and ``text_encoder_type`` set
+      to the local BERT directory. Swin-T backbone, hidden_dim 256 (both fixed by the package, see above).
+    - checkpoint: ``torch.save({"model": model.state_dict()})``, the layout of the published
+      ``groundingdino_swint_ogc.pth``; it holds every key of the model (BERT included, equal to the text encoder
+      directory's weights), so ``load_model``'s ``strict=False`` leaves nothing at random init.
+    - text encoder: ``make_text_encoder(directory / "bert")`` unless ``text_encoder_dir`` is given (reused as is).
+
+    Load with ``groundingdino.util.inference.load_model(str(config), str(checkpoint), device="cpu")``.
+    Deterministic for a seed (the build runs under ``torch.manual_seed(seed)`` in a forked RNG).
+    """
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if text_encoder_dir is None:
+        text_encoder_dir = make_text_encoder(directory / "bert", seed=seed)
+    text_encoder_dir = Path(text_encoder_dir)
+    config_path = _write_groundingdino_config(directory / "GroundingDINO_tiny.py", text_encoder_dir)
+    checkpoint_path = directory / "groundingdino_tiny.pth"
+
+    args = SLConfig.fromfile(str(config_path))
+    args.device = "cpu"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(args)
+        _spread_groundingdino_scores(model, seed)
+    torch.save({"model": model.state_dict()}, checkpoint_path)
+    return config_path, checkpoint_path, text_encoder_dir
+
+
+# Calibration input for _spread_groundingdino_scores, and the targets it aims for.
+CALIBRATION_CAPTION = "shape . round thing ."
+CALIBRATION_IMAGE_SIZE = (64, 48)
+TARGET_LOGIT_STD = 1.2  # sigmoid(0 +- 2 std) spans roughly 0.08..0.92
+TARGET_BOX_DELTA_STD = 0.5  # in inverse-sigmoid space, around the two-stage proposals
+BOX_SIZE_BIAS = 1.5  # proposals are 0.05 wide on the finest level; this makes typical boxes ~0.15..0.3
+
+
+@torch.no_grad()
+def _spread_groundingdino_scores(model: torch.nn.Module, seed: int) -> None:
+    """Rescale two output heads of a random-weight Grounding DINO so its outputs are not degenerate.
+
+    At random init the class logits (a bare dot product ``hs @ text.T`` of 256-d LayerNorm outputs) have a mean
+    of ~+15 and a std of ~12, so nearly every sigmoid score is 0.0 or 1.0; and the box head's last layer is
+    zero-initialised, so every box is its two-stage proposal (all 0.05 x 0.05). One forward pass on
+    ``make_image(64, 48, seed)`` with ``CALIBRATION_CAPTION`` measures them, then:
+
+    - ``transformer.decoder.norm`` (the LayerNorm on the decoder output, read only by the class and box heads):
+      weight *= TARGET_LOGIT_STD / std(logits), and bias = -(scaled mean logit) * t / |t|^2 with t the mean text
+      feature, so the calibration logits get mean ~0 and std TARGET_LOGIT_STD (scores spread over ~0.1..0.9);
+    - ``bbox_embed[0].layers[-1]`` (shared by all decoder layers): seeded normal weights scaled so the box deltas
+      have std TARGET_BOX_DELTA_STD, and bias (0, 0, BOX_SIZE_BIAS, BOX_SIZE_BIAS) so boxes vary in place and size.
+
+    Other captions and images get similar but not identical spreads. Runs inside make_groundingdino's forked RNG.
+    """
+    captured = {}
+
+    def grab(module, args, output):
+        captured["hs"], captured["text"] = args[0], args[1]
+
+    image = groundingdino_image_tensor(make_image(*CALIBRATION_IMAGE_SIZE, seed=seed))
+    model.eval()
+    handle = model.class_embed[-1].register_forward_hook(grab)
+    try:
+        model(image[None], captions=[CALIBRATION_CAPTION])
+    finally:
+        handle.remove()
+    hs, text = captured["hs"][0], captured["text"]
+    mask = text["text_token_mask"][0]
+    feats = text["encoded_text"][0][mask]  # valid tokens x 256
+    mean_feat = feats.mean(0)
+    norm = model.transformer.decoder.norm
+    old_bias = norm.bias.clone()
+    # hs = w * x_hat + b  ->  w * scale * x_hat + new_bias = (hs - b) * scale + new_bias
+    logits = (hs - old_bias) @ feats.T
+    scale = TARGET_LOGIT_STD / logits.std().clamp_min(1e-6)
+    new_bias = -(logits.mean() * scale) * mean_feat / mean_feat.dot(mean_feat)
+    norm.weight.mul_(scale)
+    norm.bias.copy_(new_bias)
+
+    box_out = model.bbox_embed[0].layers[-1]
+    generator = torch.Generator().manual_seed(seed)
+    box_out.weight.copy_(torch.randn(box_out.weight.shape, generator=generator))
+    box_out.bias.zero_()
+    hidden = (hs - old_bias) * scale + new_bias
+    for layer in model.bbox_embed[0].layers[:-1]:
+        hidden = torch.relu(layer(hidden))
+    deltas = box_out(hidden)
+    box_out.weight.mul_(TARGET_BOX_DELTA_STD / deltas.std().clamp_min(1e-6))
+    box_out.bias.copy_(torch.tensor([0.0, 0.0, BOX_SIZE_BIAS, BOX_SIZE_BIAS]))
+
+
+def make_mobile_sam(path: Path, seed: int = 0) -> Path:
+    """Random-weight MobileSAM (``mobile_sam.sam_model_registry["vit_t"]()``) saved with
+    ``torch.save(model.state_dict())`` like the published mobile_sam.pt; loads with
+    ``mobile_sam.sam_model_registry["vit_t"](checkpoint=str(path))``. Deterministic for a seed."""
+    from mobile_sam import sam_model_registry
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = sam_model_registry["vit_t"]()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def make_sam(path: Path, model_type: str = "vit_b", seed: int = 0) -> Path:
+    """Random-weight ``segment_anything.sam_model_registry[model_type]()`` saved with
+    ``torch.save(model.state_dict())`` like the published sam_vit_*.pth; loads with
+    ``sam_model_registry[model_type](checkpoint=str(path))``. Deterministic for a seed."""
+    from segment_anything import sam_model_registry
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = sam_model_registry[model_type]()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def tiny_sam(seed: int = 0) -> Sam:
+    """In-memory ``segment_anything`` Sam with a tiny ViT image encoder, for fast parity tests against SamPredictor.
+
+    Built like ``segment_anything.build_sam._build_sam`` (img_size 1024, patch 16, 256-channel neck, the normal
+    prompt encoder and mask decoder) but with embed_dim 32, depth 1, 1 head, global attention in block 0.
+    Random weights, deterministic for a seed, eval mode.
+    """
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    prompt_embed_dim, image_size, patch_size = 256, 1024, 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                depth=1,
+                embed_dim=32,
+                img_size=image_size,
+                mlp_ratio=4,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                num_heads=1,
+                patch_size=patch_size,
+                qkv_bias=True,
+                use_rel_pos=True,
+                global_attn_indexes=[0],
+                window_size=14,
+                out_chans=prompt_embed_dim,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=prompt_embed_dim,
+                image_embedding_size=(image_size // patch_size, image_size // patch_size),
+                input_image_size=(image_size, image_size),
+                mask_in_chans=16,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
+                transformer_dim=prompt_embed_dim,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+    return sam.eval()
+
+
+def make_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """(height, width, 3) uint8 RGB picture: a noisy grey background with a filled red circle and a filled blue
+    rectangle (sizes relative to the picture). Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(128, 20, size=(height, width, 3)).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cx, cy, r = width * 0.3, height * 0.4, max(1.0, min(width, height) * 0.2)
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 <= r**2] = (220, 40, 40)
+    x0, x1 = int(width * 0.55), max(int(width * 0.55) + 1, int(width * 0.9))
+    y0, y1 = int(height * 0.5), max(int(height * 0.5) + 1, int(height * 0.85))
+    image[y0:y1, x0:x1] = (40, 60, 210)
+    return image
+
+
+def groundingdino_image_tensor(image: np.ndarray) -> torch.Tensor:
+    """Preprocess an RGB uint8 array exactly like ``groundingdino.util.inference.load_image``."""
+    import groundingdino.datasets.transforms as T
+    from PIL import Image
+
+    transform = T.Compose(
+        [
+            T.RandomResize([800], max_size=1333),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    tensor, _ = transform(Image.fromarray(image), None)
+    return tensor

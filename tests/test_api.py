@@ -1,0 +1,339 @@
+"""Protocol tests: Label Studio's exact payloads against the real app, with fake models.
+
+The fakes stand in for Grounding DINO and SAM only; prompt parsing, label mapping, image
+fetching, region building and the HTTP layer are the real ones. The real models are covered
+by test_dino.py, test_sam_wrapper.py and test_e2e_gunicorn.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter import brush
+from PIL import Image
+from servers import ImageServer
+
+from _wsgi import create_backend_app
+from detections import Detections
+from loader import Models
+from test_labeling import GUIDE_CONFIG
+
+
+class FakeDetector:
+    """Phrase i -> one box at a fixed place, score 0.9 - 0.1 * i."""
+
+    def __init__(self):
+        self.calls = []
+
+    def detect(self, image, phrases, box_threshold, text_threshold, max_detections=50, nms_iou=0.7):
+        self.calls.append(([p.text for p in phrases], box_threshold))
+        h, w = image.shape[:2]
+        rows = [(i, 0.9 - 0.1 * i) for i in range(len(phrases)) if 0.9 - 0.1 * i > box_threshold]
+        rows = rows[:max_detections]
+        xyxy = [(w * 0.1 * (i + 1), h * 0.1, w * 0.1 * (i + 1) + w * 0.2, h * 0.6) for i, _ in rows]
+        return Detections(np.array(xyxy, np.float32).reshape(-1, 4), [s for _, s in rows],
+                          [phrases[i].label for i, _ in rows])
+
+
+class FakeSegmenter:
+    """Each box's mask is the box itself."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def segment_boxes(self, image, xyxy):
+        self.calls += 1
+        h, w = image.shape[:2]
+        masks = np.zeros((len(xyxy), h, w), bool)
+        for m, (x0, y0, x1, y1) in zip(masks, xyxy.astype(int), strict=True):
+            m[y0:y1, x0:x1] = True
+        return masks, np.ones(len(xyxy), np.float32)
+
+
+class FakeLoader:
+    model_version = "fake-dino+fake-sam"
+
+    def __init__(self):
+        self.models = Models(FakeDetector(), FakeSegmenter())
+
+    def start(self):
+        pass
+
+    def state(self):
+        return {"models": "ready", "model_version": self.model_version}
+
+    def get(self, timeout=None):
+        return self.models
+
+
+def png(width, height, color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def images():
+    files = {"/data/upload/1/aa-cat.png": png(64, 48), "/plain/house.png": png(40, 30), "/data/upload/1/bb.png": png(32, 32)}
+    with ImageServer(files, token="ls-token") as server:
+        yield server
+
+
+@pytest.fixture
+def make_client(tmp_path, images):
+    def make(**env):
+        env = {"DATA_DIR": str(tmp_path / "data"), "LABEL_STUDIO_URL": images.url, "LABEL_STUDIO_API_KEY": "ls-token",
+               **env}
+        loader = FakeLoader()
+        app = create_backend_app(env, loader=loader)
+        client = app.test_client()
+        client.loader = loader
+        return client
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def setup_payload(extra_params=None, schema=GUIDE_CONFIG):
+    return {"project": "1.1700000000", "schema": schema, "hostname": "http://localhost:8080",
+            "access_token": "creator-token", "extra_params": extra_params}
+
+
+def predict_payload(tasks, context=None, label_config=GUIDE_CONFIG):
+    return {"tasks": tasks, "project": "1.1700000000", "label_config": label_config,
+            "params": {"login": None, "password": None, "context": context}}
+
+
+def task(tid=1, url="/data/upload/1/aa-cat.png"):
+    return {"id": tid, "data": {"image": url}, "annotations": [], "predictions": [], "drafts": []}
+
+
+TEXTAREA_CONTEXT = {"result": [{"value": {"text": ["brown cat_cats. house"]}, "id": "VliPI9QKLV", "from_name": "prompt",
+                                "to_name": "image", "type": "textarea", "origin": "manual"}]}
+
+
+def decode_mask(region) -> np.ndarray:
+    h, w = region["original_height"], region["original_width"]
+    return np.reshape(brush.decode_rle(region["value"]["rle"]), (h, w, 4))[:, :, 3] > 0
+
+
+def test_health_answers_fast_with_load_state(client):
+    started = time.perf_counter()
+    response = client.get("/health")
+    assert time.perf_counter() - started < 1.0
+    assert response.status_code == 200
+    assert response.json == {"status": "UP", "models": "ready", "model_version": "fake-dino+fake-sam"}
+
+
+@pytest.mark.parametrize("extra", [None, "", {"prompt": "cat", "box_threshold": 0.5},
+                                   '{"prompt": "cat", "box_threshold": 0.5}'])
+def test_setup_accepts_object_and_string_extra_params(client, extra):
+    response = client.post("/setup", json=setup_payload(extra))
+    assert response.status_code == 200, response.json
+    assert response.json == {"model_version": "fake-dino+fake-sam"}
+
+
+@pytest.mark.parametrize(
+    "extra, status, message",
+    [
+        ('{"prompt": "cat"', 400, "extra_params is not valid JSON"),
+        ("[1, 2]", 400, "extra_params must be a JSON object"),
+        ({"box_treshold": 0.5}, 400, "unknown key(s) ['box_treshold']"),
+        ({"box_threshold": 2}, 400, "extra_params.box_threshold must be a number between 0.0 and 1.0"),
+        ({"max_detections": 2.5}, 400, "extra_params.max_detections must be a whole number"),
+        ({"prompt": 3}, 400, "extra_params.prompt must be a string"),
+    ],
+)
+def test_setup_rejects_bad_extra_params(client, extra, status, message):
+    response = client.post("/setup", json=setup_payload(extra))
+    assert response.status_code == status
+    assert message in response.json["error"]
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [("<View><Image name='i' value='$i'/>", "not valid XML"),
+     ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
+      "no <RectangleLabels> or <BrushLabels>")],
+)
+def test_setup_and_predict_reject_unusable_configs(client, schema, message):
+    response = client.post("/setup", json=setup_payload(schema=schema))
+    assert response.status_code == 422 and message in response.json["error"]
+    response = client.post("/predict", json=predict_payload([task()], label_config=schema))
+    assert response.status_code == 422 and message in response.json["error"]
+
+
+def test_predict_with_textarea_context(client, images):
+    response = client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    assert response.status_code == 200, response.json
+    (result,) = response.json["results"]
+    regions = result["result"]
+    rects = [r for r in regions if r["type"] == "rectanglelabels"]
+    brushes = [r for r in regions if r["type"] == "brushlabels"]
+    assert [r["value"]["rectanglelabels"] for r in rects] == [["cats"], ["house"]]
+    assert [r["value"]["brushlabels"] for r in brushes] == [["cats"], ["house"]]
+    assert {r["from_name"] for r in rects} == {"label"} and {r["from_name"] for r in brushes} == {"label2"}
+    assert all(r["to_name"] == "image" and r["image_rotation"] == 0 for r in regions)
+    assert all((r["original_width"], r["original_height"]) == (64, 48) for r in regions)
+    assert len({r["id"] for r in regions}) == len(regions)
+    assert result["score"] == pytest.approx(np.mean([r["score"] for r in regions]), abs=1e-4)
+    assert result["model_version"] == "fake-dino+fake-sam"
+    # The first box covers x 6.4..19.2, y 4.8..28.8 of the 64x48 image: percent and mask agree.
+    assert rects[0]["value"]["x"] == pytest.approx(10.0) and rects[0]["value"]["width"] == pytest.approx(20.0)
+    mask = decode_mask(brushes[0])
+    assert mask.shape == (48, 64)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (6, 18, 4, 27)
+    # The upload went to Label Studio with the service's token.
+    assert ("/data/upload/1/aa-cat.png", "Token ls-token") in images.requests
+    assert client.loader.models.detector.calls[-1][0] == ["brown cat", "house"]
+
+
+def test_dino_support_batch_context_predicts_every_task(client, images):
+    context = {"result": [{"value": {"text": ["house"]}}]}
+    tasks = [task(1), task(2, images.url + "/plain/house.png"), task(3, "/data/upload/1/bb.png")]
+    response = client.post("/predict", json=predict_payload(tasks, context))
+    results = response.json["results"]
+    assert len(results) == 3
+    sizes = [(r["result"][0]["original_width"], r["result"][0]["original_height"]) for r in results]
+    assert sizes == [(64, 48), (40, 30), (32, 32)]
+    assert all(r["result"][0]["value"]["rectanglelabels"] == ["house"] for r in results)
+
+
+def test_context_null_uses_project_prompt_then_label_names(client):
+    response = client.post("/predict", json=predict_payload([task()], None))
+    assert client.loader.models.detector.calls[-1][0] == ["cats", "house"]  # the config's labels
+    assert len(response.json["results"][0]["result"]) == 4
+    client.post("/setup", json=setup_payload({"prompt": "round thing_cats", "box_threshold": 0.5}))
+    client.post("/predict", json=predict_payload([task()], None))
+    assert client.loader.models.detector.calls[-1] == (["round thing"], 0.5)
+
+
+def test_textarea_context_wins_over_project_prompt(client):
+    client.post("/setup", json=setup_payload({"prompt": "house"}))
+    client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    assert client.loader.models.detector.calls[-1][0] == ["brown cat", "house"]
+
+
+def test_other_regions_in_context_are_not_the_prompt(client):
+    """The prompt is the TextArea's region, not blindly result[0]."""
+    context = {"result": [
+        {"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+         "value": {"x": 1, "y": 1, "width": 2, "height": 2, "rectanglelabels": ["cats"]}},
+        {"from_name": "other_text", "type": "textarea", "value": {"text": ["tree"]}},
+        TEXTAREA_CONTEXT["result"][0],
+    ]}
+    client.post("/predict", json=predict_payload([task()], context))
+    assert client.loader.models.detector.calls[-1][0] == ["brown cat", "house"]
+
+
+def test_empty_default_prompt_turns_prediction_without_prompt_off(make_client):
+    client = make_client(DEFAULT_PROMPT="")
+    response = client.post("/predict", json=predict_payload([task(), task(2)], None))
+    assert response.json["results"] == [{"result": [], "score": 0.0, "model_version": "fake-dino+fake-sam"}] * 2
+    assert client.loader.models.detector.calls == []
+
+
+def test_default_prompt_variable(make_client):
+    client = make_client(DEFAULT_PROMPT="tabby_cats")
+    client.post("/predict", json=predict_payload([task()], None))
+    assert client.loader.models.detector.calls[-1][0] == ["tabby"]
+
+
+def test_boxes_only_config_skips_segmenter(client):
+    schema = """<View><Image name="image" value="$image"/>
+      <RectangleLabels name="label" toName="image"><Label value="cats"/></RectangleLabels></View>"""
+    response = client.post("/predict", json=predict_payload([task()], None, label_config=schema))
+    assert [r["type"] for r in response.json["results"][0]["result"]] == ["rectanglelabels"]
+    assert client.loader.models.segmenter.calls == 0
+
+
+def test_brush_only_config(client):
+    schema = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="masks" toName="image"><Label value="cats"/></BrushLabels></View>"""
+    response = client.post("/predict", json=predict_payload([task()], None, label_config=schema))
+    (region,) = response.json["results"][0]["result"]
+    assert (region["type"], region["from_name"], region["value"]["brushlabels"]) == ("brushlabels", "masks", ["cats"])
+
+
+def test_one_bad_task_does_not_lose_the_others(client, images):
+    tasks = [task(1), {"id": 2, "data": {"text": "no image"}}, task(3, "/data/upload/1/missing.png"),
+             task(4, "s3://bucket/x.png"), task(5, images.url + "/plain/house.png")]
+    response = client.post("/predict", json=predict_payload(tasks, TEXTAREA_CONTEXT))
+    assert response.status_code == 200
+    counts = [len(r["result"]) for r in response.json["results"]]
+    assert counts == [4, 0, 0, 0, 4]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "request body is not valid JSON"),
+        (b"", "request body is empty"),
+        (b"[1, 2]", "request body must be a JSON object"),
+        (json.dumps({"tasks": {"id": 1}}).encode(), "'tasks' must be a list"),
+        (json.dumps({"tasks": [1, 2]}).encode(), "tasks [0, 1] are not JSON objects"),
+        (json.dumps(predict_payload([task()], "text")).encode(), "'params.context' must be an object"),
+        (json.dumps(predict_payload([task()], {"result": [{"from_name": "prompt", "value": {"text": ["dog_dogs"]}}]}))
+         .encode(), "label 'dogs' is not in the labeling config"),
+    ],
+)
+def test_bad_predict_requests_get_json_4xx_and_the_next_one_works(client, body, message):
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert 400 <= response.status_code < 500
+    assert message in response.json["error"]
+    good = client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    assert good.status_code == 200 and len(good.json["results"][0]["result"]) == 4
+
+
+def test_upload_fetched_with_token_from_setup_when_env_has_none(make_client, images):
+    client = make_client(LABEL_STUDIO_URL="", LABEL_STUDIO_API_KEY="")
+    payload = setup_payload()
+    payload.update(hostname=images.url, access_token="ls-token")
+    assert client.post("/setup", json=payload).status_code == 200
+    response = client.post("/predict", json=predict_payload([task()], None))
+    assert len(response.json["results"][0]["result"]) == 4
+
+
+def test_webhook_and_metrics(client):
+    response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                             "task": {"id": 1}, "annotation": {"id": 1}})
+    assert response.status_code == 201
+    client.post("/predict", json=predict_payload([task()], None))
+    metrics = client.get("/metrics").json
+    assert metrics["webhooks"] == 1 and metrics["predicted_tasks"] == 1
+
+
+def basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth_guards_every_route_but_health(make_client):
+    client = make_client(BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret")
+    assert client.get("/health").status_code == 200
+    for method, path in [("post", "/setup"), ("post", "/predict"), ("post", "/webhook"), ("get", "/metrics")]:
+        response = getattr(client, method)(path, json={})
+        assert response.status_code == 401 and "authentication required" in response.json["error"]
+        wrong = getattr(client, method)(path, json={}, headers=basic("ls", "nope"))
+        assert wrong.status_code == 401
+    ok = client.post("/setup", json=setup_payload(), headers=basic("ls", "s3cret"))
+    assert ok.status_code == 200
+
+
+def test_failed_model_load_answers_503_naming_variable_and_file(tmp_path):
+    app = create_backend_app({"DATA_DIR": str(tmp_path), "GROUNDINGDINO_CHECKPOINT": str(tmp_path / "nope.pth"),
+                              "MODEL_LOAD_WAIT": "10"})
+    client = app.test_client()
+    response = client.post("/predict", json=predict_payload([task()], None))
+    assert response.status_code == 503
+    assert f"GROUNDINGDINO_CHECKPOINT={tmp_path / 'nope.pth'}: file not found" in response.json["error"]
+    health = client.get("/health").json
+    assert health["models"] == "failed" and "GROUNDINGDINO_CHECKPOINT" in health["error"]

@@ -1,0 +1,65 @@
+import pytest
+
+from labeling import Control, LabelConfigError, parse_label_config
+
+GUIDE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <View className="prompt">
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  </View>
+  <RectangleLabels name="label" toName="image">
+    <Label value="cats" background="yellow"/>
+    <Label value="house" background="blue"/>
+  </RectangleLabels>
+  <BrushLabels name="label2" toName="image">
+    <Label value="cats" background="yellow"/>
+    <Label value="house" background="blue"/>
+  </BrushLabels>
+</View>"""
+
+
+def test_guide_config():
+    config = parse_label_config(GUIDE_CONFIG)
+    assert (config.image_name, config.image_key, config.prompt_name) == ("image", "image", "prompt")
+    assert config.rectangles == (Control("label", ("cats", "house")),)
+    assert config.brushes == (Control("label2", ("cats", "house")),)
+    assert config.labels == ("cats", "house")
+
+
+def test_brush_only_without_prompt_and_predicted_values():
+    config = parse_label_config("""<View><Image name="img" value="$photo"/>
+      <BrushLabels name="masks" toName="img">
+        <Label value="Car" predicted_values="automobile, truck"/><Label value="tree"/>
+      </BrushLabels></View>""")
+    assert (config.image_name, config.image_key, config.prompt_name) == ("img", "photo", None)
+    assert config.rectangles == ()
+    assert config.labels == ("Car", "tree")
+    assert config.predicted_values == {"Car": ("automobile", "truck")}
+
+
+def test_controls_of_other_images_are_ignored():
+    config = parse_label_config("""<View>
+      <Image name="a" value="$a"/><Image name="b" value="$b"/>
+      <RectangleLabels name="ra" toName="a"><Label value="x"/></RectangleLabels>
+      <RectangleLabels name="rb" toName="b"><Label value="y"/></RectangleLabels>
+      <KeyPointLabels name="kp" toName="a" smart="true"><Label value="x"/></KeyPointLabels></View>""")
+    assert config.image_name == "a"
+    assert config.rectangles == (Control("ra", ("x",)),)
+    assert config.keypoints == (Control("kp", ("x",), smart=True),)
+
+
+@pytest.mark.parametrize(
+    "xml, message",
+    [
+        ("", "empty"),
+        ("not xml at all", "not valid XML"),
+        ("<View><Image name='i' value='$i'/>", "not valid XML"),
+        ("<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>",
+         "no <Image>"),
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
+         "no <RectangleLabels> or <BrushLabels>"),
+    ],
+)
+def test_unusable_configs(xml, message):
+    with pytest.raises(LabelConfigError, match=message):
+        parse_label_config(xml)

@@ -1,0 +1,343 @@
+"""regions.py: LS brush RLE parity with label_studio_sdk, percent boxes, and the regions built from Detections."""
+
+import json
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter import brush
+
+from detections import Detections
+from labeling import Control, LabelingConfig
+from regions import box_to_percent, build_regions, encode_rle, mask_to_rle, percent_to_box, prediction
+
+
+def sdk_rle(mask: np.ndarray) -> list[int]:
+    return brush.mask2rle(mask.astype(np.uint8) * 255)
+
+
+def decoded_alpha(rle: list[int], height: int, width: int) -> np.ndarray:
+    return np.reshape(brush.decode_rle(rle), (height, width, 4))[:, :, 3]
+
+
+def mask_from_runs(runs: list[int], first: bool = False) -> np.ndarray:
+    """(1, sum(runs)) mask whose flat runs have exactly these pixel lengths, alternating from `first`."""
+    flat = np.concatenate([np.full(n, bool(i % 2) != first) for i, n in enumerate(runs)])
+    return flat.reshape(1, -1)
+
+
+def blob(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A filled ellipse at a random place and size."""
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    ry, rx = rng.uniform(0.5, height), rng.uniform(0.5, width)
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+# --- RLE ---------------------------------------------------------------------------------------------------------
+
+# Pixel runs: x4 in the RGBA array. 1, 2 -> <= 8 class; 4 -> 16 (<= 16 class edge); 5 -> 20; 64 -> 256 (<= 256 edge);
+# 65 -> 260 (16-bit class); 16384 -> 2**16 (no chunk); 16385 -> one chunk + 4; 32768 -> exactly two chunks' worth.
+RUN_CASES = {
+    "single pixel": [1],
+    "class edges": [1, 2, 4, 5, 64, 65, 1, 2],
+    "16-bit edge": [16384, 1, 16385, 2],
+    "chunk multiples": [32768, 3, 49152, 1, 65536],
+    "chunk plus one": [32769, 16383, 16386],
+    "everything": [1, 2, 4, 5, 64, 65, 16384, 16385, 32768, 32769, 3, 7],
+}
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("runs", RUN_CASES.values(), ids=RUN_CASES.keys())
+def test_rle_matches_sdk_on_run_boundaries(runs, first):
+    mask = mask_from_runs(runs, first)
+    assert mask_to_rle(mask) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (13, 17), (200, 200), (300, 250), (128, 512)])
+@pytest.mark.parametrize("fill", [False, True])
+def test_rle_matches_sdk_on_uniform_masks(shape, fill):
+    mask = np.full(shape, fill)
+    assert mask_to_rle(mask) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize(
+    "pixels, n_bytes",
+    [
+        (2, 9),  # 53 header bits + one 14-bit token = 67 bits -> padded to 72
+        (4, 9),  # + one 15-bit token = 68 bits -> 72
+        (10, 10),  # + one 19-bit token = 72 bits exactly -> the SDK still appends a whole zero byte
+        (64, 10),
+        (100, 11),  # + one 27-bit token = 80 bits exactly -> a whole zero byte again
+    ],
+)
+def test_rle_padding(pixels, n_bytes):
+    mask = np.ones((1, pixels), bool)
+    rle = mask_to_rle(mask)
+    assert rle == sdk_rle(mask)
+    assert len(rle) == n_bytes
+
+
+def random_mask(rng: np.random.Generator) -> np.ndarray:
+    height, width = (int(v) for v in rng.integers(1, 301, size=2))
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return rng.random((height, width)) < rng.uniform(0.05, 0.95)  # pixel noise: many runs of 1-2 pixels
+    mask = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(1, 5))):
+        mask ^= blob(height, width, rng)
+    if kind == 2:
+        mask ^= rng.random((height, width)) < 0.02  # speckles on the shapes
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_rle_matches_sdk_on_random_masks(seed):
+    mask = random_mask(np.random.default_rng(seed))
+    assert mask_to_rle(mask) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        np.zeros((20, 30), bool),
+        np.ones((20, 30), bool),
+        mask_from_runs([1, 2, 4, 5, 64, 65, 16384, 16385, 5090]).reshape(190, 200),
+        np.random.default_rng(1).random((120, 90)) < 0.5,
+        blob(200, 200, np.random.default_rng(2)),
+    ],
+    ids=["zeros", "ones", "class edges", "noise", "blob"],
+)
+def test_rle_round_trips_through_sdk_decoder(mask):
+    rle = mask_to_rle(mask)
+    np.testing.assert_array_equal(decoded_alpha(rle, *mask.shape), mask.astype(np.uint8) * 255)
+
+
+def test_rle_matches_sdk_on_a_large_smooth_mask():
+    mask = np.zeros((600, 800), bool)
+    yy, xx = np.mgrid[:600, :800]
+    mask[(yy - 300) ** 2 + (xx - 380) ** 2 < 250**2] = True
+    mask[50:70, :] = True  # full-width stripe: runs longer than 2**16 values
+    assert mask_to_rle(mask) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32])
+def test_rle_treats_nonzero_as_foreground(dtype):
+    mask = np.random.default_rng(3).random((40, 50)) < 0.3
+    assert mask_to_rle((mask * 7).astype(dtype)) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize("shape", [(10,), (2, 3, 4)])
+def test_rle_rejects_non_2d(shape):
+    with pytest.raises(ValueError, match="2-D"):
+        mask_to_rle(np.zeros(shape, bool))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_encode_rle_matches_sdk_on_any_uint8_array(seed):
+    # Unlike a repeated mask this has runs of length 1 (the literal-value token) and values other than 0/255.
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 256, size=int(rng.integers(1, 300))).astype(np.uint8)
+    values[rng.random(len(values)) < 0.3] = 5
+    array = np.repeat(values, rng.choice([1, 1, 2, 9, 17, 300, 70000], size=len(values)))
+    assert encode_rle(array) == brush.encode_rle(array)
+
+
+# --- percent boxes -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "xyxy, expected",
+    [
+        ((160, 80, 260, 130), {"x": 25.0, "y": 100 / 6, "width": 15.625, "height": 50 / 4.8}),
+        ((0, 0, 640, 480), {"x": 0.0, "y": 0.0, "width": 100.0, "height": 100.0}),
+        ((-50, -20, 100, 48), {"x": 0.0, "y": 0.0, "width": 15.625, "height": 10.0}),  # clipped at the top left
+        ((600, 400, 700, 600), {"x": 93.75, "y": 250 / 3, "width": 6.25, "height": 50 / 3}),  # clipped bottom right
+        ((700, 500, 800, 600), {"x": 100.0, "y": 100.0, "width": 0.0, "height": 0.0}),  # wholly outside
+    ],
+)
+def test_box_to_percent(xyxy, expected):
+    value = box_to_percent(np.array(xyxy, np.float32), 640, 480)
+    assert value.keys() == expected.keys()
+    for key, want in expected.items():
+        assert type(value[key]) is float
+        assert value[key] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_percent_box_round_trip(seed):
+    rng = np.random.default_rng(seed)
+    width, height = int(rng.integers(1, 5000)), int(rng.integers(1, 5000))
+    x0, x1 = np.sort(rng.uniform(0, width, 2))
+    y0, y1 = np.sort(rng.uniform(0, height, 2))
+    xyxy = np.array([x0, y0, x1, y1], np.float32)
+    back = percent_to_box(box_to_percent(xyxy, width, height), width, height)
+    assert back.dtype == np.float32 and back.shape == (4,)
+    np.testing.assert_allclose(back, xyxy, rtol=1e-5, atol=1e-3)
+
+
+def test_percent_to_box_known_value():
+    value = {"x": 25.0, "y": 100 / 6, "width": 15.625, "height": 50 / 4.8}
+    np.testing.assert_allclose(percent_to_box(value, 640, 480), [160, 80, 260, 130], atol=1e-4)
+
+
+# --- regions -----------------------------------------------------------------------------------------------------
+
+RECT_KEYS = {
+    "id",
+    "from_name",
+    "to_name",
+    "type",
+    "original_width",
+    "original_height",
+    "image_rotation",
+    "value",
+    "score",
+}
+W, H = 64, 48
+
+
+def config(rectangles=(), brushes=()) -> LabelingConfig:
+    return LabelingConfig(
+        image_name="image", image_key="image", prompt_name="prompt", rectangles=rectangles, brushes=brushes
+    )
+
+
+def detections(labels, with_masks=True) -> Detections:
+    n = len(labels)
+    xyxy = np.array([[4 + i % 8, 6 + i % 8, 30 + i % 8, 40] for i in range(n)], np.float32)
+    scores = np.linspace(0.9, 0.5, n, dtype=np.float32) if n else np.zeros(0, np.float32)
+    masks = None
+    if with_masks:
+        masks = np.zeros((n, H, W), bool)
+        for i in range(n):
+            masks[i, 6 + i % 8 : 40, 4 + i % 8 : 30 + i % 8] = True
+    return Detections(xyxy, scores, tuple(labels), masks)
+
+
+RECT = Control("label", ("cat", "dog"))
+BRUSH = Control("mask", ("cat", "dog"))
+
+
+@pytest.mark.parametrize(
+    "cfg, with_masks, expected",
+    [
+        (config(rectangles=(RECT,)), True, [("rectanglelabels", "label", "cat"), ("rectanglelabels", "label", "dog")]),
+        (config(brushes=(BRUSH,)), True, [("brushlabels", "mask", "cat"), ("brushlabels", "mask", "dog")]),
+        (
+            config(rectangles=(RECT,), brushes=(BRUSH,)),
+            True,
+            [
+                ("rectanglelabels", "label", "cat"),
+                ("brushlabels", "mask", "cat"),
+                ("rectanglelabels", "label", "dog"),
+                ("brushlabels", "mask", "dog"),
+            ],
+        ),
+        (
+            config(rectangles=(RECT,), brushes=(BRUSH,)),
+            False,
+            [("rectanglelabels", "label", "cat"), ("rectanglelabels", "label", "dog")],
+        ),
+        (config(brushes=(BRUSH,)), False, []),
+        # different label sets: each label goes only to the control that has it
+        (
+            config(rectangles=(Control("box", ("cat",)),), brushes=(Control("paint", ("dog",)),)),
+            True,
+            [("rectanglelabels", "box", "cat"), ("brushlabels", "paint", "dog")],
+        ),
+        # the first control having the label wins
+        (
+            config(rectangles=(Control("a", ("dog",)), Control("b", ("cat", "dog")))),
+            True,
+            [("rectanglelabels", "b", "cat"), ("rectanglelabels", "a", "dog")],
+        ),
+        # a label no control has gets no region
+        (config(rectangles=(Control("box", ("bird",)),), brushes=(Control("paint", ("bird",)),)), True, []),
+    ],
+    ids=[
+        "rect only",
+        "brush only",
+        "both",
+        "both, no masks",
+        "brush, no masks",
+        "split labels",
+        "first control",
+        "unknown label",
+    ],
+)
+def test_build_regions_routes_labels(cfg, with_masks, expected):
+    regions = build_regions(detections(["cat", "dog"], with_masks), cfg, W, H)
+    got = [(r["type"], r["from_name"], r["value"][r["type"]][0]) for r in regions]
+    assert got == expected
+
+
+def test_build_regions_region_contents_and_json():
+    dets = detections(["cat", "dog"])
+    regions = build_regions(dets, config(rectangles=(RECT,), brushes=(BRUSH,)), W, H)
+    assert len(regions) == 4
+    decoded = json.loads(json.dumps(regions))
+    assert decoded == regions
+    rect, paint = regions[0], regions[1]
+
+    assert rect.keys() == RECT_KEYS and paint.keys() == RECT_KEYS
+    assert rect["value"].keys() == {"x", "y", "width", "height", "rotation", "rectanglelabels"}
+    assert paint["value"].keys() == {"format", "rle", "brushlabels"}
+    for region in regions:
+        assert region["to_name"] == "image"
+        assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
+        assert type(region["score"]) is float
+    assert rect["score"] == paint["score"] == 0.9
+    assert regions[2]["score"] == 0.5
+    assert rect["value"] == {**box_to_percent(dets.xyxy[0], W, H), "rotation": 0, "rectanglelabels": ["cat"]}
+    assert paint["value"]["format"] == "rle"
+    assert paint["value"]["rle"] == sdk_rle(dets.masks[0])
+    np.testing.assert_array_equal(decoded_alpha(paint["value"]["rle"], H, W), dets.masks[0].astype(np.uint8) * 255)
+
+
+def test_build_regions_ids_are_unique_short_hex():
+    regions = build_regions(detections(["cat", "dog"] * 20), config(rectangles=(RECT,), brushes=(BRUSH,)), W, H)
+    ids = [r["id"] for r in regions]
+    assert len(ids) == 80 and len(set(ids)) == 80
+    assert all(len(i) == 10 and int(i, 16) >= 0 for i in ids)
+
+
+def test_build_regions_rounds_scores():
+    dets = Detections(np.array([[0, 0, 10, 10]], np.float32), np.array([0.123456], np.float32), ("cat",))
+    (region,) = build_regions(dets, config(rectangles=(RECT,)), W, H)
+    assert region["score"] == 0.1235
+
+
+def test_build_regions_skips_empty_masks():
+    dets = detections(["cat", "dog"])
+    masks = dets.masks.copy()
+    masks[0] = False
+    regions = build_regions(dets.with_masks(masks), config(rectangles=(RECT,), brushes=(BRUSH,)), W, H)
+    assert [(r["type"], r["value"][r["type"]][0]) for r in regions] == [
+        ("rectanglelabels", "cat"),
+        ("rectanglelabels", "dog"),
+        ("brushlabels", "dog"),
+    ]
+
+
+def test_build_regions_rejects_masks_of_another_size():
+    dets = detections(["cat"])
+    wrong = dets.with_masks(np.zeros((1, W, H), bool))
+    with pytest.raises(ValueError, match=r"\(64, 48\).*\(48, 64\)"):
+        build_regions(wrong, config(brushes=(BRUSH,)), W, H)
+
+
+def test_build_regions_no_detections():
+    assert build_regions(Detections.empty(), config(rectangles=(RECT,), brushes=(BRUSH,)), W, H) == []
+
+
+@pytest.mark.parametrize(
+    "scores, expected",
+    [([], 0.0), ([0.5], 0.5), ([0.9, 0.5, 0.4], 0.6), ([0.1, 0.2], 0.15)],
+)
+def test_prediction_mean_score(scores, expected):
+    regions = [{"id": str(i), "score": s} for i, s in enumerate(scores)]
+    pred = prediction(regions, "grounded-sam-v1")
+    assert pred == {"result": regions, "score": pytest.approx(expected), "model_version": "grounded-sam-v1"}
+    assert type(pred["score"]) is float
+    json.dumps(pred)
