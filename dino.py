@@ -82,6 +82,10 @@ class GroundingDino:
         """
         require_file("GROUNDINGDINO_CONFIG", config_path)
         require_file("GROUNDINGDINO_CHECKPOINT", checkpoint_path)
+        # A hub id is "name" or "org/name"; anything else is meant as a local directory.
+        looks_like_path = text_encoder.startswith((".", "/", "~")) or text_encoder.count("/") > 1
+        if looks_like_path and not os.path.isdir(text_encoder):
+            raise ModelLoadError(f"GROUNDINGDINO_TEXT_ENCODER={text_encoder}: directory not found")
         from groundingdino.util.inference import load_model
 
         device = resolve_device(device)

@@ -53,8 +53,7 @@ GROUNDINGDINO_OVERRIDES = {
 
 
 def _vocab_tokens() -> list[str]:
-    chars = [c for c in string.punctuation + string.digits + string.ascii_lowercase]
-    chars.sort()  # code-point order, as in bert-base-uncased
+    chars = sorted(string.punctuation + string.digits + string.ascii_lowercase)  # code-point order, as in BERT
     tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += [f"[unused{i}]" for i in range(99, 99 + FIRST_CHAR_ID - len(tokens))]
     assert len(tokens) == FIRST_CHAR_ID
@@ -125,9 +124,7 @@ def _write_groundingdino_config(path: Path, text_encoder_dir: Path) -> Path:
     return path
 
 
-def make_groundingdino(
-    directory: Path, seed: int = 0, text_encoder_dir: Path | None = None
-) -> tuple[Path, Path, Path]:
+def make_groundingdino(directory: Path, seed: int = 0, text_encoder_dir: Path | None = None) -> tuple[Path, Path, Path]:
     """Write a small random Grounding DINO; return ``(config_path, checkpoint_path, text_encoder_dir)``.
 
     - config: the packaged ``GroundingDINO_SwinT_OGC.py`` with ``GROUNDINGDINO_OVERRIDES`` (1 encoder and 1
@@ -165,7 +162,7 @@ def make_groundingdino(
 # Calibration input for _spread_groundingdino_scores, and the targets it aims for.
 CALIBRATION_CAPTION = "shape . round thing ."
 CALIBRATION_IMAGE_SIZE = (64, 48)
-TARGET_LOGIT_STD = 1.2  # sigmoid(0 +- 2 std) spans roughly 0.08..0.92
+TARGET_SCORE_LOGIT_STD = 1.2  # std of the per-query best logit; sigmoid(0 +- 2 std) spans ~0.08..0.92
 TARGET_BOX_DELTA_STD = 0.5  # in inverse-sigmoid space, around the two-stage proposals
 BOX_SIZE_BIAS = 1.5  # proposals are 0.05 wide on the finest level; this makes typical boxes ~0.15..0.3
 
@@ -180,8 +177,9 @@ def _spread_groundingdino_scores(model: torch.nn.Module, seed: int) -> None:
     ``make_image(64, 48, seed)`` with ``CALIBRATION_CAPTION`` measures them, then:
 
     - ``transformer.decoder.norm`` (the LayerNorm on the decoder output, read only by the class and box heads):
-      weight *= TARGET_LOGIT_STD / std(logits), and bias = -(scaled mean logit) * t / |t|^2 with t the mean text
-      feature, so the calibration logits get mean ~0 and std TARGET_LOGIT_STD (scores spread over ~0.1..0.9);
+      weight *= TARGET_SCORE_LOGIT_STD / std over queries of the best token's logit, and bias = -k * t / |t|^2
+      with t the mean text feature and k chosen so the median best-token logit is 0: on the calibration input
+      predict()'s scores (sigmoid of each query's best token logit) then have median ~0.5 and spread over ~0.1..0.9;
     - ``bbox_embed[0].layers[-1]`` (shared by all decoder layers): seeded normal weights scaled so the box deltas
       have std TARGET_BOX_DELTA_STD, and bias (0, 0, BOX_SIZE_BIAS, BOX_SIZE_BIAS) so boxes vary in place and size.
 
@@ -206,9 +204,20 @@ def _spread_groundingdino_scores(model: torch.nn.Module, seed: int) -> None:
     norm = model.transformer.decoder.norm
     old_bias = norm.bias.clone()
     # hs = w * x_hat + b  ->  w * scale * x_hat + new_bias = (hs - b) * scale + new_bias
-    logits = (hs - old_bias) @ feats.T
-    scale = TARGET_LOGIT_STD / logits.std().clamp_min(1e-6)
-    new_bias = -(logits.mean() * scale) * mean_feat / mean_feat.dot(mean_feat)
+    logits = (hs - old_bias) @ feats.T  # queries x valid tokens, before the rescale
+    scale = TARGET_SCORE_LOGIT_STD / logits.max(1).values.std().clamp_min(1e-6)
+    # A bias along the mean text feature shifts token j's logits by -k * r_j (r_j ~ 1); pick k by bisection so
+    # the median over queries of the best token's logit (what predict() reports as the score) is 0.
+    direction = mean_feat / mean_feat.dot(mean_feat)
+    r = feats @ direction
+    lo, hi = -1e4, 1e4
+    for _ in range(100):
+        k = (lo + hi) / 2
+        if (logits * scale - k * r).max(1).values.median() > 0:
+            lo = k
+        else:
+            hi = k
+    new_bias = -k * direction
     norm.weight.mul_(scale)
     norm.bias.copy_(new_bias)
 
@@ -254,12 +263,18 @@ def make_sam(path: Path, model_type: str = "vit_b", seed: int = 0) -> Path:
     return path
 
 
+TINY_SAM_MASK_LOGIT_GAIN = 20.0
+
+
 def tiny_sam(seed: int = 0) -> Sam:
     """In-memory ``segment_anything`` Sam with a tiny ViT image encoder, for fast parity tests against SamPredictor.
 
     Built like ``segment_anything.build_sam._build_sam`` (img_size 1024, patch 16, 256-channel neck, the normal
     prompt encoder and mask decoder) but with embed_dim 32, depth 1, 1 head, global attention in block 0.
-    Random weights, deterministic for a seed, eval mode.
+    Random weights, deterministic for a seed, eval mode. The last layer of each mask-token hypernetwork MLP is
+    multiplied by TINY_SAM_MASK_LOGIT_GAIN (20) so that mask logits for a box prompt have std ~2 instead of ~0.1
+    (fewer pixels within float noise of the 0 threshold); masks for a box prompt are neither all-False nor
+    all-True (checked for seeds 0-3).
     """
     from functools import partial
 
@@ -299,6 +314,12 @@ def tiny_sam(seed: int = 0) -> Sam:
             pixel_mean=[123.675, 116.28, 103.53],
             pixel_std=[58.395, 57.12, 57.375],
         )
+        # Random init gives mask logits of std ~0.1, so a tiny numeric difference flips many pixels at the 0
+        # threshold; scaling the hypernetwork MLPs' last layers brings the std to ~2 (masks stay non-degenerate).
+        with torch.no_grad():
+            for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.mul_(TINY_SAM_MASK_LOGIT_GAIN)
+                mlp.layers[-1].bias.mul_(TINY_SAM_MASK_LOGIT_GAIN)
     return sam.eval()
 
 

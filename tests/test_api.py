@@ -17,11 +17,11 @@ import pytest
 from label_studio_sdk.converter import brush
 from PIL import Image
 from servers import ImageServer
+from test_labeling import GUIDE_CONFIG
 
 from _wsgi import create_backend_app
 from detections import Detections
 from loader import Models
-from test_labeling import GUIDE_CONFIG
 
 
 class FakeDetector:
@@ -79,7 +79,8 @@ def png(width, height, color=(200, 30, 30)) -> bytes:
 
 @pytest.fixture
 def images():
-    files = {"/data/upload/1/aa-cat.png": png(64, 48), "/plain/house.png": png(40, 30), "/data/upload/1/bb.png": png(32, 32)}
+    files = {"/data/upload/1/aa-cat.png": png(64, 48), "/plain/house.png": png(40, 30),
+             "/data/upload/1/bb.png": png(32, 32)}
     with ImageServer(files, token="ls-token") as server:
         yield server
 

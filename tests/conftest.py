@@ -1,0 +1,35 @@
+"""Shared test set-up: no hub access, repo root importable, small random-weight models generated once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+# Before anything imports transformers / huggingface_hub: no test may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import model_factory  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def text_encoder_dir(tmp_path_factory) -> Path:
+    """A small random BERT directory with a bert-base-uncased-layout vocab (see model_factory.make_text_encoder)."""
+    return model_factory.make_text_encoder(tmp_path_factory.mktemp("text_encoder"))
+
+
+@pytest.fixture(scope="session")
+def groundingdino_files(tmp_path_factory, text_encoder_dir) -> tuple[Path, Path, Path]:
+    """(config_path, checkpoint_path, text_encoder_dir) of a small random Grounding DINO."""
+    return model_factory.make_groundingdino(tmp_path_factory.mktemp("groundingdino"), text_encoder_dir=text_encoder_dir)
+
+
+@pytest.fixture(scope="session")
+def mobile_sam_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight MobileSAM checkpoint in mobile_sam.pt's format."""
+    return model_factory.make_mobile_sam(tmp_path_factory.mktemp("mobile_sam") / "mobile_sam.pt")

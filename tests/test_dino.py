@@ -1,0 +1,124 @@
+"""Grounding DINO wrapper: parity with groundingdino.util.inference.predict on a small random-weight
+model loaded through the real loading code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from groundingdino.util.inference import predict
+from model_factory import groundingdino_image_tensor, make_image
+from torchvision.ops import box_convert
+
+from dino import GroundingDino, ModelLoadError, caption_and_spans
+from prompts import Phrase
+
+PHRASES = (Phrase("shape", "cats"), Phrase("round thing", "house"))
+CAPTION = "shape . round thing ."
+
+
+@pytest.fixture(scope="module")
+def detector(groundingdino_files):
+    config, checkpoint, text_encoder = groundingdino_files
+    return GroundingDino.load(str(config), str(checkpoint), str(text_encoder), "cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return make_image(160, 24, seed=1)  # wide: resized to 1333x200, a fast forward pass
+
+
+def reference(detector, image, box_threshold, text_threshold, remove_combined=False):
+    """groundingdino's own predict, boxes converted to xyxy pixels of the image."""
+    boxes, scores, phrases = predict(detector.model, groundingdino_image_tensor(image), CAPTION, box_threshold,
+                                     text_threshold, device="cpu", remove_combined=remove_combined)
+    h, w = image.shape[:2]
+    xyxy = box_convert(boxes * torch.tensor([w, h, w, h]), "cxcywh", "xyxy")
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+    return xyxy.numpy(), scores.numpy(), phrases
+
+
+@pytest.mark.parametrize("box_threshold", [0.2, 0.5])
+def test_same_boxes_and_scores_as_groundingdino_predict(detector, image, box_threshold):
+    ours = detector.detect(image, PHRASES, box_threshold, 0.0, max_detections=900, nms_iou=1.0)
+    xyxy, scores, _ = reference(detector, image, box_threshold, 0.0)
+    assert len(ours) == len(scores) > 0
+    order = np.argsort(-scores, kind="stable")
+    np.testing.assert_array_equal(ours.scores, scores[order])
+    np.testing.assert_allclose(ours.xyxy, xyxy[order], rtol=0, atol=1e-4)
+
+
+def test_each_box_goes_to_the_phrase_of_its_best_token(detector, image):
+    """Where a box's best token lies inside a phrase, groundingdino's remove_combined phrase (the caption
+    segment around that token) and our label agree. (Where it is a '.' or [CLS], remove_combined picks
+    a neighbouring segment; we pick the phrase whose own tokens score highest.)"""
+    ours = detector.detect(image, PHRASES, 0.2, 0.0, max_detections=900, nms_iou=1.0)
+    _, scores, phrases = reference(detector, image, 0.2, 0.0, remove_combined=True)
+    with torch.no_grad():
+        logits = detector.model(groundingdino_image_tensor(image)[None], captions=[CAPTION])["pred_logits"]
+    logits = logits.sigmoid()[0]
+    best_token = logits[logits.max(dim=1).values > 0.2].argmax(dim=1).numpy()
+    _, spans = caption_and_spans(PHRASES, detector.model.tokenizer)
+    inside = np.isin(best_token, sum(spans, []))
+    order = np.argsort(-scores, kind="stable")
+    label_of = {p.text: p.label for p in PHRASES}
+    pairs = [(phrases[i], label) for i, label in zip(order, ours.labels, strict=True) if inside[i]]
+    assert len(pairs) >= 3
+    assert {label for _, label in pairs} == {"cats", "house"}  # both phrases get boxes
+    assert [label_of[phrase] for phrase, _ in pairs] == [label for _, label in pairs]
+
+
+def test_thresholds_cap_and_nms(detector, image):
+    everything = detector.detect(image, PHRASES, 0.0, 0.0, max_detections=900, nms_iou=1.0)
+    assert len(everything) == 100  # every query of the small model
+    assert np.all(np.diff(everything.scores) <= 0)  # best first
+    top = detector.detect(image, PHRASES, 0.0, 0.0, max_detections=7, nms_iou=1.0)
+    np.testing.assert_array_equal(top.scores, everything.scores[:7])
+    assert len(detector.detect(image, PHRASES, 0.0, 1.0, max_detections=900, nms_iou=1.0)) == 0
+    merged = detector.detect(image, PHRASES, 0.0, 0.0, max_detections=900, nms_iou=0.3)
+    assert 0 < len(merged) < len(everything)
+    for label in {"cats", "house"}:
+        boxes = torch.as_tensor(merged.xyxy[np.array(merged.labels) == label])
+        iou = box_iou_upper(boxes)
+        assert float(iou.max(initial=0)) <= 0.3 + 1e-6
+
+
+def box_iou_upper(boxes: torch.Tensor) -> np.ndarray:
+    from torchvision.ops import box_iou
+
+    iou = box_iou(boxes, boxes).numpy()
+    return iou[np.triu_indices(len(boxes), k=1)]
+
+
+def test_boxes_are_in_image_pixels(detector):
+    wide = make_image(300, 40, seed=2)
+    found = detector.detect(wide, PHRASES, 0.0, 0.0, max_detections=900, nms_iou=1.0)
+    assert found.xyxy[:, [0, 2]].max() <= 300 and found.xyxy[:, [1, 3]].max() <= 40
+    assert found.xyxy[:, [0, 2]].max() > 40  # x spans the wide image, not a unit square
+
+
+def test_no_phrase_no_detection(detector, image):
+    assert len(detector.detect(image, (), 0.0, 0.0)) == 0
+
+
+def test_caption_and_token_spans(detector):
+    tokenizer = detector.model.tokenizer
+    caption, spans = caption_and_spans(PHRASES, tokenizer)
+    assert caption == CAPTION
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(caption)["input_ids"])
+    assert [[tokens[i] for i in span] for span in spans] == [["shape"], ["round", "thing"]]
+
+
+def test_load_errors_name_the_variable_and_path(tmp_path, groundingdino_files):
+    config, checkpoint, text_encoder = (str(p) for p in groundingdino_files)
+    with pytest.raises(ModelLoadError, match=f"GROUNDINGDINO_CHECKPOINT={tmp_path}/missing.pth: file not found"):
+        GroundingDino.load(config, str(tmp_path / "missing.pth"), text_encoder, "cpu")
+    with pytest.raises(ModelLoadError, match="GROUNDINGDINO_CONFIG=.*file not found"):
+        GroundingDino.load(str(tmp_path / "nope.py"), checkpoint, text_encoder, "cpu")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match=f"GROUNDINGDINO_CHECKPOINT={broken}: could not load"):
+        GroundingDino.load(config, str(broken), text_encoder, "cpu")
+    with pytest.raises(ModelLoadError, match="GROUNDINGDINO_TEXT_ENCODER=/no/such/bert"):
+        GroundingDino.load(config, checkpoint, "/no/such/bert", "cpu")
