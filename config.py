@@ -7,12 +7,11 @@ fails at startup with the variable's name, not deep inside a request.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-
-import groundingdino
 
 # Checkpoint file names as published by their authors (used for default paths and model_version).
 SAM_CHECKPOINT_NAMES = {
@@ -20,13 +19,26 @@ SAM_CHECKPOINT_NAMES = {
     "vit_l": "sam_vit_l_0b3195.pth",
     "vit_b": "sam_vit_b_01ec64.pth",
 }
+# Found without importing groundingdino (which imports torch): importing config must stay cheap.
 GROUNDINGDINO_PACKAGED_CONFIG = str(
-    Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
+    Path(importlib.util.find_spec("groundingdino").origin).parent / "config" / "GroundingDINO_SwinT_OGC.py"
 )
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the environment variable and the path."""
+
+
+def require_file(variable: str, path: str) -> None:
+    """Raise ModelLoadError unless `path` (the value of `variable`) is a readable file."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{variable}={path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"{variable}={path}: file is not readable")
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

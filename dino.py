@@ -12,21 +12,11 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
+from config import ModelLoadError, require_file
 from detections import Detections
 from prompts import Phrase
 
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names the environment variable and the path."""
-
-
-def require_file(variable: str, path: str) -> None:
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{variable}={path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise ModelLoadError(f"{variable}={path}: file is not readable")
 
 
 def resolve_device(device: str) -> str:

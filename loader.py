@@ -10,11 +10,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from config import Settings
-from dino import GroundingDino, ModelLoadError, resolve_device
+from config import ModelLoadError, Settings
 from mlbase import RequestError
-from sam_wrapper import Segmenter
+
+if TYPE_CHECKING:
+    from dino import GroundingDino
+    from sam_wrapper import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,11 @@ class ModelLoader:
         s = self.settings
         started = time.perf_counter()
         try:
+            # Imported here, not at module level: torch takes seconds to import, and a gunicorn
+            # worker must answer /health as soon as it starts.
+            from dino import GroundingDino, resolve_device
+            from sam_wrapper import Segmenter
+
             device = resolve_device(s.device)
             logger.info("loading models on %s", device)
             detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from dino import ModelLoadError, require_file, resolve_device
+from config import ModelLoadError, require_file
+from dino import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,15 @@ make Grounding DINO pass many boxes: MAX_DETECTIONS (--max-detections, 50) caps 
 rectangles + 50 brushes. The per-stage split comes from the model's per-task log line.
 
 Run: .venv/bin/python benchmarks/bench_regions.py [--boxes 50] [--repeats 3] [--skip-predict] [--quick]
+(about 10 minutes on 2 CPU cores; --quick about 4). --masks ellipses reruns part 1 with smooth masks instead of
+the random model's speckled ones, which inflate every RLE (and the SDK encoder's time) far beyond real masks.
 Nothing is fetched from a model hub; generated models live in a temporary directory that is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import io
@@ -159,6 +162,7 @@ def run_path(kind: str, inputs: Path, result: Path) -> None:
         "foreground": [int(m.sum()) for m in masks],
         "rle_sha": [hashlib.sha256(bytes(rle)).hexdigest() for rle in rles],
         "rle_len": [len(rle) for rle in rles],
+        "rle_list_bytes": sum(sys.getsizeof(rle) for rle in rles),  # values 0..255 are shared small ints
     }
     result.write_text(json.dumps(figures))
 
@@ -183,6 +187,22 @@ def spread_boxes(n: int, width: int, height: int, seed: int):
     return np.stack([x0, y0, x0 + w, y0 + h], axis=1).astype(np.float32)
 
 
+def ellipse_logits(boxes, segmenter, original_size):
+    """(N, 1, 256, 256) smooth low-res logits: positive inside the ellipse inscribed in each box.
+
+    Stands in for a trained model's masks (few, long runs), where random weights give speckled ones.
+    """
+    import numpy as np
+    import torch
+
+    low = segmenter.transform.apply_boxes(boxes, original_size) / 4  # 1024-input frame -> 256 low-res frame
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    cx, cy = (low[:, 0] + low[:, 2]) / 2, (low[:, 1] + low[:, 3]) / 2
+    rx, ry = (low[:, 2] - low[:, 0]) / 2, (low[:, 3] - low[:, 1]) / 2
+    d = ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 + ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2
+    return torch.as_tensor(np.clip(8 * (1 - d), -20, 20), dtype=torch.float32)[:, None]
+
+
 def bench_regions(args, workdir: Path) -> None:
     import torch
     from model_factory import make_image, make_mobile_sam
@@ -198,10 +218,14 @@ def bench_regions(args, workdir: Path) -> None:
     t0 = time.perf_counter()
     embedding = segmenter.embed(image)
     t1 = time.perf_counter()
-    low_res, _ = segmenter.decode(embedding, boxes=spread_boxes(args.boxes, width, height, args.seed))
+    boxes = spread_boxes(args.boxes, width, height, args.seed)
+    low_res, _ = segmenter.decode(embedding, boxes=boxes)
     t2 = time.perf_counter()
     print(f"(shared inputs: embed {t1 - t0:.2f} s, decode {args.boxes} boxes {t2 - t1:.2f} s -> low-res logits "
           f"{tuple(low_res.shape)})")
+    if args.masks == "ellipses":
+        low_res = ellipse_logits(boxes, segmenter, embedding.original_size)
+        print("(--masks ellipses: the decoder's logits replaced by smooth ellipses inscribed in the boxes)")
     inputs = workdir / "inputs.pt"
     torch.save({"low_res": low_res.detach().contiguous(), "features": embedding.features,
                 "input_size": list(embedding.input_size), "original_size": list(embedding.original_size),
@@ -237,6 +261,8 @@ def bench_regions(args, workdir: Path) -> None:
     print(f"masks {tuple(b['shape'])}: foreground {min(fill):.1%}..{max(fill):.1%} of the image "
           f"(mean {statistics.mean(fill):.1%}), {sum(1 for f in fill if f == 0)} empty; "
           f"RLE {sum(b['rle_len']) / 1024:.0f} KiB in all")
+    print(f"what every path must hold: the RLE lists {b['rle_list_bytes'] / 2**20:.0f} MiB as Python lists; ours "
+          f"also the (N, H, W) bool masks, {args.boxes * pixels / 2**20:.0f} MiB")
     print(f"identical bool masks: {'yes' if same_masks else f'NO ({n_diff} differ)'}; "
           f"identical RLE lists: {'yes' if same_rles else 'NO'}")
     speedup = median("straight", "total_s") / median("ours", "total_s")
@@ -310,9 +336,11 @@ def bench_predict(args, workdir: Path) -> None:
 
     sizes = [(640, 480)] if args.quick else [(640, 480), (4032, 3024)]
     print(f"== Part 2: POST /predict, real-size Grounding DINO (Swin-T OGC config, bert-base text encoder) + "
-          f"MobileSAM, random weights, MAX_DETECTIONS={args.max_detections}, prompt {PROMPT!r}")
+          f"MobileSAM, random weights, MAX_DETECTIONS={args.max_detections}, prompt {PROMPT!r}, "
+          f"{args.predict_repeats} timed call(s) per size")
     t0 = time.perf_counter()
-    gd_config, gd_checkpoint, bert_dir = make_real_size_groundingdino(workdir / "groundingdino", args.seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # groundingdino prints its text encoder path
+        gd_config, gd_checkpoint, bert_dir = make_real_size_groundingdino(workdir / "groundingdino", args.seed)
     sam_checkpoint = make_mobile_sam(workdir / "mobile_sam.pt", seed=args.seed)
     print(f"(random-weight models written in {time.perf_counter() - t0:.0f} s; Grounding DINO checkpoint "
           f"{gd_checkpoint.stat().st_size / 2**20:.0f} MiB)")
@@ -362,13 +390,14 @@ def bench_predict(args, workdir: Path) -> None:
     rows = []
     with ImageServer(files) as server:
         w, h = sizes[0]
-        seconds, _ = predict(f"{server.url}/bench-{w}x{h}.jpg")
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader thread's build_model prints too
+            seconds, _ = predict(f"{server.url}/bench-{w}x{h}.jpg")
         print(f"(warm-up /predict, including model loading: {seconds:.1f} s)")
         for w, h in sizes:
             url = f"{server.url}/bench-{w}x{h}.jpg"
             stage_log.stages.clear()
             times, counts = [], []
-            for _ in range(args.repeats):
+            for _ in range(args.predict_repeats):
                 seconds, regions = predict(url)
                 times.append(seconds)
                 counts.append((sum(r["type"] == "rectanglelabels" for r in regions),
@@ -400,9 +429,14 @@ def machine() -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--boxes", type=int, default=50, help="boxes (masks) in part 1 (default 50)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path / per image size (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path in part 1 (default 3)")
     parser.add_argument("--size", type=int, nargs=2, default=(4032, 3024), metavar=("W", "H"),
                         help="part 1 image size (default 4032 3024)")
+    parser.add_argument("--masks", choices=("sam", "ellipses"), default="sam",
+                        help="part 1 masks: the random MobileSAM decoder's (speckled, default) or smooth ellipses "
+                             "in the boxes (a trained model's mask shapes)")
+    parser.add_argument("--predict-repeats", type=int, default=2,
+                        help="timed /predict calls per image size (default 2; ~35-60 s each on 2 cores)")
     parser.add_argument("--max-detections", type=int, default=50, help="MAX_DETECTIONS in part 2 (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-regions", action="store_true", help="skip part 1")
@@ -414,9 +448,9 @@ def parse_args(argv=None):
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.boxes, args.repeats = min(args.boxes, 20), 1
-    if args.boxes < 1 or args.repeats < 1:
-        parser.error("--boxes and --repeats must be at least 1")
+        args.boxes, args.repeats, args.predict_repeats = min(args.boxes, 20), 1, 1
+    if min(args.boxes, args.repeats, args.predict_repeats) < 1:
+        parser.error("--boxes, --repeats and --predict-repeats must be at least 1")
     return args
 
 

@@ -10,7 +10,8 @@ from groundingdino.util.inference import predict
 from model_factory import groundingdino_image_tensor, make_image
 from torchvision.ops import box_convert
 
-from dino import GroundingDino, ModelLoadError, caption_and_spans
+from config import ModelLoadError
+from dino import GroundingDino, caption_and_spans
 from prompts import Phrase
 
 PHRASES = (Phrase("shape", "cats"), Phrase("round thing", "house"))

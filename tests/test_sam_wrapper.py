@@ -9,7 +9,7 @@ from model_factory import make_image, make_sam, tiny_sam
 from segment_anything import SamPredictor
 
 import sam_wrapper
-from dino import ModelLoadError
+from config import ModelLoadError
 from sam_wrapper import Segmenter
 
 
