@@ -1,11 +1,14 @@
-"""Fetch the model checkpoints the current settings need, when missing: `python weights.py`.
+"""Fetch model checkpoints when missing.
 
-Only files whose name is in MANIFEST can be fetched; a missing file elsewhere is an error
-that names the variable to fix.
+`python weights.py` fetches what the current settings need (GROUNDINGDINO_CHECKPOINT and the
+SAM or MobileSAM checkpoint); `python weights.py --dir /models NAME...` fetches the named files of
+MANIFEST (and `bert-base-uncased`, the text encoder, saved as a local directory) for a Docker image.
+Only names in MANIFEST can be fetched; a missing file elsewhere is an error naming the variable.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -75,9 +78,41 @@ def ensure(settings: Settings) -> None:
             raise DownloadError(f"{e}. Download it yourself to {path}, or set {variable} to a local copy") from e
 
 
+def save_text_encoder(name: str, directory: str) -> None:
+    """Save a hub text encoder (e.g. bert-base-uncased) as a local directory usable offline."""
+    from transformers import AutoTokenizer, BertModel
+
+    target = os.path.join(directory, name)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return
+    AutoTokenizer.from_pretrained(name).save_pretrained(target)
+    BertModel.from_pretrained(name).save_pretrained(target)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"files to fetch: {', '.join(MANIFEST)}, bert-base-uncased")
+    parser.add_argument("--dir", default=None, help="where named files go (default: MODEL_DIR)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if not args.names:
+        ensure(settings)
+        return
+    directory = args.dir or settings.model_dir
+    for name in args.names:
+        if name == "bert-base-uncased":
+            save_text_encoder(name, directory)
+        elif name in MANIFEST:
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                download(MANIFEST[name], path)
+        else:
+            raise DownloadError(f"unknown file {name!r}; known: {', '.join(MANIFEST)}, bert-base-uncased")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        ensure(Settings.from_env())
+        main()
     except DownloadError as e:
         sys.exit(f"error: {e}")
