@@ -86,6 +86,9 @@ class Settings:
     sam_checkpoint: str = "models/sam_vit_h_4b8939.pth"
     mobilesam_checkpoint: str = "models/mobile_sam.pt"
     device: str = "auto"
+    # Per-image model state (SAM embeddings, Grounding DINO features) kept for repeated prompts
+    embedding_cache_size: int = 16
+    embedding_cache_mb: float = 1024.0
     # Detection
     box_threshold: float = 0.3
     text_threshold: float = 0.25
@@ -136,6 +139,8 @@ class Settings:
             sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SAM_CHECKPOINT_NAMES[sam_type])),
             mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT", os.path.join(model_dir, "mobile_sam.pt")),
             device=device,
+            embedding_cache_size=_number(env, "EMBEDDING_CACHE_SIZE", cls.embedding_cache_size, int, 0),
+            embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", cls.embedding_cache_mb, float, 0.0),
             box_threshold=_number(env, "BOX_THRESHOLD", cls.box_threshold, float, 0.0, 1.0),
             text_threshold=_number(env, "TEXT_THRESHOLD", cls.text_threshold, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
+from cache import EmbeddingCache
 from config import ModelLoadError, require_file
 from detections import Detections
 from prompts import Phrase
@@ -45,12 +46,17 @@ def caption_and_spans(phrases: Sequence[Phrase], tokenizer) -> tuple[str, list[l
 
 class GroundingDino:
     """Owns one Grounding DINO model. `detect` is safe to call from several threads: the
-    model keeps per-call image features on itself, so calls are serialised by a lock."""
+    model keeps per-call image features on itself, so calls are serialised by a lock.
 
-    def __init__(self, model: torch.nn.Module, device: str, name: str = "groundingdino"):
+    With a cache, an image's backbone features are computed once (the text-independent part of
+    the model), and the raw outputs for one image and caption once (a repeated prompt)."""
+
+    def __init__(self, model: torch.nn.Module, device: str, name: str = "groundingdino",
+                 cache: EmbeddingCache | None = None):
         self.model = model.eval().to(device)
         self.device = device
         self.name = name
+        self.cache = cache
         self.max_text_len = int(getattr(model, "max_text_len", 256))
         self._lock = threading.Lock()
         # Imported here: groundingdino's transforms are the reference preprocessing.
@@ -65,7 +71,8 @@ class GroundingDino:
         )
 
     @classmethod
-    def load(cls, config_path: str, checkpoint_path: str, text_encoder: str, device: str) -> GroundingDino:
+    def load(cls, config_path: str, checkpoint_path: str, text_encoder: str, device: str,
+             cache: EmbeddingCache | None = None) -> GroundingDino:
         """Build from a config .py and a published-format checkpoint ({"model": state_dict}).
 
         text_encoder: a local BERT directory (nothing is fetched) or a hub id such as bert-base-uncased.
@@ -86,7 +93,7 @@ class GroundingDino:
         except Exception as e:
             raise ModelLoadError(f"GROUNDINGDINO_CHECKPOINT={checkpoint_path}: could not load: {e}") from e
         name = os.path.splitext(os.path.basename(checkpoint_path))[0]
-        return cls(model, device, name)
+        return cls(model, device, name, cache)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, h, w) float tensor, short side 800 (long side <= 1333), normalised."""
@@ -101,10 +108,12 @@ class GroundingDino:
         text_threshold: float,
         max_detections: int = 50,
         nms_iou: float = 0.7,
+        image_id: str | None = None,
     ) -> Detections:
         """Find the phrases in one image.
 
         image: (H, W, 3) uint8 RGB, displayed orientation. Returns boxes in that image's pixels.
+        image_id: the image's identity (cache.image_digest) for the cache; None: no caching.
         A query becomes a detection when its best token score over the whole caption exceeds
         `box_threshold` (its score, as in groundingdino's `predict`); it goes to the phrase whose
         tokens score highest, and is kept if that phrase's best token exceeds `text_threshold`.
@@ -119,13 +128,32 @@ class GroundingDino:
             logger.warning("prompt longer than %d tokens: phrases %s are ignored", self.max_text_len, dropped)
         if not usable:
             return Detections.empty()
-        tensor = self.preprocess(image).to(self.device)
-        with self._lock, torch.no_grad():
-            outputs = self.model(tensor[None], captions=[caption])
-        logits = outputs["pred_logits"].cpu().sigmoid()[0]  # (queries, 256) token scores
-        boxes = outputs["pred_boxes"].cpu()[0]  # (queries, 4) cxcywh, normalised to the image
+        if self.cache is None or image_id is None:
+            logits, boxes = self._forward(image, caption, None)
+        else:
+            key = ("groundingdino-outputs", id(self), image_id, caption)
+            logits, boxes = self.cache.get(key, lambda: self._forward(image, caption, image_id))
         return self._select(logits, boxes, spans, usable, phrases, image.shape[:2],
                             box_threshold, text_threshold, max_detections, nms_iou)
+
+    def _forward(self, image: np.ndarray, caption: str, image_id: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token scores (queries, 256) and boxes (queries, 4) cxcywh normalised, on the CPU."""
+        tensor = self.preprocess(image).to(self.device)[None]
+        with self._lock, torch.no_grad():
+            if self.cache is not None and image_id is not None:
+                features, poss = self.cache.get(("groundingdino-backbone", id(self), image_id),
+                                                lambda: self._backbone(tensor))
+                # The forward pass appends to the position list: hand it copies.
+                self.model.set_image_features(list(features), list(poss))
+            outputs = self.model(tensor, captions=[caption])  # unsets the features at its end
+        return outputs["pred_logits"].cpu().sigmoid()[0], outputs["pred_boxes"].cpu()[0]
+
+    def _backbone(self, tensor: torch.Tensor) -> tuple[list, list]:
+        """The image-only part of the model: multi-scale features and their position embeddings."""
+        self.model.set_image_tensor(tensor)
+        features, poss = self.model.features, self.model.poss
+        self.model.unset_image_tensor()
+        return features, poss
 
     @staticmethod
     def _select(logits, boxes, spans, usable, phrases, size, box_threshold, text_threshold, max_detections, nms_iou):

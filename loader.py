@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cache import EmbeddingCache
 from config import ModelLoadError, Settings
 from mlbase import RequestError
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 class Models:
     detector: GroundingDino
     segmenter: Segmenter | None
+    cache: EmbeddingCache  # shared by both: one bound on the memory per-image state takes
 
 
 class ModelLoader:
@@ -56,14 +58,15 @@ class ModelLoader:
 
             device = resolve_device(s.device)
             logger.info("loading models on %s", device)
+            cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
             detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,
-                                          s.groundingdino_text_encoder, device)
+                                          s.groundingdino_text_encoder, device, cache)
             segmenter = None
             if s.segmenter == "sam":
-                segmenter = Segmenter.load("sam", s.sam_checkpoint, device, s.sam_model_type)
+                segmenter = Segmenter.load("sam", s.sam_checkpoint, device, s.sam_model_type, cache)
             elif s.segmenter == "mobile_sam":
-                segmenter = Segmenter.load("mobile_sam", s.mobilesam_checkpoint, device)
-            self._models = Models(detector, segmenter)
+                segmenter = Segmenter.load("mobile_sam", s.mobilesam_checkpoint, device, cache=cache)
+            self._models = Models(detector, segmenter, cache)
             self._seconds = time.perf_counter() - started
             logger.info("models ready in %.1f s: %s", self._seconds, self.model_version)
         except ModelLoadError as e:
@@ -92,7 +95,8 @@ class ModelLoader:
             return {"models": "loading" if self._thread else "not started", "model_version": self.model_version}
         if self._error:
             return {"models": "failed", "error": self._error, "model_version": self.model_version}
-        return {"models": "ready", "load_seconds": round(self._seconds or 0, 1), "model_version": self.model_version}
+        return {"models": "ready", "load_seconds": round(self._seconds or 0, 1), "model_version": self.model_version,
+                "embedding_cache": self._models.cache.stats()}
 
     def get(self, timeout: float | None = None) -> Models:
         """The loaded models; waits for loading up to `timeout` (default MODEL_LOAD_WAIT) seconds."""

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import cached_property
 
+import numpy as np
+
+from cache import image_digest
 from config import Settings
+from detections import Detections
 from images import ImageError, ImageLoader
 from labeling import LabelConfigError, LabelingConfig, parse_label_config
 from loader import ModelLoader, Models
 from mlbase import LabelStudioMLBase, ProjectStore, RequestError
-from prompts import PromptPlan, parse_prompt
+from prompts import PromptPlan, match_label, parse_prompt
 from regions import build_regions, prediction
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,46 @@ def project_params(extra: dict, settings: Settings) -> ProjectParams:
         text_threshold=number("text_threshold", settings.text_threshold, float, 0.0, 1.0),
         max_detections=number("max_detections", settings.max_detections, int, 1, 900),
     )
+
+
+@dataclass(frozen=True)
+class ClickPrompt:
+    """One interactive SAM prompt from Label Studio's smart tools; coordinates in percent of the image."""
+
+    points: tuple[tuple[float, float], ...]  # (x, y) of each click
+    point_labels: tuple[int, ...]  # 1 = positive click, 0 = negative (Alt-click)
+    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 of a smart rectangle
+    label: str  # the label of the tool that made them
+
+
+def find_clicks(context: dict | None, config: LabelingConfig) -> ClickPrompt | None:
+    """The keypoints (of a KeyPointLabels) and the rectangle (of a smart RectangleLabels) in an
+    interactive context, as one SAM prompt; None when there are none (e.g. a TextArea prompt)."""
+    keypoint_controls = {c.name for c in config.keypoints}
+    smart_rectangles = {c.name for c in config.rectangles if c.smart}
+    points, point_labels, box, label = [], [], None, None
+    for region in (context or {}).get("result") or []:
+        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
+            continue
+        value, kind = region["value"], region.get("type")
+        try:
+            if kind == "keypointlabels" and region.get("from_name") in keypoint_controls:
+                points.append((float(value["x"]), float(value["y"])))
+                # Label Studio leaves is_positive out of some positive clicks.
+                point_labels.append(0 if region.get("is_positive", True) in (False, 0, "false") else 1)
+            elif kind == "rectanglelabels" and region.get("from_name") in smart_rectangles:
+                x, y = float(value["x"]), float(value["y"])
+                box = (x, y, x + float(value["width"]), y + float(value["height"]))
+            else:
+                continue
+        except (KeyError, TypeError, ValueError):
+            raise RequestError(f"context region {region.get('id')!r} ({kind}) has no usable x/y/width/height") from None
+        label = label or next(iter(value.get(kind) or []), None)
+    if not points and box is None:
+        return None
+    if label is None:
+        raise RequestError("the clicked keypoint or rectangle carries no label", status=422)
+    return ClickPrompt(tuple(points), tuple(point_labels), box, label)
 
 
 def find_prompt(context: dict | None, config: LabelingConfig, params: ProjectParams, settings: Settings) -> str | None:
@@ -110,6 +155,13 @@ class GroundedSAM(LabelStudioMLBase):
         self.set("label_config", self.label_config)
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        """Smart-tool clicks and boxes in the context go to SAM alone; anything else is a text prompt."""
+        clicks = find_clicks(context, self.config)
+        if clicks is not None:
+            return self._predict_clicks(tasks, clicks)
+        return self._predict_text(tasks, context)
+
+    def _predict_text(self, tasks: list[dict], context: dict | None) -> list[dict]:
         config, params = self.config, self.params
         prompt = find_prompt(context, config, params, self.settings)
         if prompt is None:
@@ -122,10 +174,35 @@ class GroundedSAM(LabelStudioMLBase):
             reasons = "; ".join(f"{p!r}: {why}" for p, why in plan.skipped) or "it has no phrase"
             raise RequestError(f"prompt {prompt!r} gives nothing to detect: {reasons}", status=422)
         models = self.loader.get()
+        return self._each_task(tasks, lambda image: self._text_regions(image, plan, params, models))
+
+    def _predict_clicks(self, tasks: list[dict], clicks: ClickPrompt) -> list[dict]:
+        config = self.config
+        brush_labels = [label for control in config.brushes for label in control.labels]
+        label = match_label(clicks.label, brush_labels)
+        if label is None:
+            raise RequestError(f"clicked label {clicks.label!r} has no BrushLabels label of the same name "
+                               f"(brush labels: {', '.join(brush_labels) or 'none'})", status=422)
+        models = self.loader.get()
+        if models.segmenter is None:
+            raise RequestError("clicks need a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true", status=422)
+        return self._each_task(tasks, lambda image: self._click_regions(image, clicks, label, models))
+
+    def _each_task(self, tasks: list[dict], regions_for: Callable[[np.ndarray], list[dict]]) -> list[dict]:
+        """One prediction per task; a task whose image can't be used gets an empty one."""
         results = []
         for task in tasks:
             try:
-                results.append(self._predict_task(task, plan, params, models, config))
+                data = task.get("data")
+                url = data.get(self.config.image_key) if isinstance(data, dict) else None
+                if not isinstance(url, str) or not url:
+                    raise TaskError(f"task data has no image URL under {self.config.image_key!r}")
+                started = time.perf_counter()
+                image = self.images.load(url, hostname=self.get("hostname"), access_token=self.get("access_token"))
+                regions = regions_for(image)
+                logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task.get("id"), image.shape[1],
+                            image.shape[0], len(regions), time.perf_counter() - started)
+                results.append(prediction(regions, self.model_version))
             except (ImageError, TaskError) as e:
                 logger.warning("task %s: no prediction: %s", task.get("id"), e)
                 results.append(self._empty())
@@ -134,31 +211,36 @@ class GroundedSAM(LabelStudioMLBase):
     def _empty(self) -> dict:
         return prediction([], self.model_version)
 
-    def _predict_task(self, task: dict, plan: PromptPlan, params: ProjectParams, models: Models,
-                      config: LabelingConfig) -> dict:
-        data = task.get("data")
-        url = data.get(config.image_key) if isinstance(data, dict) else None
-        if not isinstance(url, str) or not url:
-            raise TaskError(f"task data has no image URL under {config.image_key!r}")
+    def _text_regions(self, image: np.ndarray, plan: PromptPlan, params: ProjectParams, models: Models) -> list[dict]:
+        image_id = image_digest(image)
         t0 = time.perf_counter()
-        image = self.images.load(url, hostname=self.get("hostname"), access_token=self.get("access_token"))
-        t1 = time.perf_counter()
         detections = models.detector.detect(
             image, plan.phrases, params.box_threshold, params.text_threshold,
-            params.max_detections, self.settings.nms_iou,
+            params.max_detections, self.settings.nms_iou, image_id=image_id,
         )
-        t2 = time.perf_counter()
-        if models.segmenter is not None and config.brushes and len(detections):
-            masks, _ = models.segmenter.segment_boxes(image, detections.xyxy)
+        t1 = time.perf_counter()
+        if models.segmenter is not None and self.config.brushes and len(detections):
+            masks, _ = models.segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
             detections = detections.with_masks(masks)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         height, width = image.shape[:2]
-        regions = build_regions(detections, config, width, height)
-        t4 = time.perf_counter()
-        logger.info("task %s: %dx%d, %d detection(s), %d region(s); image %.2f s, detect %.2f s, "
-                    "segment %.2f s, regions %.2f s", task.get("id"), width, height, len(detections),
-                    len(regions), t1 - t0, t2 - t1, t3 - t2, t4 - t3)
-        return prediction(regions, self.model_version)
+        regions = build_regions(detections, self.config, width, height)
+        logger.debug("%d detection(s); detect %.2f s, segment %.2f s, regions %.2f s",
+                     len(detections), t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return regions
+
+    def _click_regions(self, image: np.ndarray, clicks: ClickPrompt, label: str, models: Models) -> list[dict]:
+        height, width = image.shape[:2]
+        scale = np.array([width, height], np.float64) / 100.0
+        points = np.array(clicks.points, np.float64).reshape(-1, 2) * scale
+        box = None if clicks.box is None else np.array(clicks.box, np.float64) * np.tile(scale, 2)
+        mask, score = models.segmenter.segment_prompt(image, points, np.array(clicks.point_labels, np.int64), box,
+                                                      image_id=image_digest(image))
+        ys, xs = np.nonzero(mask)
+        xyxy = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] if len(xs) else [[0, 0, 0, 0]]
+        detections = Detections(np.array(xyxy, np.float32), [score], [label], mask[None])
+        # Only the mask: the click already is the user's region.
+        return build_regions(detections, replace(self.config, rectangles=()), width, height)
 
 
 class TaskError(ValueError):

@@ -69,6 +69,12 @@ def _label_named(name: str, labels: Sequence[str], predicted_values: Mapping[str
     return None
 
 
+def match_label(name: str, labels: Sequence[str], predicted_values: Mapping[str, Sequence[str]] | None = None
+                ) -> str | None:
+    """The config label `name` stands for (exact, then case-insensitive and plural-tolerant), or None."""
+    return _label_named(_normalise(name), labels, predicted_values or {})
+
+
 def _label_for_text(text: str, labels: Sequence[str], predicted_values: Mapping[str, Sequence[str]]) -> str | None:
     """The label a phrase names as a whole, else by its longest trailing words ('brown cat' -> cats)."""
     words = text.split()

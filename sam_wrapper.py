@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from cache import EmbeddingCache
 from config import ModelLoadError, require_file
 from dino import resolve_device
 
@@ -44,17 +45,20 @@ class Segmenter:
 
     Every call takes the image embedding it works on as an argument, so threads never share a
     "current image" (SamPredictor's set_image state); the model itself is used under a lock.
+    With a cache, each image is encoded once for all the text prompts and clicks on it.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str, name: str):
+    def __init__(self, model: torch.nn.Module, device: str, name: str, cache: EmbeddingCache | None = None):
         self.model = model.eval().to(device)
         self.device = device
         self.name = name
+        self.cache = cache
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h") -> Segmenter:
+    def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h",
+             cache: EmbeddingCache | None = None) -> Segmenter:
         """kind: "sam" (segment_anything, model_type vit_h | vit_l | vit_b) or "mobile_sam" (vit_t)."""
         variable = "SAM_CHECKPOINT" if kind == "sam" else "MOBILESAM_CHECKPOINT"
         require_file(variable, checkpoint)
@@ -70,7 +74,7 @@ class Segmenter:
             hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if kind == "sam" else ""
             raise ModelLoadError(f"{variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
         name = os.path.splitext(os.path.basename(checkpoint))[0]
-        return cls(model, resolve_device(device), name)
+        return cls(model, resolve_device(device), name, cache)
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> ImageEmbedding:
@@ -82,6 +86,12 @@ class Segmenter:
         with self._lock:
             features = self.model.image_encoder(self.model.preprocess(tensor))
         return ImageEmbedding(features, tuple(tensor.shape[-2:]), tuple(image.shape[:2]))
+
+    def embedding_for(self, image: np.ndarray, image_id: str | None = None) -> ImageEmbedding:
+        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
+        if self.cache is None or image_id is None:
+            return self.embed(image)
+        return self.cache.get(("sam-embedding", id(self), image_id), lambda: self.embed(image))
 
     @torch.no_grad()
     def decode(
@@ -96,15 +106,14 @@ class Segmenter:
 
         boxes: (B, 4) xyxy in image pixels; points: (B, P, 2) xy in image pixels with
         point_labels (B, P), 1 = foreground, 0 = background. Returns low-resolution mask logits
-        (B, C, 256, 256) and predicted IoUs (B, C), C = 3 if multimask else 1.
+        (B, C, 256, 256) and predicted IoUs (B, C), C = 3 if multimask else 1. Prompts are mapped
+        to the input frame as SamPredictor.predict does (numpy, float64, then float32).
         """
         size = embedding.original_size
         box_t = pts = None
         if boxes is not None:
-            # The torch transform, as in the batched SamPredictor.predict_torch recipe.
-            box_t = self.transform.apply_boxes_torch(
-                torch.as_tensor(np.asarray(boxes), dtype=torch.float, device=self.device), size
-            )
+            box_t = torch.as_tensor(self.transform.apply_boxes(np.asarray(boxes), size), dtype=torch.float,
+                                    device=self.device)
         if points is not None:
             coords = torch.as_tensor(self.transform.apply_coords(np.asarray(points), size), dtype=torch.float,
                                      device=self.device)
@@ -137,7 +146,7 @@ class Segmenter:
         return out
 
     def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
-                      embedding: ImageEmbedding | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One mask per box, all boxes in one decoder call.
 
         image: (H, W, 3) uint8 RGB; xyxy: (N, 4) image pixels. Returns masks (N, H, W) bool and
@@ -146,6 +155,28 @@ class Segmenter:
         height, width = image.shape[:2]
         if len(xyxy) == 0:
             return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-        embedding = embedding or self.embed(image)
+        embedding = self.embedding_for(image, image_id)
         low_res, iou = self.decode(embedding, boxes=xyxy)
         return self.upscale(low_res[:, 0], embedding), iou[:, 0].float().cpu().numpy()
+
+    def segment_prompt(self, image: np.ndarray, points: np.ndarray, point_labels: np.ndarray,
+                       box: np.ndarray | None = None, image_id: str | None = None) -> tuple[np.ndarray, float]:
+        """One mask for one interactive prompt: clicks and/or a box, as SamPredictor.predict takes them.
+
+        points: (P, 2) xy image pixels, P >= 0; point_labels: (P,) 1 foreground / 0 background;
+        box: (4,) xyxy image pixels or None. A single click is ambiguous, so it asks SAM for three
+        masks and keeps the best-scoring one; a box or several clicks ask for one.
+        Returns the mask (H, W) bool and SAM's predicted IoU for it.
+        """
+        if len(points) == 0 and box is None:
+            raise ValueError("a SAM prompt needs at least one point or a box")
+        embedding = self.embedding_for(image, image_id)
+        low_res, iou = self.decode(
+            embedding,
+            boxes=None if box is None else np.asarray(box)[None],
+            points=np.asarray(points)[None] if len(points) else None,
+            point_labels=np.asarray(point_labels)[None] if len(points) else None,
+            multimask=box is None and len(points) == 1,
+        )
+        best = int(iou[0].argmax())
+        return self.upscale(low_res[0, best : best + 1], embedding)[0], float(iou[0, best])

@@ -248,6 +248,8 @@ def bench_regions(args, workdir: Path) -> None:
         print(f"{kind:<10} {median(kind, 'total_s'):>9.2f} {min(r['total_s'] for r in runs[kind]):>8.2f} "
               f"{median(kind, 'upscale_s'):>10.2f} {median(kind, 'rle_s'):>8.2f} "
               f"{mib(median(kind, 'before_kib')):>15.0f} {mib(extra(kind)):>15.0f}")
+    print("straight = Sam.postprocess_masks on the whole batch, > mask_threshold, brush.mask2rle per mask; "
+          "ours = Segmenter.upscale, regions.mask_to_rle per mask")
     if not all(r["peak_reset"] for rs in runs.values() for r in rs):
         print("note: /proc/self/clear_refs refused a peak reset: peaks include model loading")
 
@@ -423,7 +425,8 @@ def machine() -> str:
     import torch
 
     return (f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}")
+            f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}; load average now "
+            f"{os.getloadavg()[0]:.1f} (other processes on the machine slow every figure above)")
 
 
 def parse_args(argv=None):

@@ -20,6 +20,7 @@ from servers import ImageServer
 from test_labeling import GUIDE_CONFIG
 
 from _wsgi import create_backend_app
+from cache import EmbeddingCache
 from detections import Detections
 from loader import Models
 
@@ -30,7 +31,7 @@ class FakeDetector:
     def __init__(self):
         self.calls = []
 
-    def detect(self, image, phrases, box_threshold, text_threshold, max_detections=50, nms_iou=0.7):
+    def detect(self, image, phrases, box_threshold, text_threshold, max_detections=50, nms_iou=0.7, image_id=None):
         self.calls.append(([p.text for p in phrases], box_threshold))
         h, w = image.shape[:2]
         rows = [(i, 0.9 - 0.1 * i) for i in range(len(phrases)) if 0.9 - 0.1 * i > box_threshold]
@@ -41,12 +42,24 @@ class FakeDetector:
 
 
 class FakeSegmenter:
-    """Each box's mask is the box itself."""
+    """Each box's mask is the box itself; a click prompt's mask is its box, or a 5-pixel square per
+    positive click."""
 
     def __init__(self):
         self.calls = 0
+        self.prompts = []
 
-    def segment_boxes(self, image, xyxy):
+    def segment_prompt(self, image, points, point_labels, box=None, image_id=None):
+        self.prompts.append((points.tolist(), point_labels.tolist(), None if box is None else box.tolist()))
+        mask = np.zeros(image.shape[:2], bool)
+        if box is not None:
+            x0, y0, x1, y1 = np.round(box).astype(int)
+            mask[y0:y1, x0:x1] = True
+        for (x, y), positive in zip(points.astype(int), point_labels, strict=True):
+            mask[max(0, y - 2): y + 3, max(0, x - 2): x + 3] = bool(positive)
+        return mask, 0.875
+
+    def segment_boxes(self, image, xyxy, image_id=None):
         self.calls += 1
         h, w = image.shape[:2]
         masks = np.zeros((len(xyxy), h, w), bool)
@@ -59,7 +72,7 @@ class FakeLoader:
     model_version = "fake-dino+fake-sam"
 
     def __init__(self):
-        self.models = Models(FakeDetector(), FakeSegmenter())
+        self.models = Models(FakeDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
 
     def start(self):
         pass
@@ -338,3 +351,91 @@ def test_failed_model_load_answers_503_naming_variable_and_file(tmp_path):
     assert f"GROUNDINGDINO_CHECKPOINT={tmp_path / 'nope.pth'}: file not found" in response.json["error"]
     health = client.get("/health").json
     assert health["models"] == "failed" and "GROUNDINGDINO_CHECKPOINT" in health["error"]
+
+
+SMART_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <RectangleLabels name="label" toName="image"><Label value="cats"/><Label value="house"/></RectangleLabels>
+  <RectangleLabels name="smartbox" toName="image" smart="true">
+    <Label value="cats"/><Label value="house"/>
+  </RectangleLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat"/><Label value="house"/></KeyPointLabels>
+  <BrushLabels name="label2" toName="image"><Label value="cats"/><Label value="house"/></BrushLabels>
+</View>"""
+
+
+def keypoint(x, y, label="cat", is_positive=None):
+    """A smart keypoint region as Label Studio's UI sends it (is_positive is sometimes missing)."""
+    region = {"original_width": 64, "original_height": 48, "image_rotation": 0,
+              "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label]},
+              "id": f"kp{x}", "from_name": "kp", "to_name": "image", "type": "keypointlabels", "origin": "manual"}
+    if is_positive is not None:
+        region["is_positive"] = is_positive
+    return region
+
+
+def smart_box(x, y, w, h, label="house"):
+    return {"original_width": 64, "original_height": 48, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]},
+            "id": "box1", "from_name": "smartbox", "to_name": "image", "type": "rectanglelabels", "origin": "manual"}
+
+
+def click_request(client, regions):
+    return client.post("/predict", json=predict_payload([task()], {"result": regions}, label_config=SMART_CONFIG))
+
+
+@pytest.mark.parametrize(
+    "regions, points, labels, box, label",
+    [
+        ([keypoint(25, 50, is_positive=True)], [[16, 24]], [1], None, "cats"),  # 'cat' -> brush label 'cats'
+        ([keypoint(25, 50), keypoint(50, 25, is_positive=False), keypoint(75, 75, is_positive=True)],
+         [[16, 24], [32, 12], [48, 36]], [1, 0, 1], None, "cats"),
+        ([smart_box(12.5, 25, 50, 50)], [], [], [8, 12, 40, 36], "house"),
+        ([smart_box(12.5, 25, 50, 50), keypoint(25, 50, label="house")], [[16, 24]], [1], [8, 12, 40, 36], "house"),
+    ],
+)
+def test_smart_clicks_and_boxes_become_one_sam_prompt(client, regions, points, labels, box, label):
+    response = click_request(client, regions)
+    assert response.status_code == 200, response.json
+    (region,) = response.json["results"][0]["result"]
+    assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "label2", "image")
+    assert region["value"]["brushlabels"] == [label] and region["score"] == 0.875
+    assert decode_mask(region).shape == (48, 64)
+    assert client.loader.models.segmenter.prompts == [(points, labels, box)]
+    assert client.loader.models.detector.calls == []  # a smart rectangle never runs Grounding DINO
+
+
+def test_click_mask_lands_where_clicked(client):
+    response = click_request(client, [keypoint(50, 50)])
+    ys, xs = np.nonzero(decode_mask(response.json["results"][0]["result"][0]))
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (30, 34, 22, 26)  # 5x5 around pixel (32, 24)
+
+
+def test_textarea_result_takes_the_text_path_in_a_smart_config(client):
+    context = {"result": [{"value": {"text": ["house"]}, "from_name": "prompt", "to_name": "image",
+                           "type": "textarea", "origin": "manual"}]}
+    response = client.post("/predict", json=predict_payload([task()], context, label_config=SMART_CONFIG))
+    assert {r["type"] for r in response.json["results"][0]["result"]} == {"rectanglelabels", "brushlabels"}
+    assert client.loader.models.segmenter.prompts == []
+    assert client.loader.models.detector.calls[-1][0] == ["house"]
+
+
+@pytest.mark.parametrize(
+    "regions, message",
+    [
+        ([keypoint(25, 50, label="tree")], "clicked label 'tree' has no BrushLabels label"),
+        ([{**keypoint(25, 50), "value": {"keypointlabels": ["cat"]}}], "has no usable x/y"),
+        ([{**keypoint(25, 50), "value": {"x": 1, "y": 2}}], "carries no label"),
+    ],
+)
+def test_bad_clicks_get_4xx(client, regions, message):
+    response = click_request(client, regions)
+    assert 400 <= response.status_code < 500 and message in response.json["error"]
+
+
+def test_clicks_without_a_segmenter_get_422(make_client):
+    client = make_client()
+    client.loader.models = Models(FakeDetector(), None, EmbeddingCache(1, 1))
+    response = click_request(client, [keypoint(25, 50)])
+    assert response.status_code == 422 and "USE_MOBILE_SAM" in response.json["error"]

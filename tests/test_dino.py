@@ -10,6 +10,7 @@ from groundingdino.util.inference import predict
 from model_factory import groundingdino_image_tensor, make_image
 from torchvision.ops import box_convert
 
+from cache import EmbeddingCache, image_digest
 from config import ModelLoadError
 from dino import GroundingDino, caption_and_spans
 from prompts import Phrase
@@ -123,3 +124,32 @@ def test_load_errors_name_the_variable_and_path(tmp_path, groundingdino_files):
         GroundingDino.load(config, str(broken), text_encoder, "cpu")
     with pytest.raises(ModelLoadError, match="GROUNDINGDINO_TEXT_ENCODER=/no/such/bert"):
         GroundingDino.load(config, checkpoint, "/no/such/bert", "cpu")
+
+
+def test_cached_backbone_and_outputs_give_the_uncached_detections(detector, image):
+    cache = EmbeddingCache(8, 2**30)
+    cached = GroundingDino(detector.model, "cpu", "tiny", cache)
+    image_id = image_digest(image)
+    backbone_runs = []
+    handle = detector.model.backbone.register_forward_hook(lambda *args: backbone_runs.append(1))
+    try:
+        other = (Phrase("house", "house"),)
+        results = [
+            cached.detect(image, PHRASES, 0.0, 0.0, max_detections=900, nms_iou=1.0, image_id=image_id),
+            cached.detect(image, other, 0.0, 0.0, max_detections=900, nms_iou=1.0, image_id=image_id),
+            cached.detect(image, PHRASES, 0.3, 0.0, max_detections=900, nms_iou=1.0, image_id=image_id),
+        ]
+        assert len(backbone_runs) == 1  # a second prompt on the image reuses the backbone features
+        expected = [
+            detector.detect(image, PHRASES, 0.0, 0.0, max_detections=900, nms_iou=1.0),
+            detector.detect(image, other, 0.0, 0.0, max_detections=900, nms_iou=1.0),
+            detector.detect(image, PHRASES, 0.3, 0.0, max_detections=900, nms_iou=1.0),
+        ]
+    finally:
+        handle.remove()
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(got.xyxy, want.xyxy)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        assert got.labels == want.labels
+    # backbone + two captions' outputs were computed; the third call was a hit on the first's outputs
+    assert cache.stats()["misses"] == 3 and cache.stats()["hits"] == 2

@@ -9,6 +9,7 @@ from model_factory import make_image, make_sam, tiny_sam
 from segment_anything import SamPredictor
 
 import sam_wrapper
+from cache import EmbeddingCache, image_digest
 from config import ModelLoadError
 from sam_wrapper import Segmenter
 
@@ -23,9 +24,9 @@ def boxes_for(width, height, n, seed=0):
 
 
 def reference_masks(predictor, image, boxes):
-    """The batched-box recipe of SamPredictor: set_image, apply_boxes_torch, predict_torch."""
+    """The batched-box recipe of SamPredictor: set_image, apply_boxes, predict_torch."""
     predictor.set_image(image)
-    transformed = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes), image.shape[:2])
+    transformed = torch.as_tensor(predictor.transform.apply_boxes(boxes, image.shape[:2]), dtype=torch.float)
     masks, iou, _ = predictor.predict_torch(None, None, boxes=transformed, multimask_output=False)
     return masks[:, 0].numpy(), iou[:, 0].numpy()
 
@@ -64,14 +65,20 @@ def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_chec
     np.testing.assert_array_equal(iou, expected_iou)
 
 
-def test_embedding_computed_once_and_reusable(tiny):
-    segmenter = Segmenter(tiny, "cpu", "tiny")
+def test_cached_embedding_gives_the_uncached_masks(tiny):
+    cache = EmbeddingCache(4, 2**30)
+    cached, plain = Segmenter(tiny, "cpu", "tiny", cache), Segmenter(tiny, "cpu", "tiny")
     image = make_image(200, 100, seed=5)
-    embedding = segmenter.embed(image)
+    embedding = plain.embed(image)
     assert embedding.original_size == (100, 200) and embedding.input_size == (512, 1024)
-    first, _ = segmenter.segment_boxes(image, boxes_for(200, 100, 2, seed=1), embedding=embedding)
-    again, _ = segmenter.segment_boxes(image, boxes_for(200, 100, 2, seed=1))
-    np.testing.assert_array_equal(first, again)
+    image_id = image_digest(image)
+    boxes = boxes_for(200, 100, 2, seed=1)
+    first, _ = cached.segment_boxes(image, boxes, image_id)
+    again, _ = cached.segment_boxes(image, boxes, image_id)
+    expected, _ = plain.segment_boxes(image, boxes)
+    assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 1
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(again, expected)
 
 
 def test_no_box_skips_the_image_encoder(tiny):
@@ -100,3 +107,37 @@ def test_load_errors_name_variable_and_path(tmp_path, mobile_sam_checkpoint):
     truncated.write_bytes(mobile_sam_checkpoint.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match=f"MOBILESAM_CHECKPOINT={truncated}: could not load"):
         Segmenter.load("mobile_sam", str(truncated), "cpu")
+
+
+@pytest.mark.parametrize(
+    "points, labels, box",
+    [
+        ([[120, 80]], [1], None),  # one click: three masks, the best one
+        ([[120, 80], [300, 200]], [1, 0], None),  # a positive and a negative click
+        ([], [], [60, 40, 400, 300]),  # a box
+        ([[200, 150]], [1], [60, 40, 400, 300]),  # a box with a click
+    ],
+)
+def test_click_and_box_prompts_identical_to_sam_predictor(tiny, points, labels, box):
+    image = make_image(640, 480, seed=6)
+    points = np.array(points, dtype=np.float32).reshape(-1, 2)
+    labels = np.array(labels, dtype=np.int64)
+    box = None if box is None else np.array(box, dtype=np.float32)
+    mask, score = Segmenter(tiny, "cpu", "tiny").segment_prompt(image, points, labels, box)
+
+    predictor = SamPredictor(tiny)
+    predictor.set_image(image)
+    multimask = box is None and len(points) == 1
+    masks, scores, _ = predictor.predict(point_coords=points if len(points) else None,
+                                         point_labels=labels if len(points) else None,
+                                         box=box, multimask_output=multimask)
+    assert len(masks) == (3 if multimask else 1)
+    best = int(np.argmax(scores))
+    assert mask.shape == (480, 640) and 0 < mask.mean() < 1
+    np.testing.assert_array_equal(mask, masks[best])
+    assert score == float(scores[best])
+
+
+def test_a_prompt_needs_a_point_or_a_box(tiny):
+    with pytest.raises(ValueError, match="at least one point or a box"):
+        Segmenter(tiny, "cpu", "tiny").segment_prompt(make_image(20, 20), np.zeros((0, 2)), np.zeros(0), None)

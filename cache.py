@@ -1,0 +1,108 @@
+"""A bounded, thread-safe cache of per-image model state (SAM embeddings, Grounding DINO features).
+
+Shared by the text and click paths of a worker. Keys name the image (a digest of its pixels) and
+the model, so entries of different images or models never mix. Least-recently-used entries go
+first when the count or the byte total is over its bound. Concurrent requests for one key compute
+it once: the others wait for that result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+
+def image_digest(image: np.ndarray) -> str:
+    """Identity of an image by its pixels: (H, W, C) array -> hex digest (shape included)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((image.shape, str(image.dtype))).encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+def nbytes(value: Any) -> int:
+    """Bytes held by tensors and arrays inside `value` (nested tuples, lists, dicts, dataclasses)."""
+    if hasattr(value, "untyped_storage"):  # torch.Tensor
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v) for v in value)
+    if hasattr(value, "tensors"):  # groundingdino's NestedTensor
+        return nbytes(value.tensors) + nbytes(getattr(value, "mask", None))
+    return 0
+
+
+class EmbeddingCache:
+    """LRU cache bounded by `max_entries` and `max_bytes`; `get` computes missing values once."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The value cached under `key`, or `compute()`'s result, cached if it fits."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key][0]
+            pending = self._pending.get(key)
+            if pending is None:
+                self.misses += 1
+                pending = self._pending[key] = Future()
+                owner = True
+            else:
+                self.hits += 1
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            value = compute()
+        except BaseException as e:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._insert(key, value)
+        pending.set_result(value)
+        return value
+
+    def _insert(self, key: Hashable, value: Any) -> None:
+        size = nbytes(value)
+        if self.max_entries < 1 or size > self.max_bytes:
+            return  # too big to keep: returned, not cached
+        self._entries[key] = (value, size)
+        self.bytes += size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+            self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._entries), "mb": round(self.bytes / 2**20, 1), "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions}

@@ -1,0 +1,211 @@
+"""End to end through a real Label Studio's API: LS 1.23.2 and `gunicorn _wsgi:app`, both on 127.0.0.1.
+
+Run alone: `make test-label-studio` (or `.venv/bin/python -m pytest -m label_studio`). The first run on a machine
+installs Label Studio into ~/.cache/grounded-sam (about 3 minutes); later runs start it in ~40 s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+import requests
+from label_studio_harness import (
+    LS_TOKEN,
+    MODEL_VERSION,
+    ROTATED_JPEG,
+    URL_PNG,
+    WIDE_PNG,
+    Backend,
+    LabelStudio,
+    StaticServer,
+    labels_of,
+    region_problems,
+    start_backend,
+    textarea_context,
+    write_artifact,
+)
+
+pytest_plugins = ["label_studio_harness"]
+pytestmark = pytest.mark.label_studio
+
+TEXT_PROMPT = "round thing_cats. box_house"
+PROJECT_PROMPT = "round thing_cats"  # maps only to `cats`: tells the project's prompt from the default one
+TIMINGS: dict[str, float | list[float]] = {}
+
+
+@dataclass
+class Project:
+    id: int
+    ml_backend: int
+    tasks: list[dict]  # oldest first: wide.png upload, rotated.jpg upload, URL image
+    sizes: dict[int, tuple[int, int]]  # task id -> displayed (width, height)
+
+    @property
+    def task_ids(self) -> list[int]:
+        return [t["id"] for t in self.tasks]
+
+
+@pytest.fixture(scope="module")
+def project(label_studio: LabelStudio, backend: Backend, image_server: StaticServer) -> Project:
+    ls = label_studio
+    pid = ls.create_project("Grounded SAM end to end")
+    for name, data, content_type, _ in (WIDE_PNG, ROTATED_JPEG):
+        ls.upload(pid, name, data, content_type)
+    ls.import_urls(pid, [image_server.url + URL_PNG[0]])
+    tasks = ls.tasks(pid)
+    assert len(tasks) == 3, tasks
+    sizes = {t["id"]: size for t, size in zip(tasks, (WIDE_PNG[3], ROTATED_JPEG[3], URL_PNG[3]), strict=True)}
+    started = time.perf_counter()
+    ml = ls.connect_backend(pid, backend.url, {"prompt": PROJECT_PROMPT})
+    TIMINGS["connect_s"] = round(time.perf_counter() - started, 3)
+    return Project(pid, ml["id"], tasks, sizes)
+
+
+def test_tasks_point_at_uploads_and_the_url(project: Project, image_server: StaticServer):
+    images = [t["data"]["image"] for t in project.tasks]
+    assert images[0].startswith(f"/data/upload/{project.id}/") and images[0].endswith("-wide.png")
+    assert images[1].startswith(f"/data/upload/{project.id}/") and images[1].endswith("-rotated.jpg")
+    assert images[2] == image_server.url + URL_PNG[0]
+
+
+def test_backend_is_connected_with_our_model_version(label_studio: LabelStudio, project: Project, backend: Backend):
+    ls = label_studio
+    rows = ls.json("GET", "/api/ml/", params={"project": project.id})  # LS re-checks /health and /setup here
+    assert [r["id"] for r in rows] == [project.ml_backend]
+    row = rows[0]
+    assert row["state"] == "CO", row
+    assert row["is_interactive"] is True
+    assert row["model_version"] == MODEL_VERSION  # what our /setup answered
+    assert row["extra_params"] == {"prompt": PROJECT_PROMPT}  # stored as the object it was sent as
+    # The project's model_version is the backend row's title (protocol doc), not the backend's model_version.
+    assert ls.json("GET", f"/api/projects/{project.id}")["model_version"] == row["title"] == "Grounded SAM"
+    assert backend.health()["model_version"] == MODEL_VERSION
+
+
+def test_interactive_text_prompt_gives_boxes_and_masks(label_studio: LabelStudio, project: Project):
+    """Auto-Annotation: the textarea context of the UI, forwarded by LS to /predict; LS stores nothing."""
+    ls = label_studio
+    round_trips = []
+    for task in project.task_ids:
+        answer, seconds = ls.interactive(project.ml_backend, task, textarea_context(TEXT_PROMPT))
+        round_trips.append(round(seconds, 3))
+        assert "errors" not in answer, answer
+        regions = answer["data"]["result"]
+        kinds = {r["type"] for r in regions}
+        assert kinds == {"rectanglelabels", "brushlabels"}, f"task {task}: {kinds}"
+        assert len([r for r in regions if r["type"] == "rectanglelabels"]) <= 5  # MAX_DETECTIONS
+        assert region_problems(regions, project.sizes[task]) == []
+        assert answer["data"]["model_version"] == MODEL_VERSION
+        assert ls.predictions(task) == []  # interactive answers are suggestions, never stored
+    TIMINGS["interactive_round_trip_s"] = round_trips
+    write_artifact("label_studio_timings.json", TIMINGS)
+
+
+def retrieve(ls: LabelStudio, project: Project) -> dict[int, list[dict]]:
+    """Retrieve Predictions over all tasks; the stored prediction of each task (exactly one)."""
+    started = time.perf_counter()
+    reply = ls.retrieve_predictions(project.id)
+    TIMINGS.setdefault("retrieve_predictions_s", []).append(round(time.perf_counter() - started, 3))
+    assert reply["processed_items"] == 3, reply
+    stored = {task: ls.predictions(task) for task in project.task_ids}  # the action is synchronous without Redis
+    assert all(len(p) == 1 for p in stored.values()), stored
+    return {task: p[0] for task, p in stored.items()}
+
+
+def test_retrieve_predictions_uses_the_project_prompt_then_the_default(
+        label_studio: LabelStudio, project: Project, backend: Backend, image_server: StaticServer):
+    ls = label_studio
+    row = ls.json("GET", f"/api/ml/{project.ml_backend}")
+    ls.delete_predictions(project.task_ids)
+    url_fetches = len(image_server.requests)
+
+    # 1. The project's extra-params prompt maps to `cats` only.
+    predictions = retrieve(ls, project)
+    for task, prediction in predictions.items():
+        assert prediction["model_version"] == MODEL_VERSION, prediction
+        regions = prediction["result"]
+        assert regions, f"task {task}: empty prediction"
+        assert region_problems(regions, project.sizes[task]) == []
+        assert labels_of(regions) == {"cats"}, f"task {task}"
+    # Our service fetched the URL image itself (no browser involved).
+    assert any(path == URL_PNG[0] and "python-requests" in agent for path, agent in image_server.requests[url_fetches:])
+
+    # 2. Without the project's prompt the default is the config's label names, "cats. house".
+    assert ls.delete_predictions(project.task_ids) == 3
+    setups = backend.metrics().get("setup", 0)
+    updated = ls.json("PATCH", f"/api/ml/{project.ml_backend}",
+                      json={"url": row["url"], "project": project.id, "extra_params": {}})
+    assert updated["state"] == "CO" and updated["extra_params"] == {}
+    assert backend.metrics()["setup"] > setups, "LS did not call /setup again after the extra params changed"
+    predictions = retrieve(ls, project)
+    for task, prediction in predictions.items():
+        assert region_problems(prediction["result"], project.sizes[task]) == []
+    assert set.union(*(labels_of(p["result"]) for p in predictions.values())) == {"cats", "house"}
+    write_artifact("label_studio_timings.json", TIMINGS)
+
+
+def test_extra_params_as_a_json_string(label_studio: LabelStudio, project: Project, backend: Backend):
+    """The UI's "Extra params" box sends a string; /setup parses it and refuses malformed JSON (LS shows why)."""
+    ls = label_studio
+    row = ls.json("GET", f"/api/ml/{project.ml_backend}")
+    setups = backend.metrics().get("setup", 0)
+    text = '{"prompt": "round thing_cats", "box_threshold": 0.3}'
+    updated = ls.json("PATCH", f"/api/ml/{project.ml_backend}",
+                      json={"url": row["url"], "project": project.id, "extra_params": text})
+    assert updated["state"] == "CO" and updated["extra_params"] == text
+    assert backend.metrics()["setup"] > setups
+    refused = ls.api("PATCH", f"/api/ml/{project.ml_backend}", expect=(400,),
+                     json={"url": row["url"], "project": project.id, "extra_params": '{"prompt": '})
+    assert "extra_params is not valid JSON" in refused.text
+    refused = ls.api("PATCH", f"/api/ml/{project.ml_backend}", expect=(400,),
+                     json={"url": row["url"], "project": project.id, "extra_params": {"promt": "cats"}})
+    assert "unknown key" in refused.text
+    assert ls.json("GET", f"/api/ml/{project.ml_backend}")["extra_params"] == text  # the refused ones were not saved
+
+
+def test_personal_access_token_with_legacy_tokens_off(
+        label_studio: LabelStudio, project: Project, backend: Backend, groundingdino_files, mobile_sam_checkpoint,
+        tmp_path_factory):
+    """Legacy tokens off for the organisation; a second instance of our service gets a personal access token (a
+    JWT refresh token) and still fetches uploads: it exchanges the PAT at /api/token/refresh/ itself."""
+    ls = label_studio
+    pat = ls.json("POST", "/api/token/")["token"]
+    access = ls.json("POST", "/api/token/refresh/", json={"refresh": pat})["access"]
+    second = None
+    try:
+        settings = ls.json("POST", "/api/jwt/settings", json={"api_tokens_enabled": True,
+                                                              "legacy_api_tokens_enabled": False})
+        assert settings["legacy_api_tokens_enabled"] is False
+        ls.use_bearer(access)
+        legacy = requests.get(ls.url + "/api/current-user/whoami", headers={"Authorization": f"Token {LS_TOKEN}"},
+                              timeout=10)
+        assert legacy.status_code == 401, legacy.text
+        upload = ls.url + project.tasks[0]["data"]["image"]
+        assert requests.get(upload, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=10).status_code == 401
+        assert requests.get(upload, headers={"Authorization": f"Bearer {pat}"}, timeout=10).status_code == 401
+        assert requests.get(upload, headers={"Authorization": f"Bearer {access}"}, timeout=10).status_code == 200
+
+        second = start_backend("grounded-sam-pat", groundingdino_files, mobile_sam_checkpoint, ls.url, pat,
+                               tmp_path_factory.mktemp("backend-pat-data"))
+        row = ls.json("GET", f"/api/ml/{project.ml_backend}")
+        moved = ls.json("PATCH", f"/api/ml/{project.ml_backend}", json={"url": second.url, "project": project.id})
+        assert moved["state"] == "CO"
+        for task in project.task_ids[:2]:  # the two uploads
+            answer, _ = ls.interactive(project.ml_backend, task, textarea_context(TEXT_PROMPT))
+            assert "errors" not in answer, answer
+            regions = answer["data"]["result"]
+            assert regions and region_problems(regions, project.sizes[task]) == []
+        log = second.process.log_text()
+        assert "no prediction" not in log, log[-3000:]
+        assert pat not in log and access not in log
+        ls.json("PATCH", f"/api/ml/{project.ml_backend}", json={"url": row["url"], "project": project.id})
+    finally:
+        if second is not None:
+            second.process.stop()  # also checks its port is closed
+        # Leave the organisation as the other tests expect it: legacy tokens on.
+        ls.use_bearer(ls.json("POST", "/api/token/refresh/", json={"refresh": pat})["access"])
+        ls.json("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
+        ls.use_legacy_token()
+    assert ls.json("GET", "/api/current-user/whoami")["email"]
