@@ -131,17 +131,11 @@ def create_app(
             raise RequestError("'schema' (the project's labeling config) is missing")
         extra_params = parse_extra_params(body.get("extra_params"))
         model = factory(project, schema)
-        # Stored before setup() validates them so setup() sees them through model.extra_params.
-        previous = model.get("extra_params")
-        model.set("extra_params", extra_params)
-        try:
-            model.setup()
-        except RequestError:
-            model.set("extra_params", previous)
-            raise
-        for key in ("hostname", "access_token"):
-            if body.get(key):
-                model.set(key, body[key])
+        model.extra_params = extra_params
+        model.setup()  # raises RequestError for a config or params it can't serve: nothing is stored then
+        state = {"extra_params": extra_params, "label_config": schema}
+        state.update({key: body[key] for key in ("hostname", "access_token") if body.get(key)})
+        model.update(state)
         metrics.add("setup")
         return jsonify(model_version=model.model_version)
 

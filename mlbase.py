@@ -30,6 +30,8 @@ class ProjectStore:
 
     Kept in SQLite under DATA_DIR so that every gunicorn worker sees what /setup stored,
     whichever worker served it. The file may hold an access token: it is created mode 0600.
+    WAL without fsync per commit: /setup must answer in Label Studio's 3 s even on a busy disk,
+    and all of it is sent again on the next /setup.
     """
 
     def __init__(self, directory: str):
@@ -44,10 +46,13 @@ class ProjectStore:
                 fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
                 os.close(fd)
                 with sqlite3.connect(self.path, timeout=10) as db:
+                    db.execute("PRAGMA journal_mode=WAL")
                     db.execute("CREATE TABLE IF NOT EXISTS state (project TEXT, key TEXT, value TEXT, "
                                "PRIMARY KEY (project, key))")
                 self._ready = True
-        return sqlite3.connect(self.path, timeout=10)
+        db = sqlite3.connect(self.path, timeout=10)
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     def get(self, project: str, key: str, default: Any = None) -> Any:
         db = self._connect()
@@ -57,11 +62,13 @@ class ProjectStore:
             db.close()
         return default if row is None else json.loads(row[0])
 
-    def set(self, project: str, key: str, value: Any) -> None:
+    def update(self, project: str, values: dict[str, Any]) -> None:
+        """Set several keys of a project in one transaction."""
         db = self._connect()
         try:
             with db:
-                db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (project, key, json.dumps(value)))
+                db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)",
+                               [(project, key, json.dumps(value)) for key, value in values.items()])
         finally:
             db.close()
 
@@ -79,18 +86,29 @@ class LabelStudioMLBase:
         self.project_id = project_key(project_id)
         self.label_config = label_config
         self.store = store
+        self._extra_params: dict | None = None
 
     # Per-project state, shared by all workers.
     def get(self, key: str, default: Any = None) -> Any:
         return default if self.store is None else self.store.get(self.project_id, key, default)
 
     def set(self, key: str, value: Any) -> None:
+        self.update({key: value})
+
+    def update(self, values: dict[str, Any]) -> None:
         if self.store is not None:
-            self.store.set(self.project_id, key, value)
+            self.store.update(self.project_id, values)
 
     @property
     def extra_params(self) -> dict:
+        """The project's extra params: those /setup is checking, else the stored ones."""
+        if self._extra_params is not None:
+            return self._extra_params
         return self.get("extra_params") or {}
+
+    @extra_params.setter
+    def extra_params(self, value: dict) -> None:
+        self._extra_params = value
 
     @property
     def model_version(self) -> str:

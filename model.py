@@ -152,7 +152,6 @@ class GroundedSAM(LabelStudioMLBase):
     def setup(self) -> None:
         self.config  # noqa: B018 - validates the labeling config (422 if unusable)
         self.params  # noqa: B018 - validates extra_params (400 if malformed)
-        self.set("label_config", self.label_config)
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
         """Smart-tool clicks and boxes in the context go to SAM alone; anything else is a text prompt."""

@@ -439,3 +439,10 @@ def test_clicks_without_a_segmenter_get_422(make_client):
     client.loader.models = Models(FakeDetector(), None, EmbeddingCache(1, 1))
     response = click_request(client, [keypoint(25, 50)])
     assert response.status_code == 422 and "USE_MOBILE_SAM" in response.json["error"]
+
+
+def test_a_refused_setup_stores_nothing(client):
+    assert client.post("/setup", json=setup_payload({"prompt": "house"})).status_code == 200
+    assert client.post("/setup", json=setup_payload({"prompt": "cat", "box_threshold": 7})).status_code == 400
+    client.post("/predict", json=predict_payload([task()], None))
+    assert client.loader.models.detector.calls[-1][0] == ["house"]
