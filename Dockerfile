@@ -1,45 +1,64 @@
 # Grounded SAM ML backend for Label Studio.
-# Build: docker compose build   (weights are fetched at build time; the running container needs no network)
-FROM python:3.11.11-slim-bookworm
+#   docker compose build          (or: docker build -t grounded-sam-backend .)
+# The model files are downloaded and verified (SHA-256) while the image is built; a running container needs no
+# network. Build arguments:
+#   WEIGHTS  manifest entries of weights.py baked into /models (`python weights.py --list` names them all)
+#
+# Base: the official Python image, pinned by tag and by digest. PyTorch comes from PyPI as requirements.txt pins it
+# (torch 2.14.1, a CUDA 13.0 build whose wheels carry the CUDA libraries): the host needs only an NVIDIA driver that
+# supports CUDA 13.0 (>= 580) and the NVIDIA Container Toolkit; the same image runs on CPU. See README "Docker".
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# curl: HEALTHCHECK. PyPI's torch wheels carry their CUDA libraries: the host needs only the NVIDIA driver
-# and the NVIDIA container toolkit.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl=7.88.* \
-    && rm -rf /var/lib/apt/lists/*
-
 WORKDIR /app
-COPY requirements.txt requirements-nodeps.txt ./
-RUN pip install -r requirements.txt \
-    && pip install --no-deps -r requirements-nodeps.txt
 
-# Which weights go into the image (names from weights.py's MANIFEST; bert-base-uncased is the text encoder).
+# The project's pinned set, installed the way `make install` does (see README "Why rf-groundingdino").
+COPY requirements.txt requirements-nodeps.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
+
+# Model files, fetched by the project's own download tool into /models (owned by root: read-only for the service).
+# This layer depends only on weights.py and WEIGHTS (split into names), so other code changes do not download
+# them again.
 ARG WEIGHTS="groundingdino_swint_ogc.pth mobile_sam.pt sam_vit_h_4b8939.pth bert-base-uncased"
-COPY config.py weights.py ./
+COPY weights.py ./
 RUN python weights.py --dir /models ${WEIGHTS}
 
 COPY *.py ./
-RUN useradd --create-home --uid 1000 app && mkdir -p /data && chown app /data
-USER app
+# The service runs as an unprivileged user (uid/gid 1000) that can write only /data and /models/local (where
+# docker-compose.yml mounts a volume for checkpoints of your own).
+RUN groupadd --gid 1000 app \
+    && useradd --uid 1000 --gid 1000 --create-home app \
+    && mkdir -p /data /models/local \
+    && chown 1000:1000 /data /models/local
+USER 1000:1000
 
+# Container defaults. MODEL_DIR, DATA_DIR and GROUNDINGDINO_TEXT_ENCODER point into the image; the others are the
+# service's own defaults (README "Environment variables"), written here so `docker inspect` shows them.
+# HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE: never reach the model hub at run time.
 ENV MODEL_DIR=/models \
     DATA_DIR=/data \
     GROUNDINGDINO_TEXT_ENCODER=/models/bert-base-uncased \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
+    HOST=0.0.0.0 \
     PORT=9090 \
     WORKERS=1 \
     THREADS=4 \
     TIMEOUT=300
 
+VOLUME ["/data"]
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=3s --start-period=30s \
-    CMD curl -fsS "http://127.0.0.1:${PORT}/health" || exit 1
 
-# gunicorn.conf.py reads PORT, WORKERS, THREADS, TIMEOUT; never --preload (CUDA in forked workers).
+# /health answers at once, also while the models load; the check fails when it does not answer or when model
+# loading failed (then /predict can only answer 503).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import json, os, sys, urllib.request as u; r = u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=4); sys.exit(json.load(r).get('models') == 'failed')"]
+
+# gunicorn.conf.py (in /app) reads HOST, PORT, WORKERS, THREADS, TIMEOUT and LOG_LEVEL from the environment and
+# starts each worker's model loading after the fork. Never add --preload: CUDA breaks in forked workers.
 CMD ["gunicorn", "_wsgi:app"]

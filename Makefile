@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint weights bench
+.PHONY: install serve test test-quick test-label-studio test-browser lint weights bench
 
 install: $(STAMP)
 
@@ -24,8 +24,24 @@ serve: weights
 test: install
 	$(BIN)/python -m pytest
 
+# Everything but the end-to-end tests against a real Label Studio (those install it once per machine).
+test-quick: install
+	$(BIN)/python -m pytest -m "not label_studio"
+
+# Real Label Studio through its API and in headless Chromium (Debian's chromium package: see .ci/run).
+test-label-studio: install
+	$(BIN)/python -m pytest -m label_studio
+
+test-browser: install
+	$(BIN)/python -m pytest -m browser
+
 lint: install
 	$(BIN)/ruff check .
+	# The Docker files, without a Docker engine: hadolint, and Compose's own schema check of each variant.
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/docker-compose -f docker-compose.yml config --quiet
+	$(BIN)/docker-compose -f docker-compose.yml --profile with-label-studio config --quiet
+	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
 
 bench: install
 	$(BIN)/python benchmarks/bench_regions.py

@@ -24,8 +24,8 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     """The service's app from environment variables; `loader` may be given to supply other models."""
     env = os.environ if env is None else env
     server = ServerSettings.from_env(env)
-    logging.basicConfig(level=server.log_level.upper(),
-                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    logging.basicConfig(format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    logging.getLogger().setLevel(server.log_level.upper())  # also when logging was configured before
     settings = Settings.from_env(env)
     logging.getLogger(__name__).info("settings: %s", settings.redacted())
     store = ProjectStore(settings.data_dir)

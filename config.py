@@ -79,7 +79,7 @@ class Settings:
     model_dir: str = "models"
     groundingdino_config: str = GROUNDINGDINO_PACKAGED_CONFIG
     groundingdino_checkpoint: str = "models/groundingdino_swint_ogc.pth"
-    groundingdino_text_encoder: str = "bert-base-uncased"
+    groundingdino_text_encoder: str = "models/bert-base-uncased"
     use_sam: bool = False
     use_mobile_sam: bool = True
     sam_model_type: str = "vit_h"
@@ -123,7 +123,7 @@ class Settings:
         sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
         if sam_type not in SAM_CHECKPOINT_NAMES:
             raise ConfigError(f"SAM_MODEL_TYPE must be one of vit_h, vit_l, vit_b, got {sam_type!r}")
-        device = _str(env, "DEVICE", "auto").lower()
+        device = _str(env, "DEVICE", cls.device).lower()
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
         return cls(
@@ -132,7 +132,9 @@ class Settings:
             groundingdino_checkpoint=_str(
                 env, "GROUNDINGDINO_CHECKPOINT", os.path.join(model_dir, "groundingdino_swint_ogc.pth")
             ),
-            groundingdino_text_encoder=_str(env, "GROUNDINGDINO_TEXT_ENCODER", cls.groundingdino_text_encoder),
+            groundingdino_text_encoder=_str(
+                env, "GROUNDINGDINO_TEXT_ENCODER", os.path.join(model_dir, "bert-base-uncased")
+            ),
             use_sam=_bool(env, "USE_SAM", cls.use_sam),
             use_mobile_sam=_bool(env, "USE_MOBILE_SAM", cls.use_mobile_sam),
             sam_model_type=sam_type,
@@ -185,5 +187,12 @@ class ServerSettings:
             workers=_number(env, "WORKERS", cls.workers, int, 1, 64),
             threads=_number(env, "THREADS", cls.threads, int, 1, 64),
             timeout=_number(env, "TIMEOUT", cls.timeout, int, 1),
-            log_level=_str(env, "LOG_LEVEL", cls.log_level).lower(),
+            log_level=_log_level(env),
         )
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = _str(env, "LOG_LEVEL", ServerSettings.log_level).lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"LOG_LEVEL must be debug, info, warning, error or critical, got {level!r}")
+    return level

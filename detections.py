@@ -14,7 +14,8 @@ class Detections:
     xyxy:   (N, 4) float32, x0, y0, x1, y1 in pixels of the displayed (EXIF-rotated) image.
     scores: (N,) float32 in [0, 1], the detector's confidence.
     labels: N config label names (the label each region will carry).
-    masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size.
+    masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size. An array,
+            or a lazy sequence with the same shape/dtype/indexing (sam_wrapper.UpscaledMasks).
     """
 
     xyxy: np.ndarray

@@ -181,7 +181,10 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
 
     used: set[str] = set()
     regions: list[dict] = []
+    # Masks are read once each, in order: a lazy mask sequence then computes them a few at a time.
+    masks = iter(detections.masks) if detections.masks is not None else None
     for i, label in enumerate(detections.labels):
+        mask = next(masks) if masks is not None else None
         score = round(float(detections.scores[i]), 4)
         common = {"to_name": config.image_name, "original_width": width, "original_height": height}
         if label in rect_for:
@@ -200,8 +203,7 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
                     "score": score,
                 }
             )
-        if detections.masks is not None and label in brush_for:
-            mask = detections.masks[i]
+        if mask is not None and label in brush_for:
             if not mask.any():
                 # An empty brush renders as nothing and only clutters the task.
                 logger.debug("skipping the empty mask of detection %d (%s)", i, label)

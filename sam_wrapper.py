@@ -21,9 +21,10 @@ from dino import resolve_device
 
 logger = logging.getLogger(__name__)
 
-# Upscale at most this many float32 mask pixels at once: a 4032x3024 image is ~49 MB per mask,
-# so 50 boxes never materialise the 2.4 GB (N, H, W) float tensor of SamPredictor's path.
-_UPSCALE_CHUNK_PIXELS = 16 * 2**20
+# Upscale about this many float32 mask pixels at once: a 4032x3024 image is ~49 MB per mask, so 50 boxes
+# never materialise the 2.4 GB (N, H, W) float tensor of SamPredictor's path, while a chunk of several
+# masks keeps every CPU thread busy in F.interpolate.
+_UPSCALE_CHUNK_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,47 @@ class ImageEmbedding:
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+
+
+class UpscaledMasks:
+    """N masks of shape (H, W) bool in image pixels, computed from SAM's low-resolution logits when read.
+
+    Reading them in order (iteration, as the region builder does) upscales a few at a time, so at most
+    one chunk of full-size masks exists at once; np.asarray() gives the whole (N, H, W) array. The
+    interpolation is Sam.postprocess_masks', bit for bit.
+    """
+
+    def __init__(self, low_res: torch.Tensor, embedding: ImageEmbedding, model: torch.nn.Module):
+        self.low_res, self.embedding, self.model = low_res, embedding, model  # low_res: (N, 256, 256)
+        self.shape = (len(low_res), *embedding.original_size)
+        self.ndim, self.dtype = 3, np.dtype(bool)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, int | np.integer):
+            return self._chunk(int(index), int(index) + 1)[0]
+        index = torch.as_tensor(np.arange(len(self))[index])
+        return UpscaledMasks(self.low_res[index], self.embedding, self.model)
+
+    def __iter__(self):
+        height, width = self.embedding.original_size
+        step = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
+        for start in range(0, len(self), step):
+            yield from self._chunk(start, min(start + step, len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, bool)
+        for i, mask in enumerate(self):
+            out[i] = mask
+        return out if dtype is None else out.astype(dtype)
+
+    @torch.no_grad()
+    def _chunk(self, start: int, stop: int) -> np.ndarray:
+        logits = self.model.postprocess_masks(self.low_res[start:stop, None], self.embedding.input_size,
+                                              self.embedding.original_size)
+        return (logits[:, 0] > self.model.mask_threshold).cpu().numpy()
 
 
 class Segmenter:
@@ -129,21 +171,9 @@ class Segmenter:
             )
         return low_res, iou
 
-    @torch.no_grad()
-    def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
-        """(B, 256, 256) mask logits -> (B, H, W) bool masks in image pixels.
-
-        The same interpolation as Sam.postprocess_masks (bit-identical), done a few masks at a
-        time so peak memory stays bounded for large images and many boxes.
-        """
-        height, width = embedding.original_size
-        out = np.empty((len(low_res), height, width), dtype=bool)
-        chunk = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
-        for start in range(0, len(low_res), chunk):
-            part = low_res[start : start + chunk, None]
-            part = self.model.postprocess_masks(part, embedding.input_size, embedding.original_size)
-            out[start : start + chunk] = (part[:, 0] > self.model.mask_threshold).cpu().numpy()
-        return out
+    def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> UpscaledMasks:
+        """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""
+        return UpscaledMasks(low_res, embedding, self.model)
 
     def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
                       image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +181,7 @@ class Segmenter:
 
         image: (H, W, 3) uint8 RGB; xyxy: (N, 4) image pixels. Returns masks (N, H, W) bool and
         SAM's predicted IoU per mask (N,) float32. N == 0 skips the encoder entirely.
+        The masks are an UpscaledMasks: read them in order (or np.asarray them).
         """
         height, width = image.shape[:2]
         if len(xyxy) == 0:

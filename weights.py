@@ -1,118 +1,506 @@
-"""Fetch model checkpoints when missing.
+"""Download model checkpoints from pinned URLs and verify their SHA-256 digests.
 
-`python weights.py` fetches what the current settings need (GROUNDINGDINO_CHECKPOINT and the
-SAM or MobileSAM checkpoint); `python weights.py --dir /models NAME...` fetches the named files of
-MANIFEST (and `bert-base-uncased`, the text encoder, saved as a local directory) for a Docker image.
-Only names in MANIFEST can be fetched; a missing file elsewhere is an error naming the variable.
+    python weights.py                        fetch what the current settings need (`make serve` runs this)
+    python weights.py --dir /models NAME...  fetch the named manifest entries into a directory (the Docker build)
+    python weights.py --list                 show the manifest
+
+A download goes to NAME.part first and resumes from there (HTTP Range) when it was interrupted, in this run
+(a few retries) or in an earlier one. Only a file whose size and SHA-256 match the manifest is renamed into
+place; a downloaded file that does not match is deleted and the run fails. A file already in place is checked
+too (once: a small `.weights-verified.json` next to it remembers the result by size and modification time), and
+one that does not match is an error, never silently replaced. `--manifest FILE` (JSON, the layout of MANIFEST
+below) swaps the whole manifest, e.g. for an internal mirror.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import http.client
+import json
 import logging
 import os
+import re
+import socket
 import sys
+import time
+import urllib.error
 import urllib.request
-
-from config import Settings
+from collections.abc import Mapping
+from pathlib import Path
 
 logger = logging.getLogger("weights")
 
-MANIFEST = {
-    "groundingdino_swint_ogc.pth":
-        "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth",
-    "groundingdino_swinb_cogcoor.pth":
-        "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha2/groundingdino_swinb_cogcoor.pth",
-    "sam_vit_h_4b8939.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "sam_vit_l_0b3195.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "sam_vit_b_01ec64.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "mobile_sam.pt": "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+BERT_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"  # bert-base-uncased on the Hugging Face hub
+_BERT = f"https://huggingface.co/bert-base-uncased/resolve/{BERT_REVISION}"
+_GDINO_HF = "https://huggingface.co/ShilongLiu/GroundingDINO/resolve/a94c9b567a2a374598f05c584e96798a170c56fb"
+_MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/MobileSAM
+
+# Every digest below was read in published sources, not computed here (no weight file can be downloaded from
+# this project's machines); each is recorded, with the same file size, by several independent projects that
+# verify these files. Sources:
+# - SAM ViT-H/L/B and MobileSAM (vit_t): github.com/computational-cell-analytics/micro-sam, micro_sam/util.py
+#   (its pooch registry of SHA-256 digests for the dl.fbaipublicfiles.com files and MobileSAM's weights).
+# - Grounding DINO Swin-T / Swin-B: public download scripts and manifests that pin the GitHub release files
+#   (v0.1.0-alpha / v0.1.0-alpha2) and ShilongLiu/GroundingDINO@a94c9b5 on the hub to these digests and sizes.
+# - bert-base-uncased@86b5e09: the hub's LFS pointer digest of model.safetensors and the file digests of
+#   config.json, vocab.txt, tokenizer.json and tokenizer_config.json, as pinned by projects that download
+#   them from that revision.
+MANIFEST: dict[str, dict] = {
+    "groundingdino_swint_ogc.pth": {
+        "description": "Grounding DINO Swin-T (OGC): the default detector, the guide's",
+        "files": [{
+            "path": "groundingdino_swint_ogc.pth",
+            "urls": [
+                "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/"
+                "groundingdino_swint_ogc.pth",
+                f"{_GDINO_HF}/groundingdino_swint_ogc.pth",
+            ],
+            "size": 693_997_677,
+            "sha256": "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799",
+        }],
+    },
+    "groundingdino_swinb_cogcoor.pth": {
+        "description": "Grounding DINO Swin-B (COGCOOR); set GROUNDINGDINO_CONFIG to the package's "
+                       "GroundingDINO_SwinB_cfg.py",
+        "files": [{
+            "path": "groundingdino_swinb_cogcoor.pth",
+            "urls": [
+                "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha2/"
+                "groundingdino_swinb_cogcoor.pth",
+            ],
+            "size": 938_057_991,
+            "sha256": "46270f7a822e6906b655b729c90613e48929d0f2bb8b9b76fd10a856f3ac6ab7",
+        }],
+    },
+    "sam_vit_h_4b8939.pth": {
+        "description": "SAM ViT-H (USE_SAM=true, SAM_MODEL_TYPE=vit_h)",
+        "files": [{
+            "path": "sam_vit_h_4b8939.pth",
+            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"],
+            "size": 2_564_550_879,
+            "sha256": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        }],
+    },
+    "sam_vit_l_0b3195.pth": {
+        "description": "SAM ViT-L (USE_SAM=true, SAM_MODEL_TYPE=vit_l)",
+        "files": [{
+            "path": "sam_vit_l_0b3195.pth",
+            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"],
+            "size": 1_249_524_607,
+            "sha256": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        }],
+    },
+    "sam_vit_b_01ec64.pth": {
+        "description": "SAM ViT-B (USE_SAM=true, SAM_MODEL_TYPE=vit_b)",
+        "files": [{
+            "path": "sam_vit_b_01ec64.pth",
+            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"],
+            "size": 375_042_383,
+            "sha256": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        }],
+    },
+    "mobile_sam.pt": {
+        "description": "MobileSAM: the default mask model (USE_MOBILE_SAM=true)",
+        "files": [{
+            "path": "mobile_sam.pt",
+            "urls": [f"https://github.com/ChaoningZhang/MobileSAM/raw/{_MOBILESAM_COMMIT}/weights/mobile_sam.pt"],
+            "size": 40_728_226,
+            "sha256": "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        }],
+    },
+    "bert-base-uncased": {
+        "description": f"Grounding DINO's text encoder as a local directory (hub revision {BERT_REVISION[:7]}); "
+                       "point GROUNDINGDINO_TEXT_ENCODER at it",
+        "files": [
+            {"path": "bert-base-uncased/config.json", "urls": [f"{_BERT}/config.json"], "size": 570,
+             "sha256": "7160e1553ad2ca51d8c1cb066be533db31826e12d173824c1bb0cb1a4f187d20"},
+            {"path": "bert-base-uncased/vocab.txt", "urls": [f"{_BERT}/vocab.txt"], "size": 231_508,
+             "sha256": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
+            {"path": "bert-base-uncased/tokenizer.json", "urls": [f"{_BERT}/tokenizer.json"], "size": 466_062,
+             "sha256": "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"},
+            {"path": "bert-base-uncased/tokenizer_config.json", "urls": [f"{_BERT}/tokenizer_config.json"],
+             "size": 48, "sha256": "a025160ef0431f1a392f6f050c1310f4c5d9fb6f275932dbccba73c4d214bf10"},
+            {"path": "bert-base-uncased/model.safetensors", "urls": [f"{_BERT}/model.safetensors"],
+             "size": 440_449_768, "sha256": "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"},
+        ],
+    },
 }
+
+STAMP = ".weights-verified.json"
+CHUNK = 1 << 20
+RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DownloadError(RuntimeError):
-    pass
+    """A file could not be fetched or is not the file the manifest names; the message says which and why."""
 
 
-def required_files(settings: Settings) -> list[tuple[str, str]]:
-    """(variable, path) of every checkpoint the settings need."""
-    files = [("GROUNDINGDINO_CHECKPOINT", settings.groundingdino_checkpoint)]
-    if settings.segmenter == "sam":
-        files.append(("SAM_CHECKPOINT", settings.sam_checkpoint))
-    elif settings.segmenter == "mobile_sam":
-        files.append(("MOBILESAM_CHECKPOINT", settings.mobilesam_checkpoint))
-    return files
+class ChecksumError(DownloadError):
+    """A file's size or SHA-256 digest differs from the manifest's."""
 
 
-def download(url: str, path: str, timeout: float = 60) -> None:
-    """Fetch url to path through a .part file, so an interrupted download never looks complete."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part = path + ".part"
+# ---------------------------------------------------------------------------------------------- manifest
+
+def validate_manifest(manifest: Mapping) -> dict:
+    """Check a manifest's layout; return a deep copy. Raises DownloadError naming the bad entry."""
+    if not isinstance(manifest, Mapping) or not manifest:
+        raise DownloadError("manifest: expected a non-empty object of entries")
+    for name, entry in manifest.items():
+        files = entry.get("files") if isinstance(entry, Mapping) else None
+        if not isinstance(files, list) or not files:
+            raise DownloadError(f"manifest entry {name!r}: 'files' must be a non-empty list")
+        for spec in files:
+            where = f"manifest entry {name!r}, file {spec.get('path') if isinstance(spec, Mapping) else spec!r}"
+            if not isinstance(spec, Mapping):
+                raise DownloadError(f"{where}: expected an object")
+            path = spec.get("path")
+            if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
+                raise DownloadError(f"{where}: 'path' must be a relative path inside the target directory")
+            urls = spec.get("urls")
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
+                raise DownloadError(f"{where}: 'urls' must be a non-empty list of URLs")
+            digest = spec.get("sha256")
+            if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+                raise DownloadError(f"{where}: 'sha256' must be 64 lowercase hex digits or null (not verified)")
+            size = spec.get("size")
+            if size is not None and not (isinstance(size, int) and size >= 0):
+                raise DownloadError(f"{where}: 'size' must be a byte count or null")
+    return copy.deepcopy(dict(manifest))
+
+
+def load_manifest(path: str | os.PathLike | None = None) -> dict:
+    """MANIFEST, or the JSON manifest at `path`."""
+    if path is None:
+        return validate_manifest(MANIFEST)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                if total:
-                    print(f"\r{os.path.basename(path)}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB",
-                          end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        os.replace(part, path)
-    except OSError as e:
-        raise DownloadError(f"could not download {os.path.basename(path)} from {url}: {e}") from e
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"manifest {path}: {e}") from e
+    return validate_manifest(data)
 
 
-def ensure(settings: Settings) -> None:
-    for variable, path in required_files(settings):
-        if os.path.isfile(path):
-            continue
-        url = MANIFEST.get(os.path.basename(path))
-        if url is None:
-            raise DownloadError(f"{variable}={path}: file not found, and no download is known for that name")
-        logger.info("%s missing: downloading %s", path, url)
+# ---------------------------------------------------------------------------------------------- checking
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_stamps(directory: Path) -> dict:
+    try:
+        data = json.loads((directory / STAMP).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(path: Path, digest: str) -> None:
+    """Remember that `path` (as it is now) has `digest`; silently skipped on a read-only directory."""
+    stat = path.stat()
+    stamps = _read_stamps(path.parent)
+    stamps[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    tmp = path.parent / f"{STAMP}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(stamps, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path.parent / STAMP)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _stamped(path: Path, digest: str) -> bool:
+    stamp = _read_stamps(path.parent).get(path.name)
+    if not isinstance(stamp, dict):
+        return False
+    stat = path.stat()
+    return stamp == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+
+
+def check_file(path: Path, spec: Mapping) -> str | None:
+    """None when `path` matches the spec's size and digest, else the reason it does not."""
+    size, expected = spec.get("size"), spec.get("sha256")
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        return f"size {actual_size} bytes, expected {size}"
+    if expected is None:
+        return None
+    if _stamped(path, expected):
+        return None
+    digest = sha256_of(path)
+    if digest != expected:
+        return f"sha256 {digest}, expected {expected}"
+    _write_stamp(path, digest)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- downloading
+
+class _Progress:
+    """A byte counter on stderr: tqdm's bar when tqdm is installed (it comes with transformers), else a line."""
+
+    def __init__(self, label: str, total: int | None, initial: int, enabled: bool):
+        self.label, self.total, self.done, self.bar, self.enabled = label, total, initial, None, enabled
+        self._last = 0.0
+        if not enabled:
+            return
         try:
-            download(url, path)
+            from tqdm import tqdm
+        except ImportError:
+            return
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                        file=sys.stderr, mininterval=0.5 if interactive else 10, leave=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self._last > 5:
+            self._last = time.monotonic()
+            total = f"/{self.total / 2**20:.0f}" if self.total else ""
+            print(f"{self.label}: {self.done / 2**20:.0f}{total} MiB", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _content_range_start(value: str | None) -> int | None:
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
+    return int(match.group(1)) if match else None
+
+
+def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4, timeout: float = 60,
+             backoff: float = 2.0, progress: bool = True, label: str | None = None) -> None:
+    """Fetch `url` into `part`, resuming from the bytes already there (HTTP Range). Retries a dropped connection
+    or a 5xx answer `attempts` times in all, each resuming where the last one stopped. Raises DownloadError."""
+    label = label or part.name.removesuffix(".part")
+    last: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(backoff * 2 ** (attempt - 1), 30))
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:  # not a prefix of this file: start again
+            part.unlink()
+            have = 0
+        if size is not None and have == size:
+            return  # complete (verified by the caller)
+        headers = {"User-Agent": "grounded-sam-weights/1", "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                mode = "wb"
+                if have and response.status == 206:
+                    start = _content_range_start(response.headers.get("Content-Range"))
+                    if start != have:
+                        raise DownloadError(f"{url}: asked for bytes from {have}, got Content-Range "
+                                            f"{response.headers.get('Content-Range')!r}")
+                    mode = "ab"
+                    logger.info("%s: resuming at %.1f MiB", label, have / 2**20)
+                elif response.status == 200:
+                    have = 0  # the server sends the whole file
+                else:
+                    raise DownloadError(f"{url}: unexpected HTTP {response.status}")
+                length = response.headers.get("Content-Length")
+                expected = int(length) if length and length.isdigit() else None
+                total = have + expected if expected is not None else size
+                bar = _Progress(label, total, have, progress)
+                received = 0
+                try:
+                    with open(part, mode) as out:
+                        while chunk := response.read(CHUNK):
+                            out.write(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+                finally:
+                    bar.close()
+                if expected is not None and received != expected:
+                    raise http.client.IncompleteRead(b"", expected - received)
+                if size is not None and part.stat().st_size < size:  # a close without Content-Length
+                    raise http.client.IncompleteRead(b"", size - part.stat().st_size)
+                return
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:
+                return  # nothing after `have`: the part is whole (or not this file: the digest check says which)
+            if e.code not in RETRYABLE_HTTP:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            last = e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):  # no such host (or no DNS at all): retrying won't help
+                raise DownloadError(f"{url}: {e.reason}") from e
+            last = e
+        except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+            last = e
+        got = part.stat().st_size if part.exists() else 0
+        logger.warning("%s: attempt %d of %d stopped at %.1f MiB: %s", label, attempt + 1, attempts,
+                       got / 2**20, last)
+    raise DownloadError(f"{url}: failed after {attempts} attempts: {last}")
+
+
+def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | None = None, **options) -> Path:
+    """Make `directory/spec["path"]` the file the spec names: keep it when it is there and valid, else download,
+    verify and move it into place. Returns its path. Raises DownloadError / ChecksumError."""
+    path = Path(directory) / spec["path"]
+    where = f"{variable}={path}" if variable else str(path)
+    if path.is_file():
+        problem = check_file(path, spec)
+        if problem is None:
+            logger.info("%s: present and valid", path)
+            return path
+        raise ChecksumError(
+            f"{where}: {problem}: this is not the published {path.name}. It was not downloaded by this run, so "
+            f"it is left in place: delete it to download it again, or give your own checkpoint another file name "
+            f"(and point the variable at it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    errors = []
+    for url in spec["urls"]:
+        try:
+            resumed = part.exists() and part.stat().st_size > 0
+            download(url, part, spec.get("size"), **options)
+            problem = check_file(part, spec)
+            if problem is not None and resumed:  # the bytes resumed from may belong to another file
+                logger.warning("%s: the resumed download has %s; downloading it again from the start", path, problem)
+                part.unlink()
+                download(url, part, spec.get("size"), **options)
+                problem = check_file(part, spec)
         except DownloadError as e:
-            raise DownloadError(f"{e}. Download it yourself to {path}, or set {variable} to a local copy") from e
-
-
-def save_text_encoder(name: str, directory: str) -> None:
-    """Save a hub text encoder (e.g. bert-base-uncased) as a local directory usable offline."""
-    from transformers import AutoTokenizer, BertModel
-
-    target = os.path.join(directory, name)
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return
-    AutoTokenizer.from_pretrained(name).save_pretrained(target)
-    BertModel.from_pretrained(name).save_pretrained(target)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"files to fetch: {', '.join(MANIFEST)}, bert-base-uncased")
-    parser.add_argument("--dir", default=None, help="where named files go (default: MODEL_DIR)")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    if not args.names:
-        ensure(settings)
-        return
-    directory = args.dir or settings.model_dir
-    for name in args.names:
-        if name == "bert-base-uncased":
-            save_text_encoder(name, directory)
-        elif name in MANIFEST:
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                download(MANIFEST[name], path)
+            errors.append(str(e))
+            continue  # next URL, keeping the part to resume from
+        if problem is not None:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{where}: the file downloaded from {url} has {problem}; it was deleted. The "
+                                "download was corrupted or the server sent another file: try again, or fetch it "
+                                "yourself and check its digest")
+        os.replace(part, path)
+        if spec.get("sha256") is None:
+            logger.warning("%s: NOT VERIFIED (the manifest has no digest for it); its sha256 is %s",
+                           path, sha256_of(path))
         else:
-            raise DownloadError(f"unknown file {name!r}; known: {', '.join(MANIFEST)}, bert-base-uncased")
+            _write_stamp(path, spec["sha256"])
+        logger.info("%s: downloaded and verified", path)
+        return path
+    hint = f", or set {variable} to a copy you have" if variable else ""
+    raise DownloadError(f"{where}: could not download it ({'; '.join(errors)}). Download it yourself to {path} "
+                        f"(sha256 {spec.get('sha256') or 'unknown'}){hint}")
+
+
+def fetch_entry(name: str, directory: str | os.PathLike, manifest: Mapping | None = None, *,
+                variable: str | None = None, **options) -> list[Path]:
+    """Fetch every file of a manifest entry into `directory`; return their paths."""
+    manifest = MANIFEST if manifest is None else manifest
+    if name not in manifest:
+        raise DownloadError(f"unknown name {name!r}; known: {', '.join(manifest)}")
+    return [fetch_file(spec, directory, variable=variable, **options) for spec in manifest[name]["files"]]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(".") or os.path.isdir(value)
+
+
+def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Path]:
+    """Fetch what `settings` (default: from the environment) need: the Grounding DINO checkpoint, the SAM or
+    MobileSAM checkpoint in use, and the text encoder when GROUNDINGDINO_TEXT_ENCODER is a directory.
+
+    A needed file whose name is in the manifest is verified or downloaded to the configured path; one with
+    another name must exist (your own checkpoint: nothing to fetch or verify)."""
+    if settings is None:
+        from config import Settings
+
+        settings = Settings.from_env()
+    manifest = MANIFEST if manifest is None else manifest
+    single = {e["files"][0]["path"]: name for name, e in manifest.items() if len(e["files"]) == 1}
+    needed = [("GROUNDINGDINO_CHECKPOINT", settings.groundingdino_checkpoint)]
+    if settings.segmenter == "sam":
+        needed.append(("SAM_CHECKPOINT", settings.sam_checkpoint))
+    elif settings.segmenter == "mobile_sam":
+        needed.append(("MOBILESAM_CHECKPOINT", settings.mobilesam_checkpoint))
+    done = []
+    for variable, path in needed:
+        name = single.get(os.path.basename(path))
+        if name is None:
+            if not os.path.isfile(path):
+                raise DownloadError(f"{variable}={path}: file not found, and no download is known for that name "
+                                    f"(known: {', '.join(single)})")
+            logger.info("%s=%s: your own file, not verified", variable, path)
+            continue
+        done += fetch_entry(name, os.path.dirname(path) or ".", manifest, variable=variable, **options)
+
+    encoder = settings.groundingdino_text_encoder
+    if _looks_like_path(encoder):
+        name = os.path.basename(os.path.normpath(encoder))
+        if name in manifest and len(manifest[name]["files"]) > 1:
+            done += fetch_entry(name, os.path.dirname(os.path.normpath(encoder)) or ".", manifest,
+                                variable="GROUNDINGDINO_TEXT_ENCODER", **options)
+        elif not os.path.isfile(os.path.join(encoder, "config.json")):
+            raise DownloadError(f"GROUNDINGDINO_TEXT_ENCODER={encoder}: no config.json there, and no download is "
+                                "known for that directory name")
+    else:
+        logger.info("GROUNDINGDINO_TEXT_ENCODER=%s is a hub id: transformers fetches it into its cache when the "
+                    "models load. For offline use: python weights.py --dir %s bert-base-uncased, then "
+                    "GROUNDINGDINO_TEXT_ENCODER=%s", encoder, settings.model_dir,
+                    os.path.join(settings.model_dir, "bert-base-uncased"))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def _describe(manifest: Mapping) -> str:
+    lines = []
+    for name, entry in manifest.items():
+        size = sum(f.get("size") or 0 for f in entry["files"])
+        verified = all(f.get("sha256") for f in entry["files"])
+        lines.append(f"{name:34} {size / 2**20:8.0f} MiB  {'sha256' if verified else 'NOT VERIFIED'}  "
+                     f"{entry.get('description', '')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("names", nargs="*", help="manifest entries to fetch (see --list); none: what the settings "
+                                                 "need")
+    parser.add_argument("--dir", help="where named entries go (default: MODEL_DIR)")
+    parser.add_argument("--manifest", help="a JSON manifest to use instead of the built-in one")
+    parser.add_argument("--list", action="store_true", help="show the manifest and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        manifest = load_manifest(args.manifest)
+        if args.list:
+            print(_describe(manifest))
+            return 0
+        options = {"progress": not args.quiet}
+        if not args.names:
+            ensure(manifest=manifest, **options)
+            return 0
+        if args.dir:
+            directory = args.dir
+        else:
+            from config import Settings
+
+            directory = Settings.from_env().model_dir
+        unknown = [n for n in args.names if n not in manifest]
+        if unknown:
+            raise DownloadError(f"unknown name(s) {', '.join(unknown)}; known: {', '.join(manifest)}")
+        for name in dict.fromkeys(args.names):
+            fetch_entry(name, directory, manifest, **options)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main()
-    except DownloadError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(main())

@@ -19,7 +19,8 @@ real-size Grounding DINO (the packaged GroundingDINO_SwinT_OGC.py, a bert-base-s
 random weights (tests/model_factory.py; Grounding DINO's output heads rescaled so scores and boxes spread out), the
 images served as JPEG from a loopback server, the guide's labeling config and a TextArea prompt. Random weights
 make Grounding DINO pass many boxes: MAX_DETECTIONS (--max-detections, 50) caps them, so the regions are up to 50
-rectangles + 50 brushes. The per-stage split comes from the model's per-task log line.
+rectangles + 50 brushes. Each timed call gets a new image (the product caches per-image model state); "again"
+is the last image asked once more. The per-stage split comes from wrapping the loaded models' methods.
 
 Run: .venv/bin/python benchmarks/bench_regions.py [--boxes 50] [--repeats 3] [--skip-predict] [--quick]
 (about 10 minutes on 2 CPU cores; --quick about 4). --masks ellipses reruns part 1 with smooth masks instead of
@@ -35,7 +36,6 @@ import gc
 import hashlib
 import io
 import json
-import logging
 import os
 import platform
 import statistics
@@ -312,16 +312,40 @@ def make_real_size_groundingdino(directory: Path, seed: int) -> tuple[Path, Path
     return Path(GROUNDINGDINO_PACKAGED_CONFIG), checkpoint, bert_dir
 
 
-class StageLog(logging.Handler):
-    """Keeps the per-stage seconds of model.py's per-task log line ("image, detect, segment, regions")."""
+class StageTimer:
+    """Times the product's stages by wrapping the loaded models' methods and model.build_regions.
 
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.stages: list[tuple[float, float, float, float]] = []
+    Wrapped by attribute name (GroundingDino.detect, Segmenter.segment_boxes, model.build_regions); a name the
+    product no longer has is left out, and its column reads n/a.
+    """
 
-    def emit(self, record):
-        if isinstance(record.args, tuple) and len(record.args) == 9 and str(record.msg).startswith("task "):
-            self.stages.append(tuple(float(x) for x in record.args[5:]))
+    STAGES = ("detect", "segment", "regions")
+
+    def __init__(self, models, model_module):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.found = set()
+        for stage, owner, name in (("detect", models.detector, "detect"),
+                                   ("segment", models.segmenter, "segment_boxes"),
+                                   ("regions", model_module, "build_regions")):
+            if owner is not None and callable(getattr(owner, name, None)):
+                setattr(owner, name, self._timed(stage, getattr(owner, name)))
+                self.found.add(stage)
+
+    def _timed(self, stage, function):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - started
+
+        return timed
+
+    def take(self) -> dict:
+        """The seconds per stage since the last take (None for a stage not wrapped)."""
+        taken = {k: (v if k in self.found else None) for k, v in self.seconds.items()}
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        return taken
 
 
 def jpeg(array) -> bytes:
@@ -363,17 +387,16 @@ def bench_predict(args, workdir: Path) -> None:
     # Importing _wsgi builds a module-level app from os.environ: keep it out of the repo and quiet.
     os.environ.setdefault("DATA_DIR", env["DATA_DIR"])
     os.environ.setdefault("LOG_LEVEL", "warning")
+    import model as model_module
     from _wsgi import create_backend_app
-
-    stage_log = StageLog()
-    model_logger = logging.getLogger("model")
-    model_logger.setLevel(logging.INFO)
-    model_logger.addHandler(stage_log)
-    model_logger.propagate = False
 
     app = create_backend_app(env)
     client = app.test_client()
-    files = {f"/bench-{w}x{h}.jpg": jpeg(make_image(w, h, seed=args.seed)) for w, h in sizes}
+    # A new picture (seed) for every timed call: the embedding cache must not serve it. The last one is then
+    # asked again, which the cache serves (Label Studio re-asking for one task, e.g. with another prompt).
+    seeds = [args.seed + 1 + i for i in range(args.predict_repeats)]
+    files = {"/warm-up.jpg": jpeg(make_image(*sizes[0], seed=args.seed))}
+    files.update({f"/bench-{w}x{h}-{seed}.jpg": jpeg(make_image(w, h, seed=seed)) for w, h in sizes for seed in seeds})
 
     def payload(url):
         task = {"id": 1, "data": {"image": url}, "annotations": [], "predictions": [], "drafts": []}
@@ -386,36 +409,42 @@ def bench_predict(args, workdir: Path) -> None:
         seconds = time.perf_counter() - started
         if response.status_code != 200:
             raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:500]}")
-        regions = response.json["results"][0]["result"]
-        return seconds, regions
+        return seconds, response.json["results"][0]["result"], len(response.get_data())
 
     rows = []
     with ImageServer(files) as server:
-        w, h = sizes[0]
         with contextlib.redirect_stdout(io.StringIO()):  # the loader thread's build_model prints too
-            seconds, _ = predict(f"{server.url}/bench-{w}x{h}.jpg")
+            seconds, _, _ = predict(f"{server.url}/warm-up.jpg")
         print(f"(warm-up /predict, including model loading: {seconds:.1f} s)")
+        timer = StageTimer(app.extensions["model_loader"].get(), model_module)
         for w, h in sizes:
-            url = f"{server.url}/bench-{w}x{h}.jpg"
-            stage_log.stages.clear()
-            times, counts = [], []
-            for _ in range(args.predict_repeats):
-                seconds, regions = predict(url)
-                times.append(seconds)
-                counts.append((sum(r["type"] == "rectanglelabels" for r in regions),
-                               sum(r["type"] == "brushlabels" for r in regions)))
-            stages = [statistics.median(s[i] for s in stage_log.stages) for i in range(4)] if stage_log.stages else None
-            rows.append(((w, h), times, counts[-1], stages, len(files[f"/bench-{w}x{h}.jpg"])))
+            calls = []
+            for seed in [*seeds, seeds[-1]]:
+                timer.take()
+                seconds, regions, size = predict(f"{server.url}/bench-{w}x{h}-{seed}.jpg")
+                calls.append((seconds, timer.take(), regions, size))
+            rows.append(((w, h), calls[:-1], calls[-1], len(files[f"/bench-{w}x{h}-{seeds[0]}.jpg"])))
+
+    def cell(value, width):
+        return f"{value:>{width}.2f}" if value is not None else f"{'n/a':>{width}}"
 
     print()
-    print(f"{'image':>10} {'JPEG KiB':>9} {'median s':>9} {'best s':>7} {'rects':>6} {'brushes':>8}   "
-          f"{'image s':>8} {'detect s':>9} {'segment s':>10} {'regions s':>10}")
-    for (w, h), times, (rects, brushes), stages, size in rows:
-        split = " ".join(f"{s:>{n}.2f}" for s, n in zip(stages, (8, 9, 10, 10), strict=True)) if stages else "n/a"
-        print(f"{f'{w}x{h}':>10} {size / 1024:>9.0f} {statistics.median(times):>9.2f} {min(times):>7.2f} "
-              f"{rects:>6} {brushes:>8}   {split}")
-    print("(stage columns: medians from the model's per-task log line; the rest of a call is the HTTP layer "
-          "and JSON)")
+    print(f"{'image':>10} {'JPEG KiB':>9} {'median s':>9} {'best s':>7} {'detect s':>9} {'segment s':>10} "
+          f"{'regions s':>10} {'other s':>8} {'rects':>6} {'brushes':>8} {'reply MiB':>10} {'again s':>8}")
+    for (w, h), calls, again, jpeg_size in rows:
+        times = [c[0] for c in calls]
+        stages = {k: (statistics.median(c[1][k] for c in calls) if calls[0][1][k] is not None else None)
+                  for k in StageTimer.STAGES}
+        other = statistics.median(times) - sum(v for v in stages.values() if v is not None)
+        regions = calls[-1][2]
+        rects = sum(r["type"] == "rectanglelabels" for r in regions)
+        brushes = sum(r["type"] == "brushlabels" for r in regions)
+        print(f"{f'{w}x{h}':>10} {jpeg_size / 1024:>9.0f} {statistics.median(times):>9.2f} {min(times):>7.2f} "
+              f"{cell(stages['detect'], 9)} {cell(stages['segment'], 10)} {cell(stages['regions'], 10)} "
+              f"{other:>8.2f} {rects:>6} {brushes:>8} {calls[-1][3] / 2**20:>10.1f} {again[0]:>8.2f}")
+    print("(median/best: a new image per call; detect = Grounding DINO, segment = MobileSAM embed + decode + upscale, "
+          "regions = rectangles + RLE; other = image fetch and decode, HTTP layer and JSON; again: the last image "
+          "asked again, served by the embedding cache)")
 
 
 # --------------------------------------------------------------------------- main

@@ -10,6 +10,7 @@ names this module in `pytest_plugins`, so the session fixtures below are shared 
   shared/docs/label-studio-protocol.md ("Running a real Label Studio locally").
 - Our service runs as a user runs it, `gunicorn _wsgi:app` (gunicorn.conf.py; HOST/PORT from the environment),
   with the session's small random-weight checkpoints passed through the documented variables.
+- The tests marked `label_studio` run last, together (see pytest_collection_modifyitems).
 - Every process starts in its own process group and is stopped by that group's id, also when a test fails;
   each stop checks that its port is closed. Logs go to artifacts/logs/, and a failing test gets their tails.
 """
@@ -43,7 +44,8 @@ ARTIFACTS = ROOT / "artifacts"
 LOGS = ARTIFACTS / "logs"
 
 LS_VERSION = "1.23.2"
-LS_VENV = Path(os.environ.get("GROUNDED_SAM_LS_VENV") or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}")
+LS_VENV = Path(os.environ.get("GROUNDED_SAM_LS_VENV")
+               or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}")
 LS_STAMP = LS_VENV / f".installed-label-studio-{LS_VERSION}"
 LS_USER, LS_PASSWORD = "ci@example.com", "ci-password-123"
 LS_TOKEN = "grounded-sam-ci-legacy-token"  # LABEL_STUDIO_USER_TOKEN: any string over 5 characters
@@ -134,6 +136,11 @@ class Process:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         assert_port_closed(self.port, self.name)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the Label Studio tests last and together, so the stack they share is up only while they run."""
+    items.sort(key=lambda item: item.get_closest_marker("label_studio") is not None)  # stable: order otherwise kept
 
 
 @pytest.hookimpl(wrapper=True)
@@ -278,23 +285,22 @@ def label_studio_env(data_dir: Path) -> dict[str, str]:
 
 
 def start_label_studio(data_dir: Path) -> LabelStudio:
+    """Start Label Studio (installing it first if needed); call `wait_label_studio` before using it."""
     executable = ensure_label_studio()
     port = free_port()
     process = Process("label-studio", [str(executable), "start", "--no-browser", "--data-dir", str(data_dir),
                                        "--internal-host", "127.0.0.1", "-p", str(port)],
                       label_studio_env(data_dir), port, cwd=data_dir)
-    ls = LabelStudio(url=f"http://127.0.0.1:{port}", port=port, process=process, data_dir=data_dir)
-    try:
-        process.wait_http(ls.url + "/health/", LS_START_TIMEOUT)
-        # LS moves to the next port when its port is taken: make sure the one answering is ours, with our token.
-        ls.use_legacy_token()
-        me = ls.json("GET", "/api/current-user/whoami")
-        assert me["email"] == LS_USER, me
-        assert f"127.0.0.1:{port}" in process.log_text(), "Label Studio did not bind 127.0.0.1:<our port>"
-    except BaseException:
-        process.stop()
-        raise
-    return ls
+    return LabelStudio(url=f"http://127.0.0.1:{port}", port=port, process=process, data_dir=data_dir)
+
+
+def wait_label_studio(ls: LabelStudio) -> None:
+    ls.process.wait_http(ls.url + "/health/", LS_START_TIMEOUT)
+    # LS moves to the next port when its port is taken: make sure the one answering is ours, with our token.
+    ls.use_legacy_token()
+    me = ls.json("GET", "/api/current-user/whoami")
+    assert me["email"] == LS_USER, me
+    assert f"http://127.0.0.1:{ls.port}/" in ls.process.log_text(), "Label Studio did not bind 127.0.0.1:<our port>"
 
 
 # --------------------------------------------------------------------------- our service
@@ -315,8 +321,8 @@ class Backend:
 
 def start_backend(name: str, files: tuple[Path, Path, Path], mobile_sam: Path, ls_url: str, api_key: str,
                   data_dir: Path, **extra_env: str) -> Backend:
-    """`gunicorn _wsgi:app` (what `make serve` runs) on 127.0.0.1 with the generated checkpoints; returns once
-    its models are loaded."""
+    """Start `gunicorn _wsgi:app` (what `make serve` runs) on 127.0.0.1 with the generated checkpoints; call
+    `wait_models` before predicting."""
     config, checkpoint, text_encoder = files
     port = free_port()
     env = {
@@ -340,15 +346,14 @@ def start_backend(name: str, files: tuple[Path, Path, Path], mobile_sam: Path, l
     }
     gunicorn = Path(sys.executable).parent / "gunicorn"
     process = Process(name, [str(gunicorn), "_wsgi:app"], env, port)
-    backend = Backend(url=f"http://127.0.0.1:{port}", port=port, process=process)
-    try:
-        health = process.wait_http(backend.url + "/health", MODELS_TIMEOUT,
-                                   ok=lambda r: r.status_code == 200 and r.json().get("models") in ("ready", "failed"))
-        assert health.json()["models"] == "ready", f"{health.json()}\n{process.tail()}"
-    except BaseException:
-        process.stop()
-        raise
-    return backend
+    return Backend(url=f"http://127.0.0.1:{port}", port=port, process=process)
+
+
+def wait_models(backend: Backend) -> None:
+    health = backend.process.wait_http(
+        backend.url + "/health", MODELS_TIMEOUT,
+        ok=lambda r: r.status_code == 200 and r.json().get("models") in ("ready", "failed"))
+    assert health.json()["models"] == "ready", f"{health.json()}\n{backend.process.tail()}"
 
 
 # --------------------------------------------------------------------------- images
@@ -457,13 +462,43 @@ def write_artifact(name: str, data) -> Path:
 # --------------------------------------------------------------------------- fixtures (session: shared by both modules)
 
 
+@dataclass
+class Stack:
+    label_studio: LabelStudio
+    backend: Backend
+    startup_s: float
+
+
 @pytest.fixture(scope="session")
-def label_studio(tmp_path_factory) -> LabelStudio:
+def e2e_stack(request, tmp_path_factory) -> Stack:
+    """Label Studio and our service (its URL and legacy token), started side by side: checkpoints are generated and
+    models load while Label Studio runs its migrations. Stopped at the end of the session, ports checked closed."""
+    started = time.perf_counter()
     ls = start_label_studio(tmp_path_factory.mktemp("label-studio-data"))
+    backend = None
     try:
-        yield ls
+        files = request.getfixturevalue("groundingdino_files")
+        mobile_sam = request.getfixturevalue("mobile_sam_checkpoint")
+        backend = start_backend("grounded-sam", files, mobile_sam, ls.url, LS_TOKEN,
+                                tmp_path_factory.mktemp("backend-data"))
+        wait_label_studio(ls)
+        wait_models(backend)
+        yield Stack(ls, backend, round(time.perf_counter() - started, 1))
     finally:
+        if backend is not None:
+            backend.process.stop()
         ls.process.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio(e2e_stack) -> LabelStudio:
+    return e2e_stack.label_studio
+
+
+@pytest.fixture(scope="session")
+def backend(e2e_stack) -> Backend:
+    """Our service, models loaded, with Label Studio's URL and legacy token."""
+    return e2e_stack.backend
 
 
 @pytest.fixture(scope="session")
@@ -473,14 +508,3 @@ def image_server() -> StaticServer:
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture(scope="session")
-def backend(label_studio, groundingdino_files, mobile_sam_checkpoint, tmp_path_factory) -> Backend:
-    """Our service with Label Studio's URL and legacy token, models loaded."""
-    backend = start_backend("grounded-sam", groundingdino_files, mobile_sam_checkpoint, label_studio.url, LS_TOKEN,
-                            tmp_path_factory.mktemp("backend-data"))
-    try:
-        yield backend
-    finally:
-        backend.process.stop()

@@ -8,7 +8,8 @@ def test_defaults():
     assert (s.box_threshold, s.text_threshold, s.max_detections, s.nms_iou) == (0.3, 0.25, 50, 0.7)
     assert s.segmenter == "mobile_sam"
     assert s.default_prompt is None
-    assert s.groundingdino_checkpoint.endswith("models/groundingdino_swint_ogc.pth")
+    assert s.groundingdino_checkpoint == "models/groundingdino_swint_ogc.pth"
+    assert s.groundingdino_text_encoder == "models/bert-base-uncased"
     assert ServerSettings.from_env({}).port == 9090
 
 
@@ -40,11 +41,13 @@ def test_variables(env, attr, value):
         ({"USE_SAM": "maybe"}, "USE_SAM"),
         ({"SAM_MODEL_TYPE": "vit_x"}, "SAM_MODEL_TYPE"),
         ({"DEVICE": "tpu"}, "DEVICE"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env(env)
+        ServerSettings.from_env(env)
 
 
 def test_secrets_are_redacted():

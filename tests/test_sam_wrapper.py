@@ -42,12 +42,17 @@ def test_tiny_sam_masks_identical_to_sam_predictor(tiny, size, n, monkeypatch):
     monkeypatch.setattr(sam_wrapper, "_UPSCALE_CHUNK_PIXELS", 4 * size[0] * size[1])
     image = make_image(*size, seed=3)
     boxes = boxes_for(*size, n)
-    masks, iou = Segmenter(tiny, "cpu", "tiny").segment_boxes(image, boxes)
+    lazy, iou = Segmenter(tiny, "cpu", "tiny").segment_boxes(image, boxes)
     expected_masks, expected_iou = reference_masks(SamPredictor(tiny), image, boxes)
-    assert masks.shape == (n, size[1], size[0]) and masks.dtype == bool
+    assert lazy.shape == (n, size[1], size[0]) and lazy.dtype == bool
+    masks = np.asarray(lazy)
     assert 0 < masks.mean() < 1  # non-degenerate masks, else equality says little
     np.testing.assert_array_equal(masks, expected_masks)
     np.testing.assert_array_equal(iou, expected_iou)
+    # Read in order (as the region builder does), by index, and as a selection: the same masks.
+    np.testing.assert_array_equal(np.stack(list(lazy)), expected_masks)
+    np.testing.assert_array_equal(lazy[n - 1], expected_masks[n - 1])
+    np.testing.assert_array_equal(np.asarray(lazy[[n - 1, 0]]), expected_masks[[n - 1, 0]])
 
 
 def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_checkpoint):
@@ -59,6 +64,7 @@ def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_chec
     image = make_image(320, 240, seed=4)
     boxes = boxes_for(320, 240, 4)
     masks, iou = segmenter.segment_boxes(image, boxes)
+    masks = np.asarray(masks)
     reference = MobileSamPredictor(sam_model_registry["vit_t"](checkpoint=str(mobile_sam_checkpoint)))
     expected_masks, expected_iou = reference_masks(reference, image, boxes)
     np.testing.assert_array_equal(masks, expected_masks)
@@ -73,9 +79,8 @@ def test_cached_embedding_gives_the_uncached_masks(tiny):
     assert embedding.original_size == (100, 200) and embedding.input_size == (512, 1024)
     image_id = image_digest(image)
     boxes = boxes_for(200, 100, 2, seed=1)
-    first, _ = cached.segment_boxes(image, boxes, image_id)
-    again, _ = cached.segment_boxes(image, boxes, image_id)
-    expected, _ = plain.segment_boxes(image, boxes)
+    first, again, expected = (np.asarray(s.segment_boxes(image, boxes, image_id)[0])
+                              for s in (cached, cached, plain))
     assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 1
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(again, expected)

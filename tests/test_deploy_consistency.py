@@ -1,0 +1,339 @@
+"""The code, the README, the Dockerfile and docker-compose.yml agree on the environment.
+
+- Every variable the code reads (config.py's `_str/_bool/_number(env, "NAME", ...)` and `env.get("NAME")`, and any
+  literal os.environ / os.getenv read in the product's *.py) is in README's table, and nothing else is.
+- Setting a variable to the default the README states, or the one the compose file states, changes nothing:
+  `Settings.from_env({NAME: that})` equals the defaults. So a default can't drift in one place only.
+- The Dockerfile's ENV agrees with the README except the documented container paths; docker-compose.yml passes
+  every variable that makes sense in a container, each interpolating its own name.
+- Structure the issue asks for: pinned base image and Label Studio tag, build-time weights from the manifest,
+  non-root user, HEALTHCHECK on /health, gunicorn without --preload, offline hub, the GPU reservation.
+
+No Docker engine is needed (CI has none); `make lint` runs hadolint and `docker-compose config` on the same files.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import weights
+from config import GROUNDINGDINO_PACKAGED_CONFIG, ServerSettings, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+SERVICE = "grounded-sam"
+
+# Set by the image to paths inside it (documented in README "Docker"); every other ENV must equal the README.
+CONTAINER_OVERRIDES = {"MODEL_DIR": "/models", "DATA_DIR": "/data",
+                       "GROUNDINGDINO_TEXT_ENCODER": "/models/bert-base-uncased"}
+# Read by the code but deliberately not in the compose file (the image fixes them; see the comment there).
+NOT_IN_COMPOSE = {"HOST", "PORT"}
+# Read by the code with "unset" meaning something else than "empty": the compose file only passes them through.
+UNSET_MATTERS = {"DEFAULT_PROMPT"}
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def config_variables() -> set[str]:
+    """Names config.py reads: `_str/_bool/_number(env, "NAME", ...)` and `env.get("NAME")`."""
+    tree = ast.parse((ROOT / "config.py").read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in ("_str", "_bool", "_number") and len(node.args) >= 2:
+            key = node.args[1]
+        elif (isinstance(func, ast.Attribute) and func.attr == "get" and isinstance(func.value, ast.Name)
+              and func.value.id == "env"):
+            key = node.args[0]
+            if isinstance(key, ast.Name) and key.id == "name":
+                continue  # inside the _str/_bool/_number helpers themselves
+        else:
+            continue
+        assert isinstance(key, ast.Constant) and isinstance(key.value, str), ast.dump(node)
+        names.add(key.value)
+    return names
+
+
+def environ_reads(path: Path) -> set[str]:
+    """Literal keys read from os.environ / os.getenv in a module (os.environ.get("X"), os.environ["X"], ...)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+
+    def is_environ(node) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) \
+            and node.value.id == "os"
+
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in ("get", "setdefault", "pop") and is_environ(func.value):
+                key = node.args[0]
+            elif isinstance(func, ast.Attribute) and func.attr == "getenv" and isinstance(func.value, ast.Name) \
+                    and func.value.id == "os":
+                key = node.args[0]
+        elif isinstance(node, ast.Subscript) and is_environ(node.value) and isinstance(node.ctx, ast.Load):
+            key = node.slice
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            names.add(key.value)
+    return names
+
+
+def product_modules() -> list[Path]:
+    return sorted(p for p in ROOT.glob("*.py"))
+
+
+def readme_section(title: str) -> str:
+    match = re.search(rf"(?ms)^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def readme_table() -> dict[str, str]:
+    """variable -> default cell of README's "Environment variables" table."""
+    rows = {}
+    for line in readme_section("Environment variables").splitlines():
+        match = re.match(r"\|\s*`([A-Z0-9_]+)`\s*\|([^|]*)\|", line)
+        if match:
+            assert match.group(1) not in rows, f"{match.group(1)} is in the README table twice"
+            rows[match.group(1)] = match.group(2).strip()
+    return rows
+
+
+def readme_default(cell: str) -> str | None:
+    """The value a README default cell stands for; None for *(unset)*."""
+    if cell == "*(unset)*":
+        return None
+    if cell == "*(empty)*":
+        return ""
+    if "the package's" in cell:
+        return GROUNDINGDINO_PACKAGED_CONFIG
+    match = re.match(r"`([^`]*)`", cell)
+    assert match, f"README default {cell!r} is neither *(empty)*, *(unset)* nor a `value`"
+    return match.group(1).replace("$MODEL_DIR", Settings().model_dir)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in DOCKERFILE.splitlines():
+        if raw.lstrip().startswith("#") and not current:
+            continue
+        if raw.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        current += raw.rstrip("\\").strip() + " " if raw.rstrip().endswith("\\") else raw.strip()
+        if not raw.rstrip().endswith("\\"):
+            if current.strip():
+                instruction, _, rest = current.strip().partition(" ")
+                lines.append((instruction.upper(), rest.strip()))
+            current = ""
+    return lines
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for instruction, rest in dockerfile_instructions():
+        if instruction == "ENV":
+            for token in shlex.split(rest):
+                name, sep, value = token.partition("=")
+                assert sep, f"ENV {rest!r}: use the NAME=value form"
+                env[name] = value
+    return env
+
+
+def dockerfile_args() -> dict[str, str]:
+    args = {}
+    for instruction, rest in dockerfile_instructions():
+        if instruction == "ARG":
+            name, _, value = shlex.split(rest)[0].partition("=")
+            args[name] = value
+    return args
+
+
+def compose_environment(service: str = SERVICE) -> dict[str, str | None]:
+    """NAME -> the compose file's text for it ("${NAME:-default}"), or None for a bare pass-through NAME."""
+    env = COMPOSE["services"][service]["environment"]
+    assert isinstance(env, list), "write environment as a list of NAME=value (one style, parsed here)"
+    out = {}
+    for item in env:
+        name, sep, value = item.partition("=")
+        assert name not in out, f"{name} is in the compose environment twice"
+        out[name] = value if sep else None
+    return out
+
+
+def compose_default(name: str, text: str) -> str:
+    match = re.fullmatch(r"\$\{([A-Z0-9_]+):-([^}]*)\}", text)
+    assert match, f"compose: {name}={text}: write it as ${{{name}:-default}}"
+    assert match.group(1) == name, f"compose: {name} interpolates another variable, {match.group(1)}"
+    return match.group(2)
+
+
+CODE_VARIABLES = config_variables()
+
+
+def settings(env: dict) -> tuple:
+    return Settings.from_env(env), ServerSettings.from_env(env)
+
+
+# ---------------------------------------------------------------------------------------------- code and README
+
+def test_config_parsing_finds_the_variables():
+    assert {"USE_SAM", "SAM_CHECKPOINT", "BOX_THRESHOLD", "DEFAULT_PROMPT", "LABEL_STUDIO_HOST", "WORKERS",
+            "PORT"} <= CODE_VARIABLES
+    assert len(CODE_VARIABLES) >= 30
+
+
+def test_config_py_is_the_only_module_that_reads_the_environment():
+    for path in product_modules():
+        reads = environ_reads(path)
+        assert not reads, f"{path.name} reads {sorted(reads)} from os.environ: read them in config.py instead"
+
+
+def test_every_variable_the_code_reads_is_documented_and_nothing_else():
+    table = readme_table()
+    assert CODE_VARIABLES - table.keys() == set(), "read by config.py, missing from README's table"
+    assert table.keys() - CODE_VARIABLES == set(), "in README's table, never read by config.py"
+
+
+@pytest.mark.parametrize("name", sorted(CODE_VARIABLES))
+def test_readme_default_is_the_code_default(name):
+    value = readme_default(readme_table()[name])
+    if value is None:  # *(unset)*: the code must tell unset from empty
+        assert name in UNSET_MATTERS
+        assert getattr(Settings.from_env({}), name.lower()) is None
+        assert getattr(Settings.from_env({name: ""}), name.lower()) == ""
+        return
+    assert settings({name: value}) == settings({}), f"README says {name} defaults to {value!r}; the code differs"
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+
+def test_dockerfile_env_agrees_with_the_readme():
+    env = dockerfile_env()
+    for name, value in env.items():
+        if name in CONTAINER_OVERRIDES:
+            assert value == CONTAINER_OVERRIDES[name], f"Dockerfile ENV {name}={value}"
+            assert f"{name}={value}" in readme_section("Docker"), f"README's Docker section must state {name}={value}"
+        elif name in CODE_VARIABLES:
+            assert settings({name: value}) == settings({}), f"Dockerfile ENV {name}={value} contradicts the README"
+    assert env.get("HF_HUB_OFFLINE") == "1" and env.get("TRANSFORMERS_OFFLINE") == "1"
+    assert CONTAINER_OVERRIDES.keys() <= env.keys()
+
+
+def test_dockerfile_structure():
+    instructions = dockerfile_instructions()
+    kinds = [i for i, _ in instructions]
+    base = dict(instructions)["FROM"]
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", base), f"FROM {base}: pin a tag and a digest"
+    assert kinds.count("FROM") == 1
+    runs = " ".join(rest for i, rest in instructions if i == "RUN")
+    assert "pip install --no-cache-dir -r requirements.txt" in runs
+    assert "pip install --no-cache-dir --no-deps -r requirements-nodeps.txt" in runs
+    assert "python weights.py --dir /models" in runs and "${WEIGHTS}" in runs
+    user = [rest for i, rest in instructions if i == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert kinds.index("USER") > max(i for i, k in enumerate(kinds) if k == "RUN")  # the service never runs as root
+    health = dict(instructions)["HEALTHCHECK"]
+    assert "/health" in health and "PORT" in health
+    cmd = dict(instructions)["CMD"]
+    assert cmd.startswith('["gunicorn", "_wsgi:app"') and "preload" not in cmd
+    assert "GUNICORN_CMD_ARGS" not in dockerfile_env()
+    assert "9090" in dict(instructions)["EXPOSE"]
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies():
+    ignore = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    assert "*" in ignore
+    for _, rest in (x for x in dockerfile_instructions() if x[0] == "COPY"):
+        for source in rest.split()[:-1]:
+            assert f"!{source}" in ignore or (source.endswith(".py") and "!*.py" in ignore), source
+
+
+def test_default_weights_cover_the_default_settings_in_the_image():
+    names = dockerfile_args()["WEIGHTS"].split()
+    assert names == ["groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam_vit_h_4b8939.pth", "bert-base-uncased"]
+    assert set(names) <= weights.MANIFEST.keys()
+    image = Settings.from_env(dockerfile_env())
+    baked = {f"/models/{spec['path']}" for name in names for spec in weights.MANIFEST[name]["files"]}
+    assert image.groundingdino_checkpoint in baked and image.mobilesam_checkpoint in baked
+    assert Settings.from_env({**dockerfile_env(), "USE_SAM": "true"}).sam_checkpoint in baked
+    assert f"{image.groundingdino_text_encoder}/config.json" in baked
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+def test_compose_passes_every_container_variable_with_its_own_name():
+    env = compose_environment()
+    assert env.keys() <= CODE_VARIABLES, f"unknown variables in the compose file: {env.keys() - CODE_VARIABLES}"
+    assert CODE_VARIABLES - NOT_IN_COMPOSE - env.keys() == set(), "documented but not in the compose file"
+    for name in UNSET_MATTERS:
+        assert env[name] is None, f"{name}: pass it through bare (an empty default would change its meaning)"
+
+
+@pytest.mark.parametrize("name", sorted(CODE_VARIABLES - NOT_IN_COMPOSE - UNSET_MATTERS))
+def test_compose_default_is_the_container_default(name):
+    value = compose_default(name, compose_environment()[name])
+    image = dockerfile_env()
+    assert settings({**image, name: value}) == settings(image), \
+        f"compose says {name} defaults to {value!r}; the image's default differs"
+
+
+def test_compose_structure():
+    service = COMPOSE["services"][SERVICE]
+    assert service["ports"] == ["9090:9090"]
+    assert service["build"]["args"]["WEIGHTS"] == "${WEIGHTS:-" + dockerfile_args()["WEIGHTS"] + "}"
+    [device] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    mounts = {volume.split(":")[1] for volume in service["volumes"]}
+    assert {"/data", "/models/local"} <= mounts
+    assert "profiles" not in service  # `docker compose up` starts the backend
+
+    label_studio = COMPOSE["services"]["label-studio"]
+    assert label_studio["profiles"] == ["with-label-studio"]
+    assert "ML_BLOCK_LOCAL_IP=false" in label_studio["environment"]
+    assert label_studio["image"] == "heartexlabs/label-studio:1.23.2"
+    harness = ROOT / "tests" / "label_studio_harness.py"
+    if harness.exists():  # the version the end-to-end tests run against
+        match = re.search(r'^LS_VERSION = "([^"]+)"', harness.read_text(encoding="utf-8"), re.M)
+        if match:
+            assert label_studio["image"].endswith(":" + match.group(1))
+
+
+def test_cpu_override_only_drops_the_gpu():
+    override = yaml.safe_load((ROOT / "docker-compose.cpu.yml").read_text(encoding="utf-8").replace("!reset", ""))
+    service = override["services"][SERVICE]
+    assert set(service) == {"deploy", "environment"} and not service["deploy"]
+    assert service["environment"] == ["DEVICE=${DEVICE:-cpu}"]
+    assert "!reset" in (ROOT / "docker-compose.cpu.yml").read_text(encoding="utf-8")
+
+
+def test_readme_compose_examples_are_valid(tmp_path):
+    """The YAML examples of README's Docker section, merged over docker-compose.yml by Compose itself."""
+    blocks = re.findall(r"```yaml\n(# (docker-compose\.[\w.]+\.yml).*?)```", readme_section("Docker"), re.S)
+    assert len(blocks) >= 2
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml", "Dockerfile"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for text, name in blocks:
+        override = yaml.safe_load(text.replace("!override", "").replace("!reset", ""))
+        assert set(override["services"]) & set(COMPOSE["services"]), name
+        compose = shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+        if compose is None:
+            continue  # structure only; `make install` provides the binary (requirements-dev.txt)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        result = subprocess.run([compose, "-f", "docker-compose.yml", "-f", name, "config", "--quiet"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"README's {name}: {result.stderr}"

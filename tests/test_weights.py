@@ -1,0 +1,420 @@
+"""weights.py against a loopback HTTP server serving small fake files through a fake manifest: digest match and
+mismatch, a connection dropped mid-body and resumed with HTTP Range (in one run and across runs), files already
+present, fallback URLs, the settings-driven mode and the command line. Nothing here leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import weights
+from config import SAM_CHECKPOINT_NAMES, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"progress": False, "backoff": 0, "timeout": 5}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileServer:
+    """Serves `files` (URL path -> bytes) on 127.0.0.1, honouring single `Range: bytes=N-` requests with 206.
+
+    `drops[path] = n`: the next n answers for that path announce the full Content-Length, send half of the body
+    and close the connection. `errors[path] = [status, ...]`: the next answers are those HTTP errors.
+    `ranges = False`: Range is ignored (200 and the whole file). Every request is recorded as (path, Range)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.drops, self.errors, self.ranges, self.requests = files, {}, {}, True, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                if server.errors.get(self.path):
+                    self.send_error(server.errors[self.path].pop(0))
+                    return
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if match and server.ranges:
+                    start = int(match.group(1))
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                rest = body[start:]
+                self.send_header("Content-Length", str(len(rest)))
+                self.end_headers()
+                if server.drops.get(self.path, 0) > 0:
+                    server.drops[self.path] -= 1
+                    self.wfile.write(rest[: len(rest) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(rest)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+BIG = bytes(range(256)) * 4000  # 1,024,000 bytes: several read chunks
+SMALL = b"a small fake checkpoint\n" * 10
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def server():
+    with FileServer({"/big.pth": BIG, "/small.pt": SMALL, "/bert/config.json": b'{"model_type": "bert"}',
+                     "/bert/vocab.txt": b"[PAD]\n[UNK]\n"}) as s:
+        yield s
+
+
+def entry(server, name="big.pth", url_path="/big.pth", data=BIG, digest=None, size=None, urls=None):
+    return {"files": [{"path": name, "urls": urls or [server.url + url_path], "size": size,
+                       "sha256": sha(data) if digest is None else digest}]}
+
+
+def test_downloads_verifies_and_moves_into_place(server, tmp_path):
+    manifest = {"big.pth": entry(server, size=len(BIG))}
+    [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+    assert path == tmp_path / "big.pth" and path.read_bytes() == BIG
+    assert not (tmp_path / "big.pth.part").exists()
+    stamp = json.loads((tmp_path / weights.STAMP).read_text())
+    assert stamp["big.pth"]["sha256"] == sha(BIG) and stamp["big.pth"]["size"] == len(BIG)
+    assert server.requests == [("/big.pth", None)]
+
+
+def test_digest_mismatch_deletes_the_download_and_says_why(server, tmp_path):
+    manifest = {"big.pth": entry(server, digest="0" * 64)}
+    with pytest.raises(weights.ChecksumError) as error:
+        weights.fetch_entry("big.pth", tmp_path, manifest, variable="GROUNDINGDINO_CHECKPOINT", **FAST)
+    message = str(error.value)
+    assert f"sha256 {sha(BIG)}, expected {'0' * 64}" in message
+    assert "GROUNDINGDINO_CHECKPOINT=" in message and "deleted" in message and server.url + "/big.pth" in message
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its .part
+
+
+def test_size_mismatch_is_refused_before_hashing(server, tmp_path, monkeypatch):
+    manifest = {"small.pt": entry(server, "small.pt", "/small.pt", SMALL, size=len(SMALL) + 1)}
+    monkeypatch.setattr(weights, "sha256_of", lambda path: pytest.fail("hashed a file of the wrong size"))
+    with pytest.raises(weights.ChecksumError, match=f"size {len(SMALL)} bytes, expected {len(SMALL) + 1}"):
+        weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    assert not (tmp_path / "small.pt").exists() and not (tmp_path / "small.pt.part").exists()
+
+
+@pytest.mark.parametrize("known_size", [True, False])
+def test_dropped_connection_is_resumed_with_range_in_the_same_run(server, tmp_path, known_size):
+    server.drops["/big.pth"] = 1
+    manifest = {"big.pth": entry(server, size=len(BIG) if known_size else None)}
+    [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+    assert path.read_bytes() == BIG
+    half = len(BIG) // 2
+    assert server.requests == [("/big.pth", None), ("/big.pth", f"bytes={half}-")]
+
+
+def test_interrupted_run_leaves_a_part_that_the_next_run_resumes(server, tmp_path):
+    server.drops["/big.pth"] = 1
+    manifest = {"big.pth": entry(server, size=len(BIG))}
+    with pytest.raises(weights.DownloadError, match="failed after 1 attempts"):
+        weights.fetch_entry("big.pth", tmp_path, manifest, attempts=1, **FAST)
+    part = tmp_path / "big.pth.part"
+    assert part.read_bytes() == BIG[: len(BIG) // 2] and not (tmp_path / "big.pth").exists()
+
+    [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+    assert path.read_bytes() == BIG and not part.exists()
+    assert server.requests[-1] == ("/big.pth", f"bytes={len(BIG) // 2}-")
+
+
+def test_twice_dropped_connection_resumes_twice(server, tmp_path):
+    server.drops["/big.pth"] = 2
+    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
+    assert path.read_bytes() == BIG
+    ranges = [r for _, r in server.requests]
+    assert ranges[0] is None and ranges[1] == f"bytes={len(BIG) // 2}-"
+    assert ranges[2] == f"bytes={len(BIG) // 2 + len(BIG) // 4}-"
+
+
+def test_server_without_range_support_sends_it_all_again(server, tmp_path):
+    server.ranges = False
+    (tmp_path / "big.pth.part").write_bytes(BIG[:1000])
+    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
+    assert path.read_bytes() == BIG
+    assert server.requests == [("/big.pth", "bytes=1000-")]  # answered with 200 and the whole file
+
+
+def test_a_stale_part_of_another_file_is_fetched_again_from_the_start(server, tmp_path):
+    (tmp_path / "big.pth.part").write_bytes(b"x" * 1000)  # same length prefix, wrong bytes
+    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
+    assert path.read_bytes() == BIG
+    assert server.requests == [("/big.pth", "bytes=1000-"), ("/big.pth", None)]
+
+
+def test_a_complete_part_is_verified_without_downloading(server, tmp_path):
+    (tmp_path / "big.pth.part").write_bytes(BIG)
+    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server, size=len(BIG))}, **FAST)
+    assert path.read_bytes() == BIG and server.requests == []
+    (tmp_path / "big.pth").unlink()
+    (tmp_path / "big.pth.part").write_bytes(BIG)  # size unknown: the server answers 416 to the Range
+    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
+    assert path.read_bytes() == BIG and server.requests == [("/big.pth", f"bytes={len(BIG)}-")]
+
+
+def test_present_and_valid_files_are_skipped_and_remembered(server, tmp_path, monkeypatch):
+    manifest = {"big.pth": entry(server, size=len(BIG))}
+    (tmp_path / "big.pth").write_bytes(BIG)
+    weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+    assert server.requests == []
+    # The second check trusts the stamp (same size and mtime): no hashing of a multi-GB file on every start.
+    monkeypatch.setattr(weights, "sha256_of", lambda path: pytest.fail("hashed again"))
+    weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+    assert server.requests == []
+
+
+def test_a_present_file_that_differs_is_an_error_and_is_kept(server, tmp_path):
+    (tmp_path / "big.pth").write_bytes(b"my own fine-tuned checkpoint")
+    with pytest.raises(weights.ChecksumError) as error:
+        weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, variable="SAM_CHECKPOINT", **FAST)
+    assert "SAM_CHECKPOINT=" in str(error.value) and "left in place" in str(error.value)
+    assert (tmp_path / "big.pth").read_bytes() == b"my own fine-tuned checkpoint" and server.requests == []
+
+
+def test_a_modified_file_is_hashed_again_despite_its_stamp(server, tmp_path):
+    manifest = {"small.pt": entry(server, "small.pt", "/small.pt", SMALL)}
+    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    path.write_bytes(SMALL.upper())  # same size, new mtime
+    with pytest.raises(weights.ChecksumError):
+        weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+
+
+def test_unverified_entries_download_with_a_warning(server, tmp_path, caplog):
+    manifest = {"small.pt": {"files": [{"path": "small.pt", "urls": [server.url + "/small.pt"], "sha256": None}]}}
+    with caplog.at_level("WARNING", logger="weights"):
+        [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    assert path.read_bytes() == SMALL
+    assert f"NOT VERIFIED (the manifest has no digest for it); its sha256 is {sha(SMALL)}" in caplog.text
+
+
+def test_falls_back_to_the_next_url(server, tmp_path):
+    manifest = {"small.pt": entry(server, "small.pt", data=SMALL,
+                                  urls=[server.url + "/missing.pt", server.url + "/small.pt"])}
+    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    assert path.read_bytes() == SMALL
+    assert [p for p, _ in server.requests] == ["/missing.pt", "/small.pt"]
+
+
+def test_server_errors_are_retried_and_missing_files_are_not(server, tmp_path):
+    server.errors["/small.pt"] = [503, 502]
+    manifest = {"small.pt": entry(server, "small.pt", "/small.pt", SMALL)}
+    weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    assert len(server.requests) == 3
+    server.requests.clear()
+    manifest = {"gone.pt": entry(server, "gone.pt", "/gone.pt", SMALL)}
+    with pytest.raises(weights.DownloadError) as error:
+        weights.fetch_entry("gone.pt", tmp_path, manifest, variable="MOBILESAM_CHECKPOINT", **FAST)
+    assert len(server.requests) == 1
+    assert "HTTP 404" in str(error.value) and "set MOBILESAM_CHECKPOINT" in str(error.value)
+
+
+def test_an_unknown_host_is_not_retried(server, tmp_path, monkeypatch):
+    calls = []
+
+    def unresolvable(request, timeout):
+        calls.append(request.full_url)
+        if "unknown-host" in request.full_url:
+            raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+        return real_urlopen(request, timeout=timeout)
+
+    real_urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", unresolvable)
+    manifest = {"small.pt": entry(server, "small.pt", data=SMALL,
+                                  urls=["http://unknown-host.example/small.pt", server.url + "/small.pt"])}
+    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    assert path.read_bytes() == SMALL and calls == manifest["small.pt"]["files"][0]["urls"]
+
+
+def test_a_directory_entry_fetches_each_file(server, tmp_path):
+    manifest = {"bert": {"files": [
+        {"path": "bert/config.json", "urls": [server.url + "/bert/config.json"],
+         "sha256": sha(server.files["/bert/config.json"])},
+        {"path": "bert/vocab.txt", "urls": [server.url + "/bert/vocab.txt"],
+         "sha256": sha(server.files["/bert/vocab.txt"]), "size": len(server.files["/bert/vocab.txt"])},
+    ]}}
+    paths = weights.fetch_entry("bert", tmp_path, manifest, **FAST)
+    assert paths == [tmp_path / "bert/config.json", tmp_path / "bert/vocab.txt"]
+    assert (tmp_path / "bert" / weights.STAMP).exists()
+
+
+def test_progress_goes_to_stderr(server, tmp_path, capfd):
+    weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, backoff=0, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "big.pth" in err
+
+
+def test_unknown_names_and_bad_manifests_are_refused(tmp_path):
+    with pytest.raises(weights.DownloadError, match="unknown name 'nope'"):
+        weights.fetch_entry("nope", tmp_path, {"a": {"files": [{"path": "a", "urls": ["http://x/a"]}]}})
+    bad = [
+        {},
+        {"a": {"files": []}},
+        {"a": {"files": [{"path": "../a", "urls": ["http://x/a"]}]}},
+        {"a": {"files": [{"path": "/abs", "urls": ["http://x/a"]}]}},
+        {"a": {"files": [{"path": "a", "urls": []}]}},
+        {"a": {"files": [{"path": "a", "urls": ["http://x/a"], "sha256": "ABC"}]}},
+        {"a": {"files": [{"path": "a", "urls": ["http://x/a"], "size": -1}]}},
+    ]
+    for manifest in bad:
+        with pytest.raises(weights.DownloadError, match="manifest"):
+            weights.validate_manifest(manifest)
+
+
+# ---------------------------------------------------------------------------------------------- settings mode
+
+def fake_manifest(server) -> dict:
+    """The real manifest's names, the fake server's files."""
+    return {
+        "groundingdino_swint_ogc.pth": entry(server, "groundingdino_swint_ogc.pth", "/big.pth", BIG),
+        "mobile_sam.pt": entry(server, "mobile_sam.pt", "/small.pt", SMALL),
+        "sam_vit_b_01ec64.pth": entry(server, "sam_vit_b_01ec64.pth", "/small.pt", SMALL),
+        "bert-base-uncased": {"files": [
+            {"path": "bert-base-uncased/config.json", "urls": [server.url + "/bert/config.json"],
+             "sha256": sha(server.files["/bert/config.json"])},
+            {"path": "bert-base-uncased/vocab.txt", "urls": [server.url + "/bert/vocab.txt"],
+             "sha256": sha(server.files["/bert/vocab.txt"])},
+        ]},
+    }
+
+
+def test_ensure_fetches_what_the_settings_need(server, tmp_path):
+    models = tmp_path / "models"
+    settings = Settings.from_env({"MODEL_DIR": str(models)})
+    assert settings.groundingdino_text_encoder == str(models / "bert-base-uncased")  # a directory by default
+    paths = weights.ensure(settings, fake_manifest(server), **FAST)
+    assert sorted(p.relative_to(models).as_posix() for p in paths) == [
+        "bert-base-uncased/config.json", "bert-base-uncased/vocab.txt", "groundingdino_swint_ogc.pth",
+        "mobile_sam.pt"]
+    assert not (models / "sam_vit_b_01ec64.pth").exists()  # not needed with MobileSAM
+    server.requests.clear()
+    weights.ensure(settings, fake_manifest(server), **FAST)  # second start: nothing to fetch
+    assert server.requests == []
+
+
+def test_ensure_follows_use_sam_and_a_hub_text_encoder_needs_nothing(server, tmp_path):
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "USE_SAM": "true", "SAM_MODEL_TYPE": "vit_b",
+                                  "GROUNDINGDINO_TEXT_ENCODER": "bert-base-uncased"})  # a hub id: transformers' cache
+    paths = weights.ensure(settings, fake_manifest(server), **FAST)
+    assert sorted(p.name for p in paths) == ["groundingdino_swint_ogc.pth", "sam_vit_b_01ec64.pth"]
+
+
+def test_ensure_accepts_your_own_files_and_names_the_variable_when_missing(server, tmp_path):
+    own = tmp_path / "my_finetuned_dino.pth"
+    env = {"MODEL_DIR": str(tmp_path), "GROUNDINGDINO_CHECKPOINT": str(own), "USE_MOBILE_SAM": "false",
+           "GROUNDINGDINO_TEXT_ENCODER": "bert-base-uncased"}
+    with pytest.raises(weights.DownloadError, match=f"GROUNDINGDINO_CHECKPOINT={own}: file not found"):
+        weights.ensure(Settings.from_env(env), fake_manifest(server), **FAST)
+    own.write_bytes(b"mine")
+    assert weights.ensure(Settings.from_env(env), fake_manifest(server), **FAST) == []
+    assert server.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "weights.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+
+
+def test_command_line_named_entries_and_errors(server, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(fake_manifest(server)))
+    target = tmp_path / "models"
+    # The Docker build runs it next to nothing else (its layer must not depend on config.py): a lone copy here.
+    alone = tmp_path / "build" / "weights.py"
+    alone.parent.mkdir()
+    alone.write_bytes((ROOT / "weights.py").read_bytes())
+    done = subprocess.run([sys.executable, str(alone), "--manifest", str(manifest), "--dir", str(target),
+                           "mobile_sam.pt", "bert-base-uncased"], cwd=alone.parent, capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert (target / "mobile_sam.pt").read_bytes() == SMALL
+    assert (target / "bert-base-uncased" / "vocab.txt").exists()
+
+    unknown = run_cli("--manifest", str(manifest), "--dir", str(target), "nope.pth")
+    assert unknown.returncode == 1 and "error: unknown name(s) nope.pth" in unknown.stderr
+
+    data = fake_manifest(server)
+    data["mobile_sam.pt"]["files"][0]["sha256"] = "f" * 64
+    manifest.write_text(json.dumps(data))
+    (target / "mobile_sam.pt").unlink()
+    bad = run_cli("--manifest", str(manifest), "--dir", str(target), "--quiet", "mobile_sam.pt")
+    assert bad.returncode == 1 and "error:" in bad.stderr and "expected " + "f" * 64 in bad.stderr
+    assert not (target / "mobile_sam.pt").exists()
+
+
+def test_command_line_without_names_uses_the_settings(server, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(fake_manifest(server)))
+    done = subprocess.run([sys.executable, str(ROOT / "weights.py"), "--manifest", str(manifest), "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        weights.STAMP, "bert-base-uncased", "groundingdino_swint_ogc.pth", "mobile_sam.pt"]  # MODEL_DIR's default
+
+
+# ---------------------------------------------------------------------------------------------- the real manifest
+
+def test_the_real_manifest_is_pinned_and_verified():
+    manifest = weights.load_manifest()
+    for name, item in manifest.items():
+        for spec in item["files"]:
+            assert spec["sha256"], f"{name}: {spec['path']} has no digest"
+            assert spec["size"], f"{name}: {spec['path']} has no size"
+            for url in spec["urls"]:
+                assert url.startswith("https://"), url
+                assert not re.search(r"/(main|master|latest)/", url), f"{url} is not pinned"
+    for file_name in (*SAM_CHECKPOINT_NAMES.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt"):
+        assert file_name in manifest, file_name  # every default checkpoint name can be fetched
+    settings = Settings()
+    for path in (settings.groundingdino_checkpoint, settings.sam_checkpoint, settings.mobilesam_checkpoint):
+        assert Path(path).name in manifest
+    bert = [spec["path"] for spec in manifest["bert-base-uncased"]["files"]]
+    assert {"bert-base-uncased/config.json", "bert-base-uncased/vocab.txt"} <= set(bert)
+    assert any(p.endswith(("model.safetensors", "pytorch_model.bin")) for p in bert)
+    assert all(weights.BERT_REVISION in spec["urls"][0] for spec in manifest["bert-base-uncased"]["files"])
