@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -49,19 +50,25 @@ class EmbeddingCache:
 
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[Any, int, float]] = OrderedDict()  # value, bytes, created
         self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        """The value cached under `key`, or `compute()`'s result, cached if it fits."""
+    def get(self, key: Hashable, compute: Callable[[], Any], max_age: float | None = None) -> Any:
+        """The value cached under `key`, or `compute()`'s result, cached if it fits.
+
+        max_age: seconds after which a cached value is computed afresh (None: never)."""
         with self._lock:
-            if key in self._entries:
+            entry = self._entries.get(key)
+            if entry is not None and max_age is not None and time.monotonic() - entry[2] > max_age:
+                self._remove(key)
+                entry = None
+            if entry is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return self._entries[key][0]
+                return entry[0]
             pending = self._pending.get(key)
             if pending is None:
                 self.misses += 1
@@ -89,12 +96,15 @@ class EmbeddingCache:
         size = nbytes(value)
         if self.max_entries < 1 or size > self.max_bytes:
             return  # too big to keep: returned, not cached
-        self._entries[key] = (value, size)
+        self._entries[key] = (value, size, time.monotonic())
         self.bytes += size
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.bytes -= evicted
+            self._remove(next(iter(self._entries)))
             self.evictions += 1
+
+    def _remove(self, key: Hashable) -> None:
+        _, size, _ = self._entries.pop(key)
+        self.bytes -= size
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -89,6 +89,7 @@ class Settings:
     # Per-image model state (SAM embeddings, Grounding DINO features) kept for repeated prompts
     embedding_cache_size: int = 16
     embedding_cache_mb: float = 1024.0
+    image_cache_seconds: float = 300.0
     # Detection
     box_threshold: float = 0.3
     text_threshold: float = 0.25
@@ -143,6 +144,7 @@ class Settings:
             device=device,
             embedding_cache_size=_number(env, "EMBEDDING_CACHE_SIZE", cls.embedding_cache_size, int, 0),
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", cls.embedding_cache_mb, float, 0.0),
+            image_cache_seconds=_number(env, "IMAGE_CACHE_SECONDS", cls.image_cache_seconds, float, 0.0),
             box_threshold=_number(env, "BOX_THRESHOLD", cls.box_threshold, float, 0.0, 1.0),
             text_threshold=_number(env, "TEXT_THRESHOLD", cls.text_threshold, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),

@@ -173,7 +173,8 @@ class GroundedSAM(LabelStudioMLBase):
             reasons = "; ".join(f"{p!r}: {why}" for p, why in plan.skipped) or "it has no phrase"
             raise RequestError(f"prompt {prompt!r} gives nothing to detect: {reasons}", status=422)
         models = self.loader.get()
-        return self._each_task(tasks, lambda image: self._text_regions(image, plan, params, models))
+        return self._each_task(tasks, models, lambda image, image_id: self._text_regions(image, image_id, plan,
+                                                                                         params, models))
 
     def _predict_clicks(self, tasks: list[dict], clicks: ClickPrompt) -> list[dict]:
         config = self.config
@@ -185,9 +186,22 @@ class GroundedSAM(LabelStudioMLBase):
         models = self.loader.get()
         if models.segmenter is None:
             raise RequestError("clicks need a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true", status=422)
-        return self._each_task(tasks, lambda image: self._click_regions(image, clicks, label, models))
+        return self._each_task(tasks, models, lambda image, image_id: self._click_regions(image, image_id, clicks,
+                                                                                          label, models))
 
-    def _each_task(self, tasks: list[dict], regions_for: Callable[[np.ndarray], list[dict]]) -> list[dict]:
+    def _image(self, url: str, models: Models) -> tuple[np.ndarray, str]:
+        """The task image (H, W, 3) RGB and its pixel digest. Kept in the cache for IMAGE_CACHE_SECONDS so
+        a series of clicks on one image downloads and decodes it once."""
+        hostname, token = self.get("hostname"), self.get("access_token")
+
+        def fetch():
+            image = self.images.load(url, hostname=hostname, access_token=token)
+            return image, image_digest(image)
+
+        return models.cache.get(("image", url, hostname), fetch, max_age=self.settings.image_cache_seconds)
+
+    def _each_task(self, tasks: list[dict], models: Models,
+                   regions_for: Callable[[np.ndarray, str], list[dict]]) -> list[dict]:
         """One prediction per task; a task whose image can't be used gets an empty one."""
         results = []
         for task in tasks:
@@ -197,8 +211,8 @@ class GroundedSAM(LabelStudioMLBase):
                 if not isinstance(url, str) or not url:
                     raise TaskError(f"task data has no image URL under {self.config.image_key!r}")
                 started = time.perf_counter()
-                image = self.images.load(url, hostname=self.get("hostname"), access_token=self.get("access_token"))
-                regions = regions_for(image)
+                image, image_id = self._image(url, models)
+                regions = regions_for(image, image_id)
                 logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task.get("id"), image.shape[1],
                             image.shape[0], len(regions), time.perf_counter() - started)
                 results.append(prediction(regions, self.model_version))
@@ -210,8 +224,8 @@ class GroundedSAM(LabelStudioMLBase):
     def _empty(self) -> dict:
         return prediction([], self.model_version)
 
-    def _text_regions(self, image: np.ndarray, plan: PromptPlan, params: ProjectParams, models: Models) -> list[dict]:
-        image_id = image_digest(image)
+    def _text_regions(self, image: np.ndarray, image_id: str, plan: PromptPlan, params: ProjectParams,
+                      models: Models) -> list[dict]:
         t0 = time.perf_counter()
         detections = models.detector.detect(
             image, plan.phrases, params.box_threshold, params.text_threshold,
@@ -228,13 +242,14 @@ class GroundedSAM(LabelStudioMLBase):
                      len(detections), t1 - t0, t2 - t1, time.perf_counter() - t2)
         return regions
 
-    def _click_regions(self, image: np.ndarray, clicks: ClickPrompt, label: str, models: Models) -> list[dict]:
+    def _click_regions(self, image: np.ndarray, image_id: str, clicks: ClickPrompt, label: str,
+                       models: Models) -> list[dict]:
         height, width = image.shape[:2]
         scale = np.array([width, height], np.float64) / 100.0
         points = np.array(clicks.points, np.float64).reshape(-1, 2) * scale
         box = None if clicks.box is None else np.array(clicks.box, np.float64) * np.tile(scale, 2)
         mask, score = models.segmenter.segment_prompt(image, points, np.array(clicks.point_labels, np.int64), box,
-                                                      image_id=image_digest(image))
+                                                      image_id=image_id)
         ys, xs = np.nonzero(mask)
         xyxy = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] if len(xs) else [[0, 0, 0, 0]]
         detections = Detections(np.array(xyxy, np.float32), [score], [label], mask[None])

@@ -52,7 +52,7 @@ LS_TOKEN = "grounded-sam-ci-legacy-token"  # LABEL_STUDIO_USER_TOKEN: any string
 MODEL_VERSION = "groundingdino_tiny+mobile_sam"  # what our /setup answers with the generated checkpoints
 LABELS = {"cats", "house"}
 FROM_NAMES = {"rectanglelabels": "label", "brushlabels": "label2"}  # GUIDE_CONFIG's controls
-LS_START_TIMEOUT = 300  # a fresh data dir runs all migrations: 33-45 s on an idle 2-core machine
+LS_START_TIMEOUT = 300  # a fresh data dir runs all migrations: 55-120 s on a busy 2-core machine
 MODELS_TIMEOUT = 300
 
 _live: list[Process] = []  # started and not yet stopped, for log tails on failure
@@ -141,6 +141,20 @@ class Process:
 def pytest_collection_modifyitems(session, config, items):
     """Run the Label Studio tests last and together, so the stack they share is up only while they run."""
     items.sort(key=lambda item: item.get_closest_marker("label_studio") is not None)  # stable: order otherwise kept
+
+
+def stop_all(processes: list[Process | None]) -> None:
+    """Stop each process (all of them, even when one fails to stop); then raise the first failure."""
+    errors = []
+    for process in processes:
+        if process is None:
+            continue
+        try:
+            process.stop()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are stopped
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -485,9 +499,7 @@ def e2e_stack(request, tmp_path_factory) -> Stack:
         wait_models(backend)
         yield Stack(ls, backend, round(time.perf_counter() - started, 1))
     finally:
-        if backend is not None:
-            backend.process.stop()
-        ls.process.stop()
+        stop_all([backend.process if backend else None, ls.process])
 
 
 @pytest.fixture(scope="session")

@@ -446,3 +446,11 @@ def test_a_refused_setup_stores_nothing(client):
     assert client.post("/setup", json=setup_payload({"prompt": "cat", "box_threshold": 7})).status_code == 400
     client.post("/predict", json=predict_payload([task()], None))
     assert client.loader.models.detector.calls[-1][0] == ["house"]
+
+
+@pytest.mark.parametrize("seconds, fetches", [("300", 1), ("0", 3)])
+def test_a_series_of_clicks_fetches_the_image_once(make_client, images, seconds, fetches):
+    client = make_client(IMAGE_CACHE_SECONDS=seconds)
+    for x in (20, 40, 60):
+        assert click_request(client, [keypoint(x, 50)]).status_code == 200
+    assert [path for path, _ in images.requests].count("/data/upload/1/aa-cat.png") == fetches

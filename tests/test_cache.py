@@ -132,3 +132,16 @@ def test_image_digest_is_pixel_identity():
 )
 def test_nbytes(value, expected):
     assert nbytes(value) == expected
+
+
+def test_max_age_recomputes_stale_entries(monkeypatch):
+    cache, compute = EmbeddingCache(4, 10_000), Counting()
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    cache.get("a", compute, max_age=60)
+    now[0] += 59
+    cache.get("a", compute, max_age=60)
+    assert compute.calls == 1
+    now[0] += 2
+    cache.get("a", compute, max_age=60)
+    assert compute.calls == 2 and len(cache) == 1 and cache.bytes == 100
