@@ -15,7 +15,7 @@ class Detections:
     scores: (N,) float32 in [0, 1], the detector's confidence.
     labels: N config label names (the label each region will carry).
     masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size. An array,
-            or a lazy sequence with the same shape/dtype/indexing (sam_wrapper.UpscaledMasks).
+            or a lazy sequence with the same len/shape/dtype (sam_wrapper.UpscaledMasks).
     """
 
     xyxy: np.ndarray
@@ -45,18 +45,6 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.xyxy)
-
-    def select(self, index) -> Detections:
-        """Rows picked by an index array or boolean mask, in that order."""
-        index = np.asarray(index)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        return Detections(
-            self.xyxy[index],
-            self.scores[index],
-            tuple(self.labels[i] for i in index),
-            None if self.masks is None else self.masks[index],
-        )
 
     def with_masks(self, masks: np.ndarray) -> Detections:
         return replace(self, masks=masks)

@@ -57,11 +57,8 @@ class UpscaledMasks:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, index):
-        if isinstance(index, int | np.integer):
-            return self._chunk(int(index), int(index) + 1)[0]
-        index = torch.as_tensor(np.arange(len(self))[index])
-        return UpscaledMasks(self.low_res[index], self.embedding, self.model)
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._chunk(index, index + 1)[0]
 
     def __iter__(self):
         height, width = self.embedding.original_size

@@ -63,21 +63,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SPEEDUP_TARGET = 3.0  # ours at least this many times faster than the straight path
 MEMORY_TARGET = 0.25  # ours' extra peak at most this fraction of the straight path's
 
-# The labeling config of the Label Studio guide (as in tests/test_labeling.py).
-GUIDE_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <View className="prompt">
-  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
-  </View>
-  <RectangleLabels name="label" toName="image">
-    <Label value="cats" background="yellow"/>
-    <Label value="house" background="blue"/>
-  </RectangleLabels>
-  <BrushLabels name="label2" toName="image">
-    <Label value="cats" background="yellow"/>
-    <Label value="house" background="blue"/>
-  </BrushLabels>
-</View>"""
+from test_labeling import GUIDE_CONFIG  # noqa: E402  (the guide's labeling config)
 
 PROMPT = "round thing_cats. box_house"
 # Label Studio's context for an interactive TextArea prompt (the shape of tests/test_api.py TEXTAREA_CONTEXT).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import requests
 from label_studio_harness import (
@@ -27,13 +28,29 @@ from label_studio_harness import (
     wait_models,
     write_artifact,
 )
+from model_factory import make_image
+from test_e2e_gunicorn import encode
+from test_labeling import GUIDE_CONFIG
 
 pytest_plugins = ["label_studio_harness"]
 pytestmark = pytest.mark.label_studio
 
 TEXT_PROMPT = "round thing_cats. box_house"
 PROJECT_PROMPT = "round thing_cats"  # maps only to `cats`: tells the project's prompt from the default one
-TIMINGS: dict[str, float | list[float]] = {}
+TIMINGS: dict[str, float | list[float] | dict] = {}
+
+# The guide's config (TextArea prompt, RectangleLabels, BrushLabels) plus the README's smart tools.
+SMART_TOOLS = """  <KeyPointLabels name="click" toName="image" smart="true">
+    <Label value="cats" background="yellow"/>
+  </KeyPointLabels>
+  <RectangleLabels name="smartbox" toName="image" smart="true">
+    <Label value="cats" background="yellow"/>
+  </RectangleLabels>
+</View>"""
+SMART_CONFIG = GUIDE_CONFIG.removesuffix("</View>") + SMART_TOOLS
+# An image no other test uses, so its first click is the first time our service sees it; a red disc around
+# (30 %, 40 %) and a blue block at (55-90 %, 50-85 %) (make_image).
+CLICK_PNG = ("clicks.png", encode(make_image(240, 60, seed=21), "PNG"), "image/png", (240, 60))
 
 
 @dataclass
@@ -107,6 +124,102 @@ def test_interactive_text_prompt_gives_boxes_and_masks(label_studio: LabelStudio
     TIMINGS["interactive_round_trip_first_s"] = round_trips
     TIMINGS["interactive_round_trip_repeat_s"] = round(seconds, 3)
     write_artifact("label_studio_timings.json", TIMINGS)
+
+
+@dataclass
+class ClickProject:
+    id: int
+    ml_backend: int
+    task: int
+    size: tuple[int, int]  # displayed (width, height)
+
+
+@pytest.fixture(scope="module")
+def click_project(label_studio: LabelStudio, backend: Backend) -> ClickProject:
+    """A second project, with smart KeyPointLabels and RectangleLabels next to the guide's controls."""
+    ls = label_studio
+    pid = ls.create_project("Grounded SAM clicks", SMART_CONFIG)
+    name, data, content_type, size = CLICK_PNG
+    ls.upload(pid, name, data, content_type)
+    (task,) = ls.tasks(pid)
+    ml = ls.connect_backend(pid, backend.url, {})
+    assert ml["state"] == "CO", ml
+    return ClickProject(pid, ml["id"], task["id"], size)
+
+
+def smart_keypoint(x: float, y: float, size: tuple[int, int], is_positive: bool | None = True) -> dict:
+    """A smart keypoint region as the labeling UI sends it: percent of the displayed image; Alt-click sends
+    is_positive false, and some positive clicks come without is_positive."""
+    width, height = size
+    region = {"original_width": width, "original_height": height, "image_rotation": 0,
+              "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["cats"]},
+              "id": f"kp{x:g}-{y:g}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+              "origin": "manual"}
+    if is_positive is not None:
+        region["is_positive"] = is_positive
+    return region
+
+
+def smart_rectangle(x: float, y: float, w: float, h: float, size: tuple[int, int]) -> dict:
+    width, height = size
+    return {"original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": ["cats"]},
+            "id": "smartbox1", "from_name": "smartbox", "to_name": "image", "type": "rectanglelabels",
+            "origin": "manual"}
+
+
+def test_smart_clicks_give_one_brush_and_reuse_the_embedding(
+        label_studio: LabelStudio, click_project: ClickProject, backend: Backend):
+    """Smart keypoints and a smart rectangle, as the UI sends them through LS's interactive-annotating: one brush
+    mask each. The image is encoded at the first click only: the next ones hit the embedding cache."""
+    from label_studio_sdk.converter import brush
+
+    ls, p = label_studio, click_project
+    width, height = p.size
+    steps = {
+        "one_keypoint": [smart_keypoint(30, 40, p.size)],
+        "positive_and_negative_keypoints": [smart_keypoint(30, 40, p.size, is_positive=None),
+                                            smart_keypoint(75, 70, p.size, is_positive=False)],
+        "smart_rectangle": [smart_rectangle(18, 10, 24, 65, p.size)],
+    }
+    round_trips, cache = {}, []
+    for step, regions in steps.items():
+        before = backend.health()["embedding_cache"]
+        answer, seconds = ls.interactive(p.ml_backend, p.task, {"result": regions})
+        after = backend.health()["embedding_cache"]
+        round_trips[step] = round(seconds, 3)
+        cache.append({"hits": after["hits"] - before["hits"], "misses": after["misses"] - before["misses"]})
+        assert "errors" not in answer, f"{step}: {answer}"
+        assert answer["data"]["model_version"] == MODEL_VERSION
+        (region,) = answer["data"]["result"]  # exactly one region: the mask (the click already is the region)
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "label2", "image"), step
+        assert region["value"]["brushlabels"] == ["cats"], step
+        assert (region["original_width"], region["original_height"]) == (width, height), step
+        decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
+        assert decoded.size == width * height * 4, f"{step}: RLE of {decoded.size} values, not {width}x{height}x4"
+        assert decoded.reshape(height, width, 4)[:, :, 3].any(), f"{step}: empty mask"
+        assert region_problems([region], p.size) == []
+    TIMINGS["click_round_trip_s"] = round_trips
+    TIMINGS["click_embedding_cache"] = cache
+    write_artifact("label_studio_timings.json", TIMINGS)
+    # The first click downloads the image and runs SAM's image encoder (two cache misses); the next ones find
+    # both in the cache: hits only.
+    assert cache[0]["misses"] >= 1, cache
+    for step, delta in zip(list(steps)[1:], cache[1:], strict=True):
+        assert delta["misses"] == 0 and delta["hits"] >= 1, f"{step} re-encoded the image: {cache}"
+    assert ls.predictions(p.task) == []  # suggestions, never stored
+
+    # The TextArea prompt still works in the same config, and reuses the image's SAM embedding.
+    before = backend.health()["embedding_cache"]
+    answer, seconds = ls.interactive(p.ml_backend, p.task, textarea_context(TEXT_PROMPT))
+    TIMINGS["click_project_text_prompt_s"] = round(seconds, 3)
+    write_artifact("label_studio_timings.json", TIMINGS)
+    assert "errors" not in answer, answer
+    regions = answer["data"]["result"]
+    assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
+    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the guide's controls, not the smart ones
+    assert region_problems(regions, p.size) == []
+    assert backend.health()["embedding_cache"]["hits"] > before["hits"]
 
 
 def retrieve(ls: LabelStudio, project: Project) -> dict[int, list[dict]]:
