@@ -87,7 +87,7 @@ class Settings:
     mobilesam_checkpoint: str = "models/mobile_sam.pt"
     device: str = "auto"
     # Per-image model state (SAM embeddings, Grounding DINO features) kept for repeated prompts
-    embedding_cache_size: int = 16
+    embedding_cache_size: int = 64
     embedding_cache_mb: float = 1024.0
     image_cache_seconds: float = 300.0
     # Detection

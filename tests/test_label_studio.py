@@ -126,102 +126,6 @@ def test_interactive_text_prompt_gives_boxes_and_masks(label_studio: LabelStudio
     write_artifact("label_studio_timings.json", TIMINGS)
 
 
-@dataclass
-class ClickProject:
-    id: int
-    ml_backend: int
-    task: int
-    size: tuple[int, int]  # displayed (width, height)
-
-
-@pytest.fixture(scope="module")
-def click_project(label_studio: LabelStudio, backend: Backend) -> ClickProject:
-    """A second project, with smart KeyPointLabels and RectangleLabels next to the guide's controls."""
-    ls = label_studio
-    pid = ls.create_project("Grounded SAM clicks", SMART_CONFIG)
-    name, data, content_type, size = CLICK_PNG
-    ls.upload(pid, name, data, content_type)
-    (task,) = ls.tasks(pid)
-    ml = ls.connect_backend(pid, backend.url, {})
-    assert ml["state"] == "CO", ml
-    return ClickProject(pid, ml["id"], task["id"], size)
-
-
-def smart_keypoint(x: float, y: float, size: tuple[int, int], is_positive: bool | None = True) -> dict:
-    """A smart keypoint region as the labeling UI sends it: percent of the displayed image; Alt-click sends
-    is_positive false, and some positive clicks come without is_positive."""
-    width, height = size
-    region = {"original_width": width, "original_height": height, "image_rotation": 0,
-              "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["cats"]},
-              "id": f"kp{x:g}-{y:g}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
-              "origin": "manual"}
-    if is_positive is not None:
-        region["is_positive"] = is_positive
-    return region
-
-
-def smart_rectangle(x: float, y: float, w: float, h: float, size: tuple[int, int]) -> dict:
-    width, height = size
-    return {"original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": ["cats"]},
-            "id": "smartbox1", "from_name": "smartbox", "to_name": "image", "type": "rectanglelabels",
-            "origin": "manual"}
-
-
-def test_smart_clicks_give_one_brush_and_reuse_the_embedding(
-        label_studio: LabelStudio, click_project: ClickProject, backend: Backend):
-    """Smart keypoints and a smart rectangle, as the UI sends them through LS's interactive-annotating: one brush
-    mask each. The image is encoded at the first click only: the next ones hit the embedding cache."""
-    from label_studio_sdk.converter import brush
-
-    ls, p = label_studio, click_project
-    width, height = p.size
-    steps = {
-        "one_keypoint": [smart_keypoint(30, 40, p.size)],
-        "positive_and_negative_keypoints": [smart_keypoint(30, 40, p.size, is_positive=None),
-                                            smart_keypoint(75, 70, p.size, is_positive=False)],
-        "smart_rectangle": [smart_rectangle(18, 10, 24, 65, p.size)],
-    }
-    round_trips, cache = {}, []
-    for step, regions in steps.items():
-        before = backend.health()["embedding_cache"]
-        answer, seconds = ls.interactive(p.ml_backend, p.task, {"result": regions})
-        after = backend.health()["embedding_cache"]
-        round_trips[step] = round(seconds, 3)
-        cache.append({"hits": after["hits"] - before["hits"], "misses": after["misses"] - before["misses"]})
-        assert "errors" not in answer, f"{step}: {answer}"
-        assert answer["data"]["model_version"] == MODEL_VERSION
-        (region,) = answer["data"]["result"]  # exactly one region: the mask (the click already is the region)
-        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "label2", "image"), step
-        assert region["value"]["brushlabels"] == ["cats"], step
-        assert (region["original_width"], region["original_height"]) == (width, height), step
-        decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
-        assert decoded.size == width * height * 4, f"{step}: RLE of {decoded.size} values, not {width}x{height}x4"
-        assert decoded.reshape(height, width, 4)[:, :, 3].any(), f"{step}: empty mask"
-        assert region_problems([region], p.size) == []
-    TIMINGS["click_round_trip_s"] = round_trips
-    TIMINGS["click_embedding_cache"] = cache
-    write_artifact("label_studio_timings.json", TIMINGS)
-    # The first click downloads the image and runs SAM's image encoder (two cache misses); the next ones find
-    # both in the cache: hits only.
-    assert cache[0]["misses"] >= 1, cache
-    for step, delta in zip(list(steps)[1:], cache[1:], strict=True):
-        assert delta["misses"] == 0 and delta["hits"] >= 1, f"{step} re-encoded the image: {cache}"
-    assert ls.predictions(p.task) == []  # suggestions, never stored
-
-    # The TextArea prompt still works in the same config, and reuses the image's SAM embedding.
-    before = backend.health()["embedding_cache"]
-    answer, seconds = ls.interactive(p.ml_backend, p.task, textarea_context(TEXT_PROMPT))
-    TIMINGS["click_project_text_prompt_s"] = round(seconds, 3)
-    write_artifact("label_studio_timings.json", TIMINGS)
-    assert "errors" not in answer, answer
-    regions = answer["data"]["result"]
-    assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
-    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the guide's controls, not the smart ones
-    assert region_problems(regions, p.size) == []
-    assert backend.health()["embedding_cache"]["hits"] > before["hits"]
-
-
 def retrieve(ls: LabelStudio, project: Project) -> dict[int, list[dict]]:
     """Retrieve Predictions over all tasks; the stored prediction of each task (exactly one)."""
     started = time.perf_counter()
@@ -334,3 +238,103 @@ def test_personal_access_token_with_legacy_tokens_off(
             if second is not None:
                 second.process.stop()  # also checks its port is closed
     assert ls.json("GET", "/api/current-user/whoami")["email"]
+
+
+@dataclass
+class ClickProject:
+    id: int
+    ml_backend: int
+    task: int
+    size: tuple[int, int]  # displayed (width, height)
+
+
+@pytest.fixture(scope="module")
+def click_project(label_studio: LabelStudio, backend: Backend) -> ClickProject:
+    """A second project, with smart KeyPointLabels and RectangleLabels next to the guide's controls."""
+    ls = label_studio
+    pid = ls.create_project("Grounded SAM clicks", SMART_CONFIG)
+    name, data, content_type, size = CLICK_PNG
+    ls.upload(pid, name, data, content_type)
+    (task,) = ls.tasks(pid)
+    ml = ls.connect_backend(pid, backend.url, {})
+    assert ml["state"] == "CO", ml
+    return ClickProject(pid, ml["id"], task["id"], size)
+
+
+def smart_keypoint(x: float, y: float, size: tuple[int, int], is_positive: bool | None = True) -> dict:
+    """A smart keypoint region as the labeling UI sends it: percent of the displayed image; Alt-click sends
+    is_positive false, and some positive clicks come without is_positive."""
+    width, height = size
+    region = {"original_width": width, "original_height": height, "image_rotation": 0,
+              "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["cats"]},
+              "id": f"kp{x:g}-{y:g}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+              "origin": "manual"}
+    if is_positive is not None:
+        region["is_positive"] = is_positive
+    return region
+
+
+def smart_rectangle(x: float, y: float, w: float, h: float, size: tuple[int, int]) -> dict:
+    width, height = size
+    return {"original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": ["cats"]},
+            "id": "smartbox1", "from_name": "smartbox", "to_name": "image", "type": "rectanglelabels",
+            "origin": "manual"}
+
+
+def test_smart_clicks_give_one_brush_and_reuse_the_embedding(
+        label_studio: LabelStudio, click_project: ClickProject, backend: Backend):
+    """Smart keypoints and a smart rectangle, as the UI sends them through LS's interactive-annotating: one brush
+    mask each. The image is encoded at the first click only: the next ones hit the embedding cache.
+
+    Last in the module: its entries push older images out of the bounded cache (EMBEDDING_CACHE_SIZE), which would
+    slow the Retrieve Predictions steps above and blur their timings."""
+    from label_studio_sdk.converter import brush
+
+    ls, p = label_studio, click_project
+    width, height = p.size
+    steps = {
+        "one_keypoint": [smart_keypoint(30, 40, p.size)],
+        "positive_and_negative_keypoints": [smart_keypoint(30, 40, p.size, is_positive=None),
+                                            smart_keypoint(75, 70, p.size, is_positive=False)],
+        "smart_rectangle": [smart_rectangle(18, 10, 24, 65, p.size)],
+    }
+    round_trips, cache = {}, []
+    for step, regions in steps.items():
+        before = backend.health()["embedding_cache"]
+        answer, seconds = ls.interactive(p.ml_backend, p.task, {"result": regions})
+        after = backend.health()["embedding_cache"]
+        round_trips[step] = round(seconds, 3)
+        cache.append({"hits": after["hits"] - before["hits"], "misses": after["misses"] - before["misses"]})
+        assert "errors" not in answer, f"{step}: {answer}"
+        assert answer["data"]["model_version"] == MODEL_VERSION
+        (region,) = answer["data"]["result"]  # exactly one region: the mask (the click already is the region)
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "label2", "image"), step
+        assert region["value"]["brushlabels"] == ["cats"], step
+        assert (region["original_width"], region["original_height"]) == (width, height), step
+        decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
+        assert decoded.size == width * height * 4, f"{step}: RLE of {decoded.size} values, not {width}x{height}x4"
+        assert decoded.reshape(height, width, 4)[:, :, 3].any(), f"{step}: empty mask"
+        assert region_problems([region], p.size) == []
+    TIMINGS["click_round_trip_s"] = round_trips
+    TIMINGS["click_embedding_cache"] = cache
+    write_artifact("label_studio_timings.json", TIMINGS)
+    # The first click downloads the image and runs SAM's image encoder (two cache misses); the next ones find
+    # both in the cache: hits only.
+    assert cache[0]["misses"] >= 1, cache
+    for step, delta in zip(list(steps)[1:], cache[1:], strict=True):
+        assert delta["misses"] == 0 and delta["hits"] >= 1, f"{step} re-encoded the image: {cache}"
+    assert ls.predictions(p.task) == []  # suggestions, never stored
+
+    # The TextArea prompt still works in the same config, and reuses the image's SAM embedding.
+    before = backend.health()["embedding_cache"]
+    answer, seconds = ls.interactive(p.ml_backend, p.task, textarea_context(TEXT_PROMPT))
+    TIMINGS["click_project_text_prompt_s"] = round(seconds, 3)
+    write_artifact("label_studio_timings.json", TIMINGS)
+    assert "errors" not in answer, answer
+    regions = answer["data"]["result"]
+    assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
+    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the guide's controls, not the smart ones
+    assert region_problems(regions, p.size) == []
+    # Hits for the image and its SAM embedding at least (Grounding DINO's features of it are new: misses).
+    assert backend.health()["embedding_cache"]["hits"] >= before["hits"] + 2
