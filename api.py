@@ -8,7 +8,6 @@ BASIC_AUTH_PASS set, every route but /health needs those credentials.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import threading
 import time
@@ -26,16 +25,24 @@ logger = logging.getLogger(__name__)
 ModelFactory = Callable[[str | None, str | None], LabelStudioMLBase]
 
 
+def json_object(data: str | bytes, what: str) -> dict:
+    """Parse `data` as a JSON object, or raise RequestError naming `what` and the problem."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise RequestError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def parse_extra_params(raw) -> dict:
     """extra_params arrives as an object (set through the API), a JSON string (typed into the UI's
     "Extra params" box), or null/empty. Returns a dict or raises RequestError."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return {}
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"extra_params is not valid JSON: {e.msg} at position {e.pos}") from None
+        return json_object(raw, "extra_params")
     if not isinstance(raw, dict):
         raise RequestError(f"extra_params must be a JSON object, got {type(raw).__name__}")
     return raw
@@ -81,13 +88,7 @@ def _json_body() -> dict:
     data = request.get_data(cache=True)
     if not data:
         raise RequestError("request body is empty: expected a JSON object")
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
+    return json_object(data, "request body")
 
 
 def create_app(

@@ -189,10 +189,15 @@ class GroundedSAM(LabelStudioMLBase):
         return self._each_task(tasks, models, lambda image, image_id: self._click_regions(image, image_id, clicks,
                                                                                           label, models))
 
+    @cached_property
+    def label_studio_access(self) -> tuple[str | None, str | None]:
+        """The Label Studio host and token /setup sent (fallbacks for image downloads), read once a request."""
+        return self.get("hostname"), self.get("access_token")
+
     def _image(self, url: str, models: Models) -> tuple[np.ndarray, str]:
         """The task image (H, W, 3) RGB and its pixel digest. Kept in the cache for IMAGE_CACHE_SECONDS so
         a series of clicks on one image downloads and decodes it once."""
-        hostname, token = self.get("hostname"), self.get("access_token")
+        hostname, token = self.label_studio_access
 
         def fetch():
             image = self.images.load(url, hostname=hostname, access_token=token)
