@@ -18,6 +18,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from cache import EmbeddingCache
 from config import ModelLoadError, require_file
 from dino import resolve_device
+from sam_decoder import DecoderInput, PromptDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +30,15 @@ _UPSCALE_CHUNK_PIXELS = 64 * 2**20
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """One image encoded by SAM's image encoder.
+    """One image encoded by SAM's image encoder, ready for the mask decoder.
 
-    features: (1, 256, 64, 64) float tensor on the model's device.
+    decoder_input: the image encoder's (1, 256, 64, 64) features and the decoder's image-only work on
+    them (sam_decoder.DecoderInput), on the model's device.
     input_size: (h, w) of the resized image inside the 1024x1024 input.
     original_size: (H, W) of the image.
     """
 
-    features: torch.Tensor
+    decoder_input: DecoderInput
     input_size: tuple[int, int]
     original_size: tuple[int, int]
 
@@ -93,6 +95,7 @@ class Segmenter:
         self.name = name
         self.cache = cache
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.decoder = PromptDecoder(self.model)
         self._lock = threading.Lock()
 
     @classmethod
@@ -124,7 +127,8 @@ class Segmenter:
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         with self._lock:
             features = self.model.image_encoder(self.model.preprocess(tensor))
-        return ImageEmbedding(features, tuple(tensor.shape[-2:]), tuple(image.shape[:2]))
+            decoder_input = self.decoder.prepare(features)
+        return ImageEmbedding(decoder_input, tuple(tensor.shape[-2:]), tuple(image.shape[:2]))
 
     def embedding_for(self, image: np.ndarray, image_id: str | None = None) -> ImageEmbedding:
         """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
@@ -158,15 +162,8 @@ class Segmenter:
                                      device=self.device)
             pts = (coords, torch.as_tensor(point_labels, dtype=torch.int, device=self.device))
         with self._lock:
-            sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-        return low_res, iou
+            sparse, _ = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
+            return self.decoder.decode(embedding.decoder_input, sparse, multimask)
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> UpscaledMasks:
         """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import io
@@ -106,13 +107,15 @@ def run_path(kind: str, inputs: Path, result: Path) -> None:
     from label_studio_sdk.converter import brush
 
     from regions import mask_to_rle
+    from sam_decoder import DecoderInput
     from sam_wrapper import ImageEmbedding, Segmenter
 
     data = torch.load(inputs)
     segmenter = Segmenter.load("mobile_sam", data["checkpoint"], "cpu")
     model = segmenter.model
     low_res = data["low_res"]
-    embedding = ImageEmbedding(data["features"], tuple(data["input_size"]), tuple(data["original_size"]))
+    embedding = ImageEmbedding(DecoderInput(**data["decoder_input"]), tuple(data["input_size"]),
+                               tuple(data["original_size"]))
     del data
     gc.collect()
     reset = reset_peak_rss()
@@ -218,7 +221,7 @@ def bench_regions(args, workdir: Path) -> None:
         low_res = ellipse_logits(boxes, segmenter, embedding.original_size)
         print("(--masks ellipses: the decoder's logits replaced by smooth ellipses inscribed in the boxes)")
     inputs = workdir / "inputs.pt"
-    torch.save({"low_res": low_res.detach().contiguous(), "features": embedding.features,
+    torch.save({"low_res": low_res.detach().contiguous(), "decoder_input": dataclasses.asdict(embedding.decoder_input),
                 "input_size": list(embedding.input_size), "original_size": list(embedding.original_size),
                 "checkpoint": str(checkpoint)}, inputs)
     del segmenter, image, embedding, low_res

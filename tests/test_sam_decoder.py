@@ -1,0 +1,73 @@
+"""PromptDecoder against the library's own MaskDecoder.forward: identical logits and IoUs, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_factory import tiny_sam
+
+from sam_decoder import PromptDecoder
+
+
+@pytest.fixture(scope="module", params=["segment_anything", "mobile_sam"])
+def model(request, mobile_sam_checkpoint):
+    if request.param == "segment_anything":
+        return tiny_sam(seed=1)
+    from mobile_sam import sam_model_registry
+
+    return sam_model_registry["vit_t"](checkpoint=str(mobile_sam_checkpoint)).eval()
+
+
+def prompts(batch: int, points: int, box: bool, seed: int):
+    """Random prompts in the 1024x1024 input frame: (coords (B, P, 2), labels (B, P)) or None, boxes (B, 4) or None."""
+    rng = np.random.default_rng(seed)
+    pts = None
+    if points:
+        coords = torch.as_tensor(rng.uniform(0, 1024, (batch, points, 2)), dtype=torch.float)
+        pts = (coords, torch.as_tensor(rng.integers(0, 2, (batch, points)), dtype=torch.int))
+    boxes = None
+    if box:
+        corners = np.sort(rng.uniform(0, 1024, (batch, 2, 2)), axis=1).reshape(batch, 4)
+        boxes = torch.as_tensor(corners[:, [0, 2, 1, 3]], dtype=torch.float)
+    return pts, boxes
+
+
+@pytest.mark.parametrize(
+    "batch, points, box, multimask",
+    [(1, 1, False, True), (1, 2, False, False), (1, 0, True, False), (1, 3, True, False), (5, 0, True, False),
+     (3, 1, False, True)],
+)
+def test_decode_identical_to_mask_decoder(model, batch, points, box, multimask):
+    torch.manual_seed(batch + points)
+    features = torch.randn(1, 256, 64, 64)
+    pts, boxes = prompts(batch, points, box, seed=batch * 10 + points)
+    decoder = PromptDecoder(model)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        expected_masks, expected_iou = model.mask_decoder(
+            image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+        )
+    masks, iou = decoder.decode(decoder.prepare(features), sparse, multimask)
+    channels = 3 if multimask else 1
+    assert masks.shape == (batch, channels, 256, 256) and iou.shape == (batch, channels)
+    assert masks.std() > 0 and (masks > 0).any() and (masks < 0).any()
+    assert torch.equal(masks, expected_masks)
+    assert torch.equal(iou, expected_iou)
+
+
+def test_one_prepared_image_serves_many_prompts_and_images_stay_apart(model):
+    decoder = PromptDecoder(model)
+    first, second = torch.randn(2, 1, 256, 64, 64)
+    prepared_first, prepared_second = decoder.prepare(first), decoder.prepare(second)
+    pts, _ = prompts(1, 2, False, seed=7)
+    with torch.no_grad():
+        sparse, _ = model.prompt_encoder(points=pts, boxes=None, masks=None)
+    a1, _ = decoder.decode(prepared_first, sparse, False)
+    b1, _ = decoder.decode(prepared_second, sparse, False)
+    a2, _ = decoder.decode(prepared_first, sparse, False)
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, b1)
+    # Decoding leaves the prepared tensors as they were (nothing is updated in place).
+    assert torch.equal(prepared_first.src, decoder.prepare(first).src)
