@@ -255,8 +255,8 @@ class GroundedSAM(LabelStudioMLBase):
         box = None if clicks.box is None else np.array(clicks.box, np.float64) * np.tile(scale, 2)
         mask, score = models.segmenter.segment_prompt(image, points, np.array(clicks.point_labels, np.int64), box,
                                                       image_id=image_id)
-        ys, xs = np.nonzero(mask)
-        xyxy = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] if len(xs) else [[0, 0, 0, 0]]
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        xyxy = [[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]] if len(rows) else [[0, 0, 0, 0]]
         detections = Detections(np.array(xyxy, np.float32), [score], [label], mask[None])
         # Only the mask: the click already is the user's region.
         return build_regions(detections, replace(self.config, rectangles=()), width, height)

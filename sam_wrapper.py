@@ -32,8 +32,8 @@ _UPSCALE_CHUNK_PIXELS = 64 * 2**20
 class ImageEmbedding:
     """One image encoded by SAM's image encoder, ready for the mask decoder.
 
-    decoder_input: the image encoder's (1, 256, 64, 64) features and the decoder's image-only work on
-    them (sam_decoder.DecoderInput), on the model's device.
+    decoder_input: what the mask decoder needs of the image, computed once from the image encoder's
+    (1, 256, 64, 64) features (sam_decoder.DecoderInput), on the model's device.
     input_size: (h, w) of the resized image inside the 1024x1024 input.
     original_size: (H, W) of the image.
     """
