@@ -11,6 +11,9 @@ worker_class = "gthread"  # threads answer /health and /setup while a prediction
 timeout = _server.timeout
 loglevel = _server.log_level
 preload_app = False  # never: CUDA can't be used in a forked child once initialised in the parent
+# gunicorn >= 25 opens a control socket in $XDG_RUNTIME_DIR or ~/.gunicorn by default: one path shared by every
+# instance of the user, unwritable for some container users, and nothing here uses gunicornc.
+control_socket_disable = True
 
 
 def post_worker_init(worker):

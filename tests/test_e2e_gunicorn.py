@@ -52,7 +52,13 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def service(groundingdino_files, mobile_sam_checkpoint, images, tmp_path_factory):
+def home(tmp_path_factory):
+    """The gunicorn process's HOME and XDG_RUNTIME_DIR."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def service(groundingdino_files, mobile_sam_checkpoint, images, home, tmp_path_factory):
     config, checkpoint, text_encoder = groundingdino_files
     port = free_port()
     env = {
@@ -68,6 +74,8 @@ def service(groundingdino_files, mobile_sam_checkpoint, images, tmp_path_factory
         "LABEL_STUDIO_URL": images.url,
         "LABEL_STUDIO_API_KEY": "e2e-token",
         "HF_HUB_OFFLINE": "1",
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home),
     }
     log = open(tmp_path_factory.mktemp("logs") / "gunicorn.log", "w+")  # noqa: SIM115 - closed below
     gunicorn = Path(sys.executable).parent / "gunicorn"
@@ -117,6 +125,12 @@ def test_health_answers_at_once_while_models_load(service):
         "project": "1.1700000000", "schema": GUIDE_CONFIG, "hostname": "http://localhost:8080",
         "access_token": "x", "extra_params": None})
     assert setup.status_code == 200 and setup.json() == {"model_version": "groundingdino_tiny+mobile_sam"}
+
+
+def test_no_control_socket_left_in_home(service, home):
+    # gunicorn's default would be $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl.
+    assert requests.get(service[0] + "/health", timeout=5).status_code == 200
+    assert sorted(p.name for p in home.rglob("*") if "gunicorn" in p.name) == []
 
 
 def test_text_prompt_gives_labeled_boxes_and_masks_while_health_answers(service):
