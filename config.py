@@ -95,6 +95,7 @@ class Settings:
     text_threshold: float = 0.25
     max_detections: int = 50
     nms_iou: float = 0.7
+    polygon_tolerance: float = 1.0
     # None: prompt with the config's label names; "": no prediction without a prompt.
     default_prompt: str | None = None
     # Label Studio access (for /data/upload/... task images)
@@ -149,6 +150,7 @@ class Settings:
             text_threshold=_number(env, "TEXT_THRESHOLD", cls.text_threshold, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),
             nms_iou=_number(env, "NMS_IOU", cls.nms_iou, float, 0.0, 1.0),
+            polygon_tolerance=_number(env, "POLYGON_TOLERANCE", cls.polygon_tolerance, float, 0.0, 1000.0),
             default_prompt=env.get("DEFAULT_PROMPT"),
             label_studio_url=_str(env, "LABEL_STUDIO_URL", _str(env, "LABEL_STUDIO_HOST", "")).rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY", _str(env, "LABEL_STUDIO_ACCESS_TOKEN", "")),

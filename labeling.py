@@ -27,21 +27,32 @@ class LabelingConfig:
     prompt_name: str | None  # the TextArea on that image that holds the text prompt
     rectangles: tuple[Control, ...] = ()
     brushes: tuple[Control, ...] = ()
+    polygons: tuple[Control, ...] = ()
     keypoints: tuple[Control, ...] = ()
     # label -> extra phrases that mean it, from <Label predicted_values="a,b">
     predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
+    def wants_masks(self) -> bool:
+        """Whether any region this config takes is drawn from a mask (a brush or a polygon)."""
+        return bool(self.brushes or self.polygons)
+
+    @property
+    def mask_labels(self) -> tuple[str, ...]:
+        """Every label of the brush and polygon controls (what a SAM click can be labeled), once each."""
+        return tuple(dict.fromkeys(label for control in self.brushes + self.polygons for label in control.labels))
+
+    @property
     def labels(self) -> tuple[str, ...]:
-        """Every label of the rectangle and brush controls, in config order, once each."""
+        """Every label of the rectangle, brush and polygon controls, in config order, once each."""
         seen: dict[str, None] = {}
-        for control in self.rectangles + self.brushes:
+        for control in self.rectangles + self.brushes + self.polygons:
             seen.update(dict.fromkeys(control.labels))
         return tuple(seen)
 
 
 def parse_label_config(xml: str) -> LabelingConfig:
-    """Find the Image, its prompt TextArea and its RectangleLabels / BrushLabels controls."""
+    """Find the Image, its prompt TextArea and its RectangleLabels / BrushLabels / PolygonLabels controls."""
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("label config is empty")
     try:
@@ -52,11 +63,12 @@ def parse_label_config(xml: str) -> LabelingConfig:
     images = [o for o in interface.objects if o.tag.lower() == "image"]
     if not images:
         raise LabelConfigError("label config has no <Image> tag")
-    by_kind: dict[str, list] = {"rectanglelabels": [], "brushlabels": [], "keypointlabels": [], "textarea": []}
+    region_kinds = ("rectanglelabels", "brushlabels", "polygonlabels")
+    by_kind: dict[str, list] = {kind: [] for kind in (*region_kinds, "keypointlabels", "textarea")}
     image = None
     for candidate in images:  # the first image that has a labels control wins
         controls = [c for c in interface.controls if candidate.name in (c.to_name or [])]
-        if any(c.tag.lower() in ("rectanglelabels", "brushlabels") for c in controls):
+        if any(c.tag.lower() in region_kinds for c in controls):
             image = candidate
             for c in controls:
                 if c.tag.lower() in by_kind:
@@ -64,15 +76,15 @@ def parse_label_config(xml: str) -> LabelingConfig:
             break
     if image is None:
         raise LabelConfigError(
-            "label config has no <RectangleLabels> or <BrushLabels> control on an <Image>: "
-            "this backend predicts rectangles and brush masks"
+            "label config has no <RectangleLabels>, <BrushLabels> or <PolygonLabels> control on an <Image>: "
+            "this backend predicts rectangles, brush masks and polygons"
         )
 
     def control(c) -> Control:
         return Control(c.name, tuple(c.labels or ()), str(c.attr.get("smart", "")).lower() == "true")
 
     predicted_values: dict[str, tuple[str, ...]] = {}
-    for c in by_kind["rectanglelabels"] + by_kind["brushlabels"]:
+    for c in by_kind["rectanglelabels"] + by_kind["brushlabels"] + by_kind["polygonlabels"]:
         for label, attrs in (getattr(c, "labels_attrs", None) or {}).items():
             values = [v.strip() for v in str(attrs.attr.get("predicted_values", "")).split(",") if v.strip()]
             if values:
@@ -84,6 +96,7 @@ def parse_label_config(xml: str) -> LabelingConfig:
         prompt_name=prompts[0].name if prompts else None,
         rectangles=tuple(control(c) for c in by_kind["rectanglelabels"]),
         brushes=tuple(control(c) for c in by_kind["brushlabels"]),
+        polygons=tuple(control(c) for c in by_kind["polygonlabels"]),
         keypoints=tuple(control(c) for c in by_kind["keypointlabels"]),
         predicted_values=predicted_values,
     )

@@ -177,12 +177,11 @@ class GroundedSAM(LabelStudioMLBase):
                                                                                          params, models))
 
     def _predict_clicks(self, tasks: list[dict], clicks: ClickPrompt) -> list[dict]:
-        config = self.config
-        brush_labels = [label for control in config.brushes for label in control.labels]
-        label = match_label(clicks.label, brush_labels)
+        mask_labels = self.config.mask_labels
+        label = match_label(clicks.label, mask_labels)
         if label is None:
-            raise RequestError(f"clicked label {clicks.label!r} has no BrushLabels label of the same name "
-                               f"(brush labels: {', '.join(brush_labels) or 'none'})", status=422)
+            raise RequestError(f"clicked label {clicks.label!r} has no BrushLabels or PolygonLabels label of the "
+                               f"same name (their labels: {', '.join(mask_labels) or 'none'})", status=422)
         models = self.loader.get()
         if models.segmenter is None:
             raise RequestError("clicks need a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true", status=422)
@@ -237,12 +236,12 @@ class GroundedSAM(LabelStudioMLBase):
             params.max_detections, self.settings.nms_iou, image_id=image_id,
         )
         t1 = time.perf_counter()
-        if models.segmenter is not None and self.config.brushes and len(detections):
+        if models.segmenter is not None and self.config.wants_masks and len(detections):
             masks, _ = models.segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
             detections = detections.with_masks(masks)
         t2 = time.perf_counter()
         height, width = image.shape[:2]
-        regions = build_regions(detections, self.config, width, height)
+        regions = build_regions(detections, self.config, width, height, self.settings.polygon_tolerance)
         logger.debug("%d detection(s); detect %.2f s, segment %.2f s, regions %.2f s",
                      len(detections), t1 - t0, t2 - t1, time.perf_counter() - t2)
         return regions
@@ -259,7 +258,8 @@ class GroundedSAM(LabelStudioMLBase):
         xyxy = [[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]] if len(rows) else [[0, 0, 0, 0]]
         detections = Detections(np.array(xyxy, np.float32), [score], [label], mask[None])
         # Only the mask: the click already is the user's region.
-        return build_regions(detections, replace(self.config, rectangles=()), width, height)
+        return build_regions(detections, replace(self.config, rectangles=()), width, height,
+                             self.settings.polygon_tolerance)
 
 
 class TaskError(ValueError):

@@ -1,4 +1,4 @@
-"""Detections -> Label Studio result regions (rectangles in percent, brush masks as LS RLE).
+"""Detections -> Label Studio result regions (rectangles and polygons in percent, brush masks as LS RLE).
 
 Pure functions. The RLE encoder reproduces label_studio_sdk.converter.brush byte for byte, vectorised with numpy:
 the SDK's encoder builds a Python string bit by bit, which takes seconds on a 12-megapixel mask.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+import cv2
 import numpy as np
 
 from detections import Detections
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 _WORD_SIZE = 8
 _RLE_SIZES = (3, 4, 8, 16)  # bits of the run length field for run classes 0..3
 _CHUNK = 2**16  # runs longer than this are split into chunks of exactly 2**16 values
+# A mask's parts smaller than this share of its largest part are specks, not polygons; at most this many parts.
+_MIN_PART_SHARE = 0.1
+_MAX_PARTS = 20
 
 
 def _header_code(num: int) -> tuple[list[int], list[int]]:
@@ -122,6 +126,32 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     return _encode_runs(lengths, values, flat.size * 4)
 
 
+def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[np.ndarray]:
+    """(H, W) bool mask -> one outline per part, each (K, 2) float64 x, y in image pixels, K >= 3.
+
+    Parts are the 8-connected pieces of the mask, largest first; pieces under a tenth of the largest are
+    dropped as specks (at most 20 parts), and holes are not kept (a Label Studio polygon has none). Each
+    outline runs through the centres of the part's boundary pixels, (x + 0.5, y + 0.5), simplified with
+    Douglas-Peucker so the outline stays within `tolerance` pixels of it; outlines of fewer than 3 vertices
+    after that (lines one pixel wide) are dropped.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask_to_polygons: mask must be 2-D (H, W), got shape {mask.shape}")
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # About the pixels of a part (Pick's theorem): the outline's area, plus half its perimeter, plus one.
+    sizes = [cv2.contourArea(c) + cv2.arcLength(c, True) / 2 + 1 for c in contours]
+    order = sorted(range(len(contours)), key=lambda i: -sizes[i])[:_MAX_PARTS]
+    polygons = []
+    for i in order:
+        if sizes[i] < _MIN_PART_SHARE * sizes[order[0]]:
+            break
+        outline = cv2.approxPolyDP(contours[i], tolerance, True).reshape(-1, 2)
+        if len(outline) >= 3:
+            polygons.append(outline.astype(np.float64) + 0.5)
+    return polygons
+
+
 def box_to_percent(xyxy, width: int, height: int) -> dict:
     """(4,) x0, y0, x1, y1 in image pixels -> {"x", "y", "width", "height"} in percent of the image.
 
@@ -156,69 +186,59 @@ def _new_id(used: set[str]) -> str:
             return region_id
 
 
-def build_regions(detections: Detections, config: LabelingConfig, width: int, height: int) -> list[dict]:
-    """One rectanglelabels region and/or one brushlabels region per detection, as LS prediction results.
+def build_regions(detections: Detections, config: LabelingConfig, width: int, height: int,
+                  polygon_tolerance: float = 1.0) -> list[dict]:
+    """Rectanglelabels, brushlabels and polygonlabels regions for each detection, as LS prediction results.
 
     detections: boxes in pixels of the displayed image, masks (N, height, width) bool or None.
     width, height: the displayed image size (LS's original_width / original_height).
-    A detection gets a rectangle when a RectangleLabels control has its label (the first such control) and a brush
-    when it has a non-empty mask and a BrushLabels control has its label; labels no control has get nothing.
-    Raises ValueError when the masks are not (height, width): the RLE only renders at the image's real size.
+    A detection gets a rectangle when a RectangleLabels control has its label (the first such control); when it
+    has a non-empty mask, a brush when a BrushLabels control has its label and one polygon per part of the mask
+    (mask_to_polygons, `polygon_tolerance` pixels) when a PolygonLabels control has it. Labels no control has
+    get nothing. Raises ValueError when the masks are not (height, width): the RLE only renders at that size.
     """
     if detections.masks is not None and detections.masks.shape[1:] != (height, width):
         raise ValueError(
             f"build_regions: masks have shape {detections.masks.shape[1:]} but the image is (height, width) = "
             f"{(height, width)}"
         )
-    rect_for = {}
-    for control in config.rectangles:
-        for label in control.labels:
-            rect_for.setdefault(label, control)
-    brush_for = {}
-    for control in config.brushes:
-        for label in control.labels:
-            brush_for.setdefault(label, control)
 
+    def control_for(controls) -> dict:
+        found = {}
+        for control in controls:
+            for label in control.labels:
+                found.setdefault(label, control)
+        return found
+
+    rect_for, brush_for, polygon_for = (control_for(c) for c in (config.rectangles, config.brushes, config.polygons))
     used: set[str] = set()
     regions: list[dict] = []
+
+    def add(control, kind: str, value: dict, label: str, score: float) -> None:
+        regions.append({"id": _new_id(used), "from_name": control.name, "to_name": config.image_name, "type": kind,
+                        "original_width": width, "original_height": height, "image_rotation": 0,
+                        "value": {**value, kind: [label]}, "score": score})
+
     # Masks are read once each, in order: a lazy mask sequence then computes them a few at a time.
     masks = iter(detections.masks) if detections.masks is not None else None
     for i, label in enumerate(detections.labels):
         mask = next(masks) if masks is not None else None
         score = round(float(detections.scores[i]), 4)
-        common = {"to_name": config.image_name, "original_width": width, "original_height": height}
         if label in rect_for:
-            regions.append(
-                {
-                    "id": _new_id(used),
-                    "from_name": rect_for[label].name,
-                    "type": "rectanglelabels",
-                    **common,
-                    "image_rotation": 0,
-                    "value": {
-                        **box_to_percent(detections.xyxy[i], width, height),
-                        "rotation": 0,
-                        "rectanglelabels": [label],
-                    },
-                    "score": score,
-                }
-            )
-        if mask is not None and label in brush_for:
-            if not mask.any():
-                # An empty brush renders as nothing and only clutters the task.
-                logger.debug("skipping the empty mask of detection %d (%s)", i, label)
-                continue
-            regions.append(
-                {
-                    "id": _new_id(used),
-                    "from_name": brush_for[label].name,
-                    "type": "brushlabels",
-                    **common,
-                    "image_rotation": 0,
-                    "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
-                    "score": score,
-                }
-            )
+            add(rect_for[label], "rectanglelabels", {**box_to_percent(detections.xyxy[i], width, height),
+                                                     "rotation": 0}, label, score)
+        if mask is None or (label not in brush_for and label not in polygon_for):
+            continue
+        if not mask.any():
+            # An empty mask renders as nothing and only clutters the task.
+            logger.debug("skipping the empty mask of detection %d (%s)", i, label)
+            continue
+        if label in brush_for:
+            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask)}, label, score)
+        if label in polygon_for:
+            for outline in mask_to_polygons(mask, polygon_tolerance):
+                points = (outline * 100.0 / np.array([width, height])).tolist()
+                add(polygon_for[label], "polygonlabels", {"points": points, "closed": True}, label, score)
     return regions
 
 

@@ -176,7 +176,7 @@ def test_setup_rejects_bad_extra_params(client, extra, status, message):
     "schema, message",
     [("<View><Image name='i' value='$i'/>", "not valid XML"),
      ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
-      "no <RectangleLabels> or <BrushLabels>")],
+      "no <RectangleLabels>, <BrushLabels> or <PolygonLabels>")],
 )
 def test_setup_and_predict_reject_unusable_configs(client, schema, message):
     response = client.post("/setup", json=setup_payload(schema=schema))
@@ -276,6 +276,35 @@ def test_brush_only_config(client):
     response = client.post("/predict", json=predict_payload([task()], None, label_config=schema))
     (region,) = response.json["results"][0]["result"]
     assert (region["type"], region["from_name"], region["value"]["brushlabels"]) == ("brushlabels", "masks", ["cats"])
+
+
+POLYGON_CONFIG = """<View><Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image"/>
+  <PolygonLabels name="outline" toName="image"><Label value="cats"/><Label value="house"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="house"/></KeyPointLabels></View>"""
+
+
+def test_polygon_config_gets_the_masks_as_polygons(client):
+    response = client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT, label_config=POLYGON_CONFIG))
+    regions = response.json["results"][0]["result"]
+    assert [(r["type"], r["from_name"], r["value"]["polygonlabels"]) for r in regions] == [
+        ("polygonlabels", "outline", ["cats"]), ("polygonlabels", "outline", ["house"])]
+    assert client.loader.models.segmenter.calls == 1
+    # The fake mask of phrase 0 is its box, pixels x 6..18, y 4..27 of the 64x48 image: the polygon's corners
+    # are those pixels' centres, in percent.
+    xs, ys = zip(*regions[0]["value"]["points"], strict=True)
+    assert (min(xs), max(xs)) == (6.5 * 100 / 64, 18.5 * 100 / 64)
+    assert (min(ys), max(ys)) == (4.5 * 100 / 48, 27.5 * 100 / 48)
+    assert regions[0]["value"]["closed"] is True and regions[0]["score"] == 0.9
+
+
+def test_a_click_in_a_polygon_config_gets_a_polygon(client):
+    response = client.post("/predict", json=predict_payload(
+        [task()], {"result": [keypoint(50, 50, label="house")]}, label_config=POLYGON_CONFIG))
+    (region,) = response.json["results"][0]["result"]
+    assert (region["type"], region["value"]["polygonlabels"], region["score"]) == ("polygonlabels", ["house"], 0.875)
+    xs, ys = zip(*region["value"]["points"], strict=True)  # the fake's 5x5 square around pixel (32, 24)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (30.5 * 100 / 64, 34.5 * 100 / 64, 22.5 * 100 / 48, 26.5 * 100 / 48)
 
 
 def test_one_bad_task_does_not_lose_the_others(client, images):
@@ -424,7 +453,7 @@ def test_textarea_result_takes_the_text_path_in_a_smart_config(client):
 @pytest.mark.parametrize(
     "regions, message",
     [
-        ([keypoint(25, 50, label="tree")], "clicked label 'tree' has no BrushLabels label"),
+        ([keypoint(25, 50, label="tree")], "clicked label 'tree' has no BrushLabels or PolygonLabels label"),
         ([{**keypoint(25, 50), "value": {"keypointlabels": ["cat"]}}], "has no usable x/y"),
         ([{**keypoint(25, 50), "value": {"x": 1, "y": 2}}], "carries no label"),
     ],

@@ -37,6 +37,19 @@ def test_brush_only_without_prompt_and_predicted_values():
     assert config.predicted_values == {"Car": ("automobile", "truck")}
 
 
+def test_polygon_labels_alone_are_enough():
+    config = parse_label_config("""<View><Image name="img" value="$image"/>
+      <TextArea name="prompt" toName="img"/>
+      <PolygonLabels name="outline" toName="img"><Label value="roof" predicted_values="rooftop"/></PolygonLabels>
+      <KeyPointLabels name="kp" toName="img" smart="true"><Label value="roof"/></KeyPointLabels></View>""")
+    assert (config.rectangles, config.brushes) == ((), ())
+    assert config.polygons == (Control("outline", ("roof",)),)
+    assert config.labels == config.mask_labels == ("roof",)
+    assert config.wants_masks
+    assert config.predicted_values == {"roof": ("rooftop",)}
+    assert not parse_label_config(GUIDE_CONFIG.replace("BrushLabels", "RectangleLabels")).wants_masks
+
+
 def test_controls_of_other_images_are_ignored():
     config = parse_label_config("""<View>
       <Image name="a" value="$a"/><Image name="b" value="$b"/>
@@ -57,7 +70,7 @@ def test_controls_of_other_images_are_ignored():
         ("<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>",
          "no <Image>"),
         ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
-         "no <RectangleLabels> or <BrushLabels>"),
+         "no <RectangleLabels>, <BrushLabels> or <PolygonLabels>"),
     ],
 )
 def test_unusable_configs(xml, message):

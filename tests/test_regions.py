@@ -2,13 +2,22 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from label_studio_sdk.converter import brush
 
 from detections import Detections
 from labeling import Control, LabelingConfig
-from regions import box_to_percent, build_regions, encode_rle, mask_to_rle, percent_to_box, prediction
+from regions import (
+    box_to_percent,
+    build_regions,
+    encode_rle,
+    mask_to_polygons,
+    mask_to_rle,
+    percent_to_box,
+    prediction,
+)
 
 
 def sdk_rle(mask: np.ndarray) -> list[int]:
@@ -197,10 +206,9 @@ RECT_KEYS = {
 W, H = 64, 48
 
 
-def config(rectangles=(), brushes=()) -> LabelingConfig:
-    return LabelingConfig(
-        image_name="image", image_key="image", prompt_name="prompt", rectangles=rectangles, brushes=brushes
-    )
+def config(rectangles=(), brushes=(), polygons=()) -> LabelingConfig:
+    return LabelingConfig(image_name="image", image_key="image", prompt_name="prompt", rectangles=rectangles,
+                          brushes=brushes, polygons=polygons)
 
 
 def detections(labels, with_masks=True) -> Detections:
@@ -217,6 +225,7 @@ def detections(labels, with_masks=True) -> Detections:
 
 RECT = Control("label", ("cat", "dog"))
 BRUSH = Control("mask", ("cat", "dog"))
+POLY = Control("outline", ("cat", "dog"))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +263,19 @@ BRUSH = Control("mask", ("cat", "dog"))
         ),
         # a label no control has gets no region
         (config(rectangles=(Control("box", ("bird",)),), brushes=(Control("paint", ("bird",)),)), True, []),
+        (
+            config(rectangles=(RECT,), brushes=(BRUSH,), polygons=(POLY,)),
+            True,
+            [
+                ("rectanglelabels", "label", "cat"),
+                ("brushlabels", "mask", "cat"),
+                ("polygonlabels", "outline", "cat"),
+                ("rectanglelabels", "label", "dog"),
+                ("brushlabels", "mask", "dog"),
+                ("polygonlabels", "outline", "dog"),
+            ],
+        ),
+        (config(polygons=(POLY,)), False, []),
     ],
     ids=[
         "rect only",
@@ -264,6 +286,8 @@ BRUSH = Control("mask", ("cat", "dog"))
         "split labels",
         "first control",
         "unknown label",
+        "rect, brush and polygon",
+        "polygon, no masks",
     ],
 )
 def test_build_regions_routes_labels(cfg, with_masks, expected):
@@ -341,3 +365,71 @@ def test_prediction_mean_score(scores, expected):
     assert pred == {"result": regions, "score": pytest.approx(expected), "model_version": "grounded-sam-v1"}
     assert type(pred["score"]) is float
     json.dumps(pred)
+
+
+def fill(polygons, shape) -> np.ndarray:
+    """Rasterise outlines through pixel centres back to a mask (the pixels on and inside each outline)."""
+    out = np.zeros(shape, np.uint8)
+    for outline in polygons:
+        cv2.fillPoly(out, [np.round(outline - 0.5).astype(np.int32)], 1)
+    return out.astype(bool)
+
+
+def ellipses(shape, seed) -> np.ndarray:
+    """A mask of a few overlapping ellipses (one part, no holes)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(shape, np.uint8)
+    h, w = shape
+    for _ in range(4):
+        center = (int(w / 2 + rng.uniform(-w / 8, w / 8)), int(h / 2 + rng.uniform(-h / 8, h / 8)))
+        axes = (int(rng.uniform(w / 8, w / 3)), int(rng.uniform(h / 8, h / 3)))
+        cv2.ellipse(out, center, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    return out.astype(bool)
+
+
+def test_mask_to_polygons_rectangle_has_its_four_pixel_centre_corners():
+    mask = np.zeros((H, W), bool)
+    mask[5:25, 10:30] = True
+    (outline,) = mask_to_polygons(mask)
+    assert sorted(map(tuple, outline)) == [(10.5, 5.5), (10.5, 24.5), (29.5, 5.5), (29.5, 24.5)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_to_polygons_outline_fills_back_to_the_mask(seed):
+    mask = ellipses((300, 400), seed)
+    (exact,) = mask_to_polygons(mask, tolerance=0)
+    np.testing.assert_array_equal(fill([exact], mask.shape), mask)
+    (simplified,) = mask_to_polygons(mask, tolerance=1.0)
+    filled = fill([simplified], mask.shape)
+    assert (filled & mask).sum() / (filled | mask).sum() > 0.98
+    assert 8 <= len(simplified) < len(exact) / 3
+
+
+def test_mask_to_polygons_keeps_parts_largest_first_and_drops_specks_and_holes():
+    mask = np.zeros((100, 100), bool)
+    mask[10:40, 10:40] = True  # 900 px
+    mask[20:25, 20:25] = False  # a hole: not kept
+    mask[60:80, 60:75] = True  # 300 px
+    mask[90:93, 5:8] = True  # 9 px, under a tenth of the largest: a speck
+    mask[5, 60:90] = True  # one pixel wide: no area, dropped
+    polygons = mask_to_polygons(mask)
+    assert len(polygons) == 2
+    np.testing.assert_array_equal(fill(polygons[:1], mask.shape), np.pad(np.ones((30, 30), bool), ((10, 60), (10, 60))))
+    assert sorted(map(tuple, polygons[1])) == [(60.5, 60.5), (60.5, 79.5), (74.5, 60.5), (74.5, 79.5)]
+    assert mask_to_polygons(np.zeros((10, 10), bool)) == []
+    with pytest.raises(ValueError, match="2-D"):
+        mask_to_polygons(np.zeros((2, 10, 10), bool))
+
+
+def test_build_regions_polygon_region_in_percent():
+    dets = detections(["cat"])
+    (rect, poly) = build_regions(dets, config(rectangles=(RECT,), polygons=(POLY,)), W, H, polygon_tolerance=0.5)
+    assert poly.keys() == RECT_KEYS and poly["type"] == "polygonlabels" and poly["from_name"] == "outline"
+    assert poly["value"].keys() == {"points", "closed", "polygonlabels"}
+    assert poly["value"]["closed"] is True and poly["value"]["polygonlabels"] == ["cat"]
+    assert poly["score"] == rect["score"] == 0.9
+    # The mask covers pixels x 4..29, y 6..39: corners at those pixels' centres, in percent of W, H.
+    expected = [[4.5 * 100 / W, 6.5 * 100 / H], [4.5 * 100 / W, 39.5 * 100 / H],
+                [29.5 * 100 / W, 39.5 * 100 / H], [29.5 * 100 / W, 6.5 * 100 / H]]
+    assert sorted(poly["value"]["points"]) == sorted(expected)
+    assert json.loads(json.dumps(poly)) == poly
