@@ -240,6 +240,41 @@ def test_personal_access_token_with_legacy_tokens_off(
     assert ls.json("GET", "/api/current-user/whoami")["email"]
 
 
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <PolygonLabels name="outline" toName="image">
+    <Label value="cats" background="yellow"/>
+    <Label value="house" background="blue"/>
+  </PolygonLabels>
+</View>"""
+
+
+def test_polygon_labels_are_suggested_and_stored(label_studio: LabelStudio, backend: Backend):
+    """A PolygonLabels config: Auto-Annotation suggests polygons, and Retrieve Predictions stores them."""
+    ls = label_studio
+    pid = ls.create_project("Grounded SAM polygons", POLYGON_CONFIG)
+    name, data, content_type, _ = WIDE_PNG
+    ls.upload(pid, name, data, content_type)
+    (task,) = ls.tasks(pid)
+    ml = ls.connect_backend(pid, backend.url, {"prompt": TEXT_PROMPT})
+    assert ml["state"] == "CO", ml
+    answer, _ = ls.interactive(ml["id"], task["id"], textarea_context(TEXT_PROMPT))
+    assert "errors" not in answer, answer
+    reply = ls.retrieve_predictions(pid)
+    assert reply["processed_items"] == 1, reply
+    (stored,) = ls.predictions(task["id"])
+    for regions in (answer["data"]["result"], stored["result"]):
+        assert regions and {(r["type"], r["from_name"], r["to_name"]) for r in regions} == {
+            ("polygonlabels", "outline", "image")}
+        assert labels_of(regions) <= {"cats", "house"}
+        for region in regions:
+            points = np.asarray(region["value"]["points"])
+            assert points.ndim == 2 and points.shape[1] == 2 and len(points) >= 3, region["value"]
+            assert ((0 <= points) & (points <= 100)).all() and region["value"]["closed"] is True
+    assert stored["model_version"] == MODEL_VERSION and stored["result"][0]["score"] > 0
+
+
 @dataclass
 class ClickProject:
     id: int
