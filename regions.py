@@ -138,15 +138,16 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[np.ndarra
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_polygons: mask must be 2-D (H, W), got shape {mask.shape}")
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    # About the pixels of a part (Pick's theorem): the outline's area, plus half its perimeter, plus one.
-    sizes = [cv2.contourArea(c) + cv2.arcLength(c, True) / 2 + 1 for c in contours]
-    order = sorted(range(len(contours)), key=lambda i: -sizes[i])[:_MAX_PARTS]
+    # Sizes from connected components (C++), so a speckled mask's many specks cost no Python loop.
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    order = np.argsort(-areas, kind="stable")[:_MAX_PARTS]
     polygons = []
-    for i in order:
-        if sizes[i] < _MIN_PART_SHARE * sizes[order[0]]:
-            break
-        outline = cv2.approxPolyDP(contours[i], tolerance, True).reshape(-1, 2)
+    for part in order[areas[order] >= _MIN_PART_SHARE * areas[order[0]]] if count > 1 else ():
+        x, y, w, h = stats[part + 1, :4]
+        crop = (labels[y : y + h, x : x + w] == part + 1).astype(np.uint8)
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(int(x), int(y)))
+        outline = cv2.approxPolyDP(max(contours, key=len), tolerance, True).reshape(-1, 2)
         if len(outline) >= 3:
             polygons.append(outline.astype(np.float64) + 0.5)
     return polygons

@@ -411,7 +411,7 @@ def test_mask_to_polygons_keeps_parts_largest_first_and_drops_specks_and_holes()
     mask[20:25, 20:25] = False  # a hole: not kept
     mask[60:80, 60:75] = True  # 300 px
     mask[90:93, 5:8] = True  # 9 px, under a tenth of the largest: a speck
-    mask[5, 60:90] = True  # one pixel wide: no area, dropped
+    mask[97, 5:100] = True  # 95 px, but one pixel wide: no polygon
     polygons = mask_to_polygons(mask)
     assert len(polygons) == 2
     np.testing.assert_array_equal(fill(polygons[:1], mask.shape), np.pad(np.ones((30, 30), bool), ((10, 60), (10, 60))))
