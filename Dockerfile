@@ -17,9 +17,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The project's pinned set, installed the way `make install` does (see README "Why rf-groundingdino").
-COPY requirements.txt requirements-nodeps.txt ./
-RUN pip install --no-cache-dir -r requirements.txt \
-    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
+COPY requirements.txt requirements-nodeps.txt constraints.txt ./
+RUN pip install --no-cache-dir -c constraints.txt -r requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt
 
 # Model files, fetched by the project's own download tool into /models (owned by root: read-only for the service).
 # This layer depends only on weights.py and WEIGHTS (split into names), so other code changes do not download

@@ -4,16 +4,32 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-quick test-label-studio test-browser lint weights bench
+.PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints
+
+# $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
+# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README).
+define pip-install
+	$(1)/pip install --quiet $(2) -r requirements.txt -r requirements-dev.txt
+	$(1)/pip install --quiet $(2) --no-deps -r requirements-nodeps.txt
+endef
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
+# constraints.txt pins every transitive dependency at the version CI last tested.
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
-	# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README)
-	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(call pip-install,$(BIN),-c constraints.txt)
 	touch $(STAMP)
+
+# After editing a requirements file: resolve again in a fresh virtualenv, free of the old pins, and pin the result.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	$(call pip-install,.venv-constraints/bin,)
+	{ echo "# Every package that make install installs, as make constraints resolved them (pip freeze; Linux x86_64, Python 3.11)."; \
+	  echo "# Used with -c by make install and the Dockerfile. Regenerate after editing a requirements file."; \
+	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
+	rm -rf .venv-constraints
 
 weights: install
 	$(BIN)/python weights.py

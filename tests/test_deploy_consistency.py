@@ -241,8 +241,8 @@ def test_dockerfile_structure():
     assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", base), f"FROM {base}: pin a tag and a digest"
     assert kinds.count("FROM") == 1
     runs = " ".join(rest for i, rest in instructions if i == "RUN")
-    assert "pip install --no-cache-dir -r requirements.txt" in runs
-    assert "pip install --no-cache-dir --no-deps -r requirements-nodeps.txt" in runs
+    assert "pip install --no-cache-dir -c constraints.txt -r requirements.txt" in runs
+    assert "pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt" in runs
     assert "python weights.py --dir /models" in runs and "${WEIGHTS}" in runs
     user = [rest for i, rest in instructions if i == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
@@ -253,6 +253,28 @@ def test_dockerfile_structure():
     assert cmd.startswith('["gunicorn", "_wsgi:app"') and "preload" not in cmd
     assert "GUNICORN_CMD_ARGS" not in dockerfile_env()
     assert "9090" in dict(instructions)["EXPOSE"]
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of each `name==version` line of a requirements or constraints file (names normalised)."""
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line!r} is not pinned with =="
+            found[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
+    return found
+
+
+def test_constraints_pin_every_requirement_at_its_version():
+    # make install and the Dockerfile install with -c constraints.txt: a requirement at another version than its
+    # constraint fails to install, so after editing a requirements file run `make constraints`.
+    constraints = pins(ROOT / "constraints.txt")
+    for name in ("requirements.txt", "requirements-nodeps.txt", "requirements-dev.txt"):
+        for package, version in pins(ROOT / name).items():
+            assert constraints.get(package) == version, f"{name}: {package}=={version}, constraints.txt: " \
+                                                          f"{constraints.get(package)}; run make constraints"
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
