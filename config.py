@@ -109,6 +109,8 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     model_load_wait: float = 90.0
+    # Label Studio gives a /predict ML_TIMEOUT_PREDICT (default 100 s), then drops the whole answer.
+    predict_time_budget: float = 80.0
     data_dir: str = "data"
 
     @property
@@ -161,6 +163,7 @@ class Settings:
             basic_auth_user=_str(env, "BASIC_AUTH_USER", ""),
             basic_auth_pass=_str(env, "BASIC_AUTH_PASS", ""),
             model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),
+            predict_time_budget=_number(env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0),
             data_dir=_str(env, "DATA_DIR", cls.data_dir),
         )
 

@@ -130,6 +130,7 @@ class GroundedSAM(LabelStudioMLBase):
                  loader: ModelLoader, images: ImageLoader, settings: Settings):
         super().__init__(project_id, label_config, store)
         self.loader, self.images, self.settings = loader, images, settings
+        self._started = time.perf_counter()  # one instance per request: PREDICT_TIME_BUDGET counts from here
 
     @property
     def model_version(self) -> str:
@@ -153,8 +154,10 @@ class GroundedSAM(LabelStudioMLBase):
         self.config  # noqa: B018 - validates the labeling config (422 if unusable)
         self.params  # noqa: B018 - validates extra_params (400 if malformed)
 
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
-        """Smart-tool clicks and boxes in the context go to SAM alone; anything else is a text prompt."""
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
+        """Smart-tool clicks and boxes in the context go to SAM alone; anything else is a text prompt.
+
+        One entry per task: its prediction, or [] (no prediction) for tasks left out by PREDICT_TIME_BUDGET."""
         clicks = find_clicks(context, self.config)
         if clicks is not None:
             return self._predict_clicks(tasks, clicks)
@@ -205,10 +208,23 @@ class GroundedSAM(LabelStudioMLBase):
         return models.cache.get(("image", url, hostname), fetch, max_age=self.settings.image_cache_seconds)
 
     def _each_task(self, tasks: list[dict], models: Models,
-                   regions_for: Callable[[np.ndarray, str], list[dict]]) -> list[dict]:
-        """One prediction per task; a task whose image can't be used gets an empty one."""
-        results = []
-        for task in tasks:
+                   regions_for: Callable[[np.ndarray, str], list[dict]]) -> list[dict | list]:
+        """One prediction per task; a task whose image can't be used gets an empty one.
+
+        Once the next task would likely end past PREDICT_TIME_BUDGET (at the mean time per task so far), the
+        remaining tasks get [] instead: Label Studio stores nothing for them, rather than losing every task's
+        prediction when its ML_TIMEOUT_PREDICT cuts the answer off, and asks for them again next time."""
+        results: list[dict | list] = []
+        budget, loop_started = self.settings.predict_time_budget, time.perf_counter()
+        for done, task in enumerate(tasks):
+            now = time.perf_counter()
+            if budget and done and now - self._started + (now - loop_started) / done > budget:
+                logger.warning("%d of %d task(s) predicted in %.1f s; the next would end past PREDICT_TIME_BUDGET="
+                               "%g s, so the other %d get no prediction in this answer (Retrieve Predictions "
+                               "again continues with them)", done, len(tasks), now - self._started, budget,
+                               len(tasks) - done)
+                results.extend([] for _ in tasks[done:])
+                break
             try:
                 data = task.get("data")
                 url = data.get(self.config.image_key) if isinstance(data, dict) else None

@@ -307,6 +307,24 @@ def test_a_click_in_a_polygon_config_gets_a_polygon(client):
     assert (min(xs), max(xs), min(ys), max(ys)) == (30.5 * 100 / 64, 34.5 * 100 / 64, 22.5 * 100 / 48, 26.5 * 100 / 48)
 
 
+class SlowDetector(FakeDetector):
+    def detect(self, *args, **kwargs):
+        time.sleep(0.2)
+        return super().detect(*args, **kwargs)
+
+
+@pytest.mark.parametrize("budget, predicted", [("0.3", 1), ("0", 3), ("60", 3)])
+def test_predict_time_budget_leaves_the_last_tasks_without_prediction(make_client, budget, predicted):
+    client = make_client(PREDICT_TIME_BUDGET=budget)
+    client.loader.models = Models(SlowDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
+    response = client.post("/predict", json=predict_payload([task(1), task(2), task(3)], TEXTAREA_CONTEXT))
+    results = response.json["results"]
+    assert len(results) == 3
+    # After one 0.2 s task, a second would end at ~0.4 s, past a 0.3 s budget: the others get [] (no prediction).
+    assert all(r["result"] for r in results[:predicted]) and results[predicted:] == [[]] * (3 - predicted)
+    assert len(client.loader.models.detector.calls) == predicted
+
+
 def test_one_bad_task_does_not_lose_the_others(client, images):
     tasks = [task(1), {"id": 2, "data": {"text": "no image"}}, task(3, "/data/upload/1/missing.png"),
              task(4, "s3://bucket/x.png"), task(5, images.url + "/plain/house.png")]

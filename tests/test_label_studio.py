@@ -24,6 +24,7 @@ from label_studio_harness import (
     labels_of,
     region_problems,
     start_backend,
+    stop_all,
     textarea_context,
     wait_models,
     write_artifact,
@@ -273,6 +274,30 @@ def test_polygon_labels_are_suggested_and_stored(label_studio: LabelStudio, back
             assert points.ndim == 2 and points.shape[1] == 2 and len(points) >= 3, region["value"]
             assert ((0 <= points) & (points <= 100)).all() and region["value"]["closed"] is True
     assert stored["model_version"] == MODEL_VERSION and stored["result"][0]["score"] > 0
+
+
+def test_predict_time_budget_spreads_a_batch_over_several_retrieves(
+        label_studio: LabelStudio, groundingdino_files, mobile_sam_checkpoint, tmp_path_factory):
+    """A backend whose PREDICT_TIME_BUDGET allows one task per answer: each Retrieve Predictions stores one more
+    prediction, because Label Studio stores nothing for a task answered with [] and sends it again next time."""
+    ls = label_studio
+    slow = start_backend("grounded-sam-budget", groundingdino_files, mobile_sam_checkpoint, ls.url, LS_TOKEN,
+                         tmp_path_factory.mktemp("budget-backend-data"), PREDICT_TIME_BUDGET="0.001")
+    try:
+        wait_models(slow)
+        pid = ls.create_project("Grounded SAM budget")
+        for name, data, content_type, _ in (WIDE_PNG, ROTATED_JPEG, CLICK_PNG):
+            ls.upload(pid, name, data, content_type)
+        tasks = [t["id"] for t in ls.tasks(pid)]
+        ls.connect_backend(pid, slow.url, {"prompt": TEXT_PROMPT})
+        stored = []
+        for _ in range(4):
+            ls.retrieve_predictions(pid)
+            stored.append(sum(len(ls.predictions(task)) for task in tasks))
+        assert stored == [1, 2, 3, 3], stored
+        assert all(p["result"] for task in tasks for p in ls.predictions(task))
+    finally:
+        stop_all([slow.process])
 
 
 @dataclass
