@@ -17,7 +17,7 @@ from config import ServerSettings, Settings
 from images import ImageLoader
 from loader import ModelLoader
 from mlbase import ProjectStore
-from model import GroundedSAM, TaskClaims
+from model import GroundedSAM
 
 
 def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
@@ -31,11 +31,9 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     store = ProjectStore(settings.data_dir)
     loader = loader or ModelLoader(settings)
     images = ImageLoader(settings)
-    claims = TaskClaims()
 
     def factory(project, label_config) -> GroundedSAM:
-        return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings,
-                           claims=claims)
+        return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     app = create_app(factory, health=loader.state, basic_auth=auth)

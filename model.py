@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -127,35 +125,11 @@ def find_prompt(context: dict | None, config: LabelingConfig, params: ProjectPar
     return ". ".join(config.labels)
 
 
-class TaskClaims:
-    """The tasks this worker is predicting for Label Studio to store (requests with context null).
-
-    Opening a task makes Label Studio ask for it twice at once; both answers would be stored. The second
-    request finds the task claimed and answers [] for it (Label Studio stores nothing), so one is stored.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._held: set = set()
-
-    @contextmanager
-    def claim(self, keys: list) -> Iterator[set]:
-        """Claim those of `keys` no other request holds; yields them; gives them back at exit."""
-        with self._lock:
-            mine = set(keys) - self._held
-            self._held |= mine
-        try:
-            yield mine
-        finally:
-            with self._lock:
-                self._held -= mine
-
-
 class GroundedSAM(LabelStudioMLBase):
     def __init__(self, project_id: str | None, label_config: str | None, *, store: ProjectStore,
-                 loader: ModelLoader, images: ImageLoader, settings: Settings, claims: TaskClaims):
+                 loader: ModelLoader, images: ImageLoader, settings: Settings):
         super().__init__(project_id, label_config, store)
-        self.loader, self.images, self.settings, self.claims = loader, images, settings, claims
+        self.loader, self.images, self.settings = loader, images, settings
         self._started = time.perf_counter()  # one instance per request: PREDICT_TIME_BUDGET counts from here
 
     @property
@@ -183,20 +157,11 @@ class GroundedSAM(LabelStudioMLBase):
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
         """Smart-tool clicks and boxes in the context go to SAM alone; anything else is a text prompt.
 
-        One entry per task: its prediction, or [] (no prediction) for tasks left out by PREDICT_TIME_BUDGET
-        and, without a context (what Label Studio stores), for tasks another request is predicting now."""
-        if context is not None:  # interactive: a suggestion for the labeler, never stored
-            clicks = find_clicks(context, self.config)
-            if clicks is not None:
-                return self._predict_clicks(tasks, clicks)
-            return self._predict_text(tasks, context)
-        keys = [(self.project_id, task.get("id")) for task in tasks]
-        with self.claims.claim([key for key in keys if key[1] is not None]) as mine:
-            free = [task for task, key in zip(tasks, keys, strict=True) if key[1] is None or key in mine]
-            if len(free) < len(tasks):
-                logger.info("%d task(s) left out: another request is predicting them now", len(tasks) - len(free))
-            answers = iter(self._predict_text(free, None) if free else [])
-            return [next(answers) if key[1] is None or key in mine else [] for key in keys]
+        One entry per task: its prediction, or [] (no prediction) for tasks left out by PREDICT_TIME_BUDGET."""
+        clicks = find_clicks(context, self.config)
+        if clicks is not None:
+            return self._predict_clicks(tasks, clicks)
+        return self._predict_text(tasks, context)
 
     def _predict_text(self, tasks: list[dict], context: dict | None) -> list[dict]:
         config, params = self.config, self.params

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -325,35 +323,6 @@ def test_predict_time_budget_leaves_the_last_tasks_without_prediction(make_clien
     # After one 0.2 s task, a second would end at ~0.4 s, past a 0.3 s budget: the others get [] (no prediction).
     assert all(r["result"] for r in results[:predicted]) and results[predicted:] == [[]] * (3 - predicted)
     assert len(client.loader.models.detector.calls) == predicted
-
-
-def concurrently(client, bodies: list[dict]) -> list[dict]:
-    """POST /predict with each body from its own thread, all at once; the JSON answers in order."""
-    barrier = threading.Barrier(len(bodies))
-
-    def post(body):
-        with client.application.test_client() as own:
-            barrier.wait()
-            return own.post("/predict", json=body).json
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(post, bodies))
-
-
-@pytest.mark.parametrize(
-    "first, second, context, both_predicted",
-    [(1, 1, None, False), (1, 2, None, True), (1, 1, TEXTAREA_CONTEXT, True)],
-    ids=["same task, stored", "other tasks", "same task, interactive"],
-)
-def test_a_task_asked_twice_at_once_is_predicted_once_for_storage(client, first, second, context, both_predicted):
-    client.loader.models = Models(SlowDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
-    answers = concurrently(client, [predict_payload([task(first)], context), predict_payload([task(second)], context)])
-    results = [answer["results"][0] for answer in answers]
-    predicted = [r for r in results if r != []]
-    assert len(predicted) == (2 if both_predicted else 1) and all(r["result"] for r in predicted)
-    assert len(client.loader.models.detector.calls) == len(predicted)
-    # Claims are given back: the same task asked again later is predicted.
-    assert client.post("/predict", json=predict_payload([task(first)])).json["results"][0]["result"]
 
 
 def test_one_bad_task_does_not_lose_the_others(client, images):

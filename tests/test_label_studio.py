@@ -6,9 +6,7 @@ installs Label Studio into ~/.cache/grounded-sam (about 3 minutes); later runs s
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,26 +274,6 @@ def test_polygon_labels_are_suggested_and_stored(label_studio: LabelStudio, back
             assert points.ndim == 2 and points.shape[1] == 2 and len(points) >= 3, region["value"]
             assert ((0 <= points) & (points <= 100)).all() and region["value"]["closed"] is True
     assert stored["model_version"] == MODEL_VERSION and stored["result"][0]["score"] > 0
-
-
-def test_a_task_opened_twice_at_once_gets_one_stored_prediction(label_studio: LabelStudio, backend: Backend):
-    """GET /api/tasks/{id} of a task without predictions makes Label Studio predict and store it; the labeling UI
-    sends two such GETs at once. Our service predicts the task for one of them and answers [] to the other."""
-    ls = label_studio
-    pid = ls.create_project("Grounded SAM task open")
-    ls.upload(pid, "opened.png", encode(make_image(200, 80, seed=31), "PNG"), "image/png")
-    (task,) = ls.tasks(pid)
-    ls.connect_backend(pid, backend.url, {"prompt": TEXT_PROMPT})
-    barrier = threading.Barrier(2)
-
-    def open_task(_):
-        barrier.wait()
-        return ls.json("GET", f"/api/tasks/{task['id']}")
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(open_task, range(2)))
-    stored = ls.predictions(task["id"])
-    assert len(stored) == 1 and stored[0]["result"], stored
 
 
 def test_predict_time_budget_spreads_a_batch_over_several_retrieves(
