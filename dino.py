@@ -51,11 +51,9 @@ class GroundingDino:
     With a cache, an image's backbone features are computed once (the text-independent part of
     the model), and the raw outputs for one image and caption once (a repeated prompt)."""
 
-    def __init__(self, model: torch.nn.Module, device: str, name: str = "groundingdino",
-                 cache: EmbeddingCache | None = None):
+    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None):
         self.model = model.eval().to(device)
         self.device = device
-        self.name = name
         self.cache = cache
         self.max_text_len = int(getattr(model, "max_text_len", 256))
         self._lock = threading.Lock()
@@ -92,8 +90,7 @@ class GroundingDino:
             raise ModelLoadError(f"GROUNDINGDINO_TEXT_ENCODER={text_encoder}: {e}") from e
         except Exception as e:
             raise ModelLoadError(f"GROUNDINGDINO_CHECKPOINT={checkpoint_path}: could not load: {e}") from e
-        name = os.path.splitext(os.path.basename(checkpoint_path))[0]
-        return cls(model, device, name, cache)
+        return cls(model, device, cache)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, h, w) float tensor, short side 800 (long side <= 1333), normalised."""

@@ -82,12 +82,10 @@ class ModelLoader:
     def model_version(self) -> str:
         """Names the models in use, from the settings (known before loading finishes)."""
         s = self.settings
-        parts = [os.path.splitext(os.path.basename(s.groundingdino_checkpoint))[0]]
-        if s.segmenter == "sam":
-            parts.append(os.path.splitext(os.path.basename(s.sam_checkpoint))[0])
-        elif s.segmenter == "mobile_sam":
-            parts.append(os.path.splitext(os.path.basename(s.mobilesam_checkpoint))[0])
-        return "+".join(parts)
+        checkpoints = [s.groundingdino_checkpoint]
+        if s.segmenter:
+            checkpoints.append(s.sam_checkpoint if s.segmenter == "sam" else s.mobilesam_checkpoint)
+        return "+".join(os.path.splitext(os.path.basename(path))[0] for path in checkpoints)
 
     def state(self) -> dict:
         """For /health: never blocks."""

@@ -163,7 +163,7 @@ class GroundedSAM(LabelStudioMLBase):
             return self._predict_clicks(tasks, clicks)
         return self._predict_text(tasks, context)
 
-    def _predict_text(self, tasks: list[dict], context: dict | None) -> list[dict]:
+    def _predict_text(self, tasks: list[dict], context: dict | None) -> list[dict | list]:
         config, params = self.config, self.params
         prompt = find_prompt(context, config, params, self.settings)
         if prompt is None:
@@ -179,7 +179,7 @@ class GroundedSAM(LabelStudioMLBase):
         return self._each_task(tasks, models, lambda image, image_id: self._text_regions(image, image_id, plan,
                                                                                          params, models))
 
-    def _predict_clicks(self, tasks: list[dict], clicks: ClickPrompt) -> list[dict]:
+    def _predict_clicks(self, tasks: list[dict], clicks: ClickPrompt) -> list[dict | list]:
         mask_labels = self.config.mask_labels
         label = match_label(clicks.label, mask_labels)
         if label is None:

@@ -7,7 +7,6 @@ side is 1024 (SAM's ResizeLongestSide), top-left aligned in a padded 1024x1024 s
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
@@ -89,10 +88,9 @@ class Segmenter:
     With a cache, each image is encoded once for all the text prompts and clicks on it.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str, name: str, cache: EmbeddingCache | None = None):
+    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None):
         self.model = model.eval().to(device)
         self.device = device
-        self.name = name
         self.cache = cache
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.decoder = PromptDecoder(self.model)
@@ -115,8 +113,7 @@ class Segmenter:
         except Exception as e:  # a truncated file, or weights of another model type
             hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if kind == "sam" else ""
             raise ModelLoadError(f"{variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
-        name = os.path.splitext(os.path.basename(checkpoint))[0]
-        return cls(model, resolve_device(device), name, cache)
+        return cls(model, resolve_device(device), cache)
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> ImageEmbedding:

@@ -128,7 +128,7 @@ def test_load_errors_name_the_variable_and_path(tmp_path, groundingdino_files):
 
 def test_cached_backbone_and_outputs_give_the_uncached_detections(detector, image):
     cache = EmbeddingCache(8, 2**30)
-    cached = GroundingDino(detector.model, "cpu", "tiny", cache)
+    cached = GroundingDino(detector.model, "cpu", cache)
     image_id = image_digest(image)
     backbone_runs = []
     handle = detector.model.backbone.register_forward_hook(lambda *args: backbone_runs.append(1))

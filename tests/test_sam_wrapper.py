@@ -42,7 +42,7 @@ def test_tiny_sam_masks_identical_to_sam_predictor(tiny, size, n, monkeypatch):
     monkeypatch.setattr(sam_wrapper, "_UPSCALE_CHUNK_PIXELS", 4 * size[0] * size[1])
     image = make_image(*size, seed=3)
     boxes = boxes_for(*size, n)
-    lazy, iou = Segmenter(tiny, "cpu", "tiny").segment_boxes(image, boxes)
+    lazy, iou = Segmenter(tiny, "cpu").segment_boxes(image, boxes)
     expected_masks, expected_iou = reference_masks(SamPredictor(tiny), image, boxes)
     assert lazy.shape == (n, size[1], size[0]) and lazy.dtype == bool
     masks = np.asarray(lazy)
@@ -59,7 +59,6 @@ def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_chec
     from mobile_sam import sam_model_registry
 
     segmenter = Segmenter.load("mobile_sam", str(mobile_sam_checkpoint), "cpu")
-    assert segmenter.name == "mobile_sam"
     image = make_image(320, 240, seed=4)
     boxes = boxes_for(320, 240, 4)
     masks, iou = segmenter.segment_boxes(image, boxes)
@@ -72,7 +71,7 @@ def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_chec
 
 def test_cached_embedding_gives_the_uncached_masks(tiny):
     cache = EmbeddingCache(4, 2**30)
-    cached, plain = Segmenter(tiny, "cpu", "tiny", cache), Segmenter(tiny, "cpu", "tiny")
+    cached, plain = Segmenter(tiny, "cpu", cache), Segmenter(tiny, "cpu")
     image = make_image(200, 100, seed=5)
     embedding = plain.embed(image)
     assert embedding.original_size == (100, 200) and embedding.input_size == (512, 1024)
@@ -89,7 +88,7 @@ def test_no_box_skips_the_image_encoder(tiny):
     calls = []
     handle = tiny.image_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
-        masks, iou = Segmenter(tiny, "cpu", "tiny").segment_boxes(make_image(50, 40), np.zeros((0, 4), np.float32))
+        masks, iou = Segmenter(tiny, "cpu").segment_boxes(make_image(50, 40), np.zeros((0, 4), np.float32))
     finally:
         handle.remove()
     assert masks.shape == (0, 40, 50) and iou.shape == (0,) and calls == []
@@ -98,7 +97,6 @@ def test_no_box_skips_the_image_encoder(tiny):
 def test_sam_vit_b_loads_through_the_registry(tmp_path):
     path = make_sam(tmp_path / "sam_vit_b_01ec64.pth", "vit_b")
     segmenter = Segmenter.load("sam", str(path), "cpu", "vit_b")
-    assert segmenter.name == "sam_vit_b_01ec64"
     assert segmenter.model.image_encoder.patch_embed.proj.out_channels == 768  # ViT-B width
     with pytest.raises(ModelLoadError, match="SAM_CHECKPOINT=.*could not load as vit_l.*SAM_MODEL_TYPE"):
         Segmenter.load("sam", str(path), "cpu", "vit_l")
@@ -127,7 +125,7 @@ def test_click_and_box_prompts_identical_to_sam_predictor(tiny, points, labels, 
     points = np.array(points, dtype=np.float32).reshape(-1, 2)
     labels = np.array(labels, dtype=np.int64)
     box = None if box is None else np.array(box, dtype=np.float32)
-    mask, score = Segmenter(tiny, "cpu", "tiny").segment_prompt(image, points, labels, box)
+    mask, score = Segmenter(tiny, "cpu").segment_prompt(image, points, labels, box)
 
     predictor = SamPredictor(tiny)
     predictor.set_image(image)
@@ -144,4 +142,4 @@ def test_click_and_box_prompts_identical_to_sam_predictor(tiny, points, labels, 
 
 def test_a_prompt_needs_a_point_or_a_box(tiny):
     with pytest.raises(ValueError, match="at least one point or a box"):
-        Segmenter(tiny, "cpu", "tiny").segment_prompt(make_image(20, 20), np.zeros((0, 2)), np.zeros(0), None)
+        Segmenter(tiny, "cpu").segment_prompt(make_image(20, 20), np.zeros((0, 2)), np.zeros(0), None)
