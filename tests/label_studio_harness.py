@@ -27,15 +27,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
 from model_factory import make_image
+from servers import LoopbackServer
 from test_e2e_gunicorn import encode, free_port
 from test_labeling import GUIDE_CONFIG
 
@@ -373,7 +373,7 @@ def wait_models(backend: Backend) -> None:
 # --------------------------------------------------------------------------- images
 
 
-class StaticServer:
+class StaticServer(LoopbackServer):
     """Serves `files` (path -> bytes) on 127.0.0.1 with `Access-Control-Allow-Origin: *` (the labeling UI loads
     URL images with `crossorigin`). Records (path, user agent) of every GET."""
 
@@ -401,15 +401,11 @@ class StaticServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(Handler)
+        self.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
         assert_port_closed(self.port, "static image server")
 
 

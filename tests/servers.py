@@ -1,4 +1,5 @@
-"""A loopback HTTP server that serves test images the way Label Studio does (for protocol tests)."""
+"""Loopback HTTP servers for tests: the shared start/stop plumbing, and one that serves images the way Label Studio
+does (for protocol tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,33 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class ImageServer:
+class LoopbackServer:
+    """`handler` (a BaseHTTPRequestHandler class) served on 127.0.0.1 at a free port from a daemon thread;
+    `with server:` runs it, `close()` stops it."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], poll_interval: float = 0.5):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": poll_interval},
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ImageServer(LoopbackServer):
     """Serves `files` (path -> bytes) on 127.0.0.1. Paths under /data/upload/ need
     `Authorization: Token <token>`, like Label Studio uploads; others are public."""
 
@@ -30,14 +57,4 @@ class ImageServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> ImageServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)

@@ -10,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from servers import LoopbackServer
 
 import weights
 from config import SAM_CHECKPOINT_NAMES, Settings
@@ -29,7 +29,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class FileServer:
+class FileServer(LoopbackServer):
     """Serves `files` (URL path -> bytes) on 127.0.0.1, honouring single `Range: bytes=N-` requests with 206.
 
     `drops[path] = n`: the next n answers for that path announce the full Content-Length, send half of the body
@@ -76,17 +76,7 @@ class FileServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, poll_interval=0.05)
 
 
 BIG = bytes(range(256)) * 4000  # 1,024,000 bytes: several read chunks
