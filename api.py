@@ -18,9 +18,41 @@ from flask import Flask, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from mlbase import LabelStudioMLBase, RequestError, project_key
+from errors import (
+    InteractiveError,
+    LabelConfigError,
+    LabelStudioError,
+    ModelsNotReady,
+    ParamsError,
+    PromptError,
+    ServiceError,
+)
+from mlbase import LabelStudioMLBase
+from store import project_key
 
 logger = logging.getLogger(__name__)
+
+
+class RequestError(ServiceError):
+    """A request body this layer can't parse (not JSON, missing fields): 400."""
+
+
+# The one place domain errors become HTTP statuses (most specific class first; ServiceError catches the rest).
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    RequestError: 400,
+    ParamsError: 400,
+    LabelConfigError: 422,
+    PromptError: 422,
+    InteractiveError: 422,
+    ModelsNotReady: 503,
+    LabelStudioError: 502,
+    ServiceError: 400,
+}
+
+
+def status_of(error: ServiceError) -> int:
+    """The HTTP status of a domain error: its nearest class in ERROR_STATUS."""
+    return next(ERROR_STATUS[cls] for cls in type(error).__mro__ if cls in ERROR_STATUS)
 
 ModelFactory = Callable[[str | None, str | None], LabelStudioMLBase]
 
@@ -121,11 +153,12 @@ def create_app(
         response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
         return response
 
-    @app.errorhandler(RequestError)
-    def request_error(e: RequestError):
-        metrics.add(f"errors_{e.status}")
-        logger.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
-        return jsonify(error=str(e)), e.status
+    @app.errorhandler(ServiceError)
+    def service_error(e: ServiceError):
+        status = status_of(e)
+        metrics.add(f"errors_{status}")
+        logger.warning("%s %s -> %d: %s", request.method, request.path, status, e)
+        return jsonify(error=str(e)), status
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -151,7 +184,7 @@ def create_app(
         extra_params = parse_extra_params(body.get("extra_params"))
         model = factory(project, schema)
         model.extra_params = extra_params
-        model.setup()  # raises RequestError for a config or params it can't serve: nothing is stored then
+        model.setup()  # raises a ServiceError for a config or params it can't serve: nothing is stored then
         state = {"extra_params": extra_params, "label_config": schema}
         state.update({key: body[key] for key in ("hostname", "access_token") if body.get(key)})
         model.update(state)

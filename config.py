@@ -13,12 +13,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# Checkpoint file names as published by their authors (used for default paths and model_version).
-SAM_CHECKPOINT_NAMES = {
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_b": "sam_vit_b_01ec64.pth",
+from errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class SegmenterKind:
+    """One family of mask models: the package whose `sam_model_registry` builds it, the variable that names its
+    checkpoint, and each model type's checkpoint file as its authors publish it (the default file name, and the
+    name of its weights.py manifest entry)."""
+
+    package: str
+    variable: str
+    files: Mapping[str, str]  # model type -> published checkpoint file name
+
+
+# The one table of which segmenter needs which checkpoint setting and which weights.py entry.
+SEGMENTERS = {
+    "sam": SegmenterKind("segment_anything", "SAM_CHECKPOINT", {
+        "vit_h": "sam_vit_h_4b8939.pth",
+        "vit_l": "sam_vit_l_0b3195.pth",
+        "vit_b": "sam_vit_b_01ec64.pth",
+    }),
+    "mobile_sam": SegmenterKind("mobile_sam", "MOBILESAM_CHECKPOINT", {"vit_t": "mobile_sam.pt"}),
 }
+GROUNDINGDINO_CHECKPOINT_NAME = "groundingdino_swint_ogc.pth"
 # Found without importing groundingdino (which imports torch): importing config must stay cheap.
 GROUNDINGDINO_PACKAGED_CONFIG = str(
     Path(importlib.util.find_spec("groundingdino").origin).parent / "config" / "GroundingDINO_SwinT_OGC.py"
@@ -29,8 +47,14 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names the environment variable and the path."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model file the settings need: the variable naming it, its path, and its published file name (the
+    weights.py manifest entry that fetches it; the default path ends in it)."""
+
+    variable: str
+    path: str
+    published_name: str
 
 
 def require_file(variable: str, path: str) -> None:
@@ -120,12 +144,33 @@ class Settings:
             return "sam"
         return "mobile_sam" if self.use_mobile_sam else None
 
+    @property
+    def segmenter_model_type(self) -> str | None:
+        """The model type the segmenter's registry builds: SAM_MODEL_TYPE for SAM, vit_t for MobileSAM."""
+        if self.segmenter is None:
+            return None
+        return self.sam_model_type if self.segmenter == "sam" else next(iter(SEGMENTERS[self.segmenter].files))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The checkpoint files these settings load: Grounding DINO's, then the segmenter's (if any)."""
+        needed = [Checkpoint("GROUNDINGDINO_CHECKPOINT", self.groundingdino_checkpoint, GROUNDINGDINO_CHECKPOINT_NAME)]
+        if self.segmenter is not None:
+            kind = SEGMENTERS[self.segmenter]
+            path = self.sam_checkpoint if self.segmenter == "sam" else self.mobilesam_checkpoint
+            needed.append(Checkpoint(kind.variable, path, kind.files[self.segmenter_model_type]))
+        return needed
+
+    @property
+    def model_version(self) -> str:
+        """Names the models in use by their checkpoint files, e.g. groundingdino_swint_ogc+mobile_sam."""
+        return "+".join(os.path.splitext(os.path.basename(c.path))[0] for c in self.checkpoints())
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         model_dir = _str(env, "MODEL_DIR", cls.model_dir)
         sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
-        if sam_type not in SAM_CHECKPOINT_NAMES:
+        if sam_type not in SEGMENTERS["sam"].files:
             raise ConfigError(f"SAM_MODEL_TYPE must be one of vit_h, vit_l, vit_b, got {sam_type!r}")
         device = _str(env, "DEVICE", cls.device).lower()
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
@@ -134,7 +179,7 @@ class Settings:
             model_dir=model_dir,
             groundingdino_config=_str(env, "GROUNDINGDINO_CONFIG", GROUNDINGDINO_PACKAGED_CONFIG),
             groundingdino_checkpoint=_str(
-                env, "GROUNDINGDINO_CHECKPOINT", os.path.join(model_dir, "groundingdino_swint_ogc.pth")
+                env, "GROUNDINGDINO_CHECKPOINT", os.path.join(model_dir, GROUNDINGDINO_CHECKPOINT_NAME)
             ),
             groundingdino_text_encoder=_str(
                 env, "GROUNDINGDINO_TEXT_ENCODER", os.path.join(model_dir, "bert-base-uncased")
@@ -142,8 +187,9 @@ class Settings:
             use_sam=_bool(env, "USE_SAM", cls.use_sam),
             use_mobile_sam=_bool(env, "USE_MOBILE_SAM", cls.use_mobile_sam),
             sam_model_type=sam_type,
-            sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SAM_CHECKPOINT_NAMES[sam_type])),
-            mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT", os.path.join(model_dir, "mobile_sam.pt")),
+            sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SEGMENTERS["sam"].files[sam_type])),
+            mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT",
+                                      os.path.join(model_dir, SEGMENTERS["mobile_sam"].files["vit_t"])),
             device=device,
             embedding_cache_size=_number(env, "EMBEDDING_CACHE_SIZE", cls.embedding_cache_size, int, 0),
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", cls.embedding_cache_mb, float, 0.0),

@@ -13,17 +13,13 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
 from cache import EmbeddingCache
-from config import ModelLoadError, require_file
+from config import require_file
 from detections import Detections
+from device import resolve_device
+from errors import ModelLoadError
 from prompts import Phrase
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def caption_and_spans(phrases: Sequence[Phrase], tokenizer) -> tuple[str, list[list[int]]]:

@@ -5,10 +5,7 @@ A task's image field is one of:
     ``/data/local-files/?d=<path>`` (relative to the Label Studio base URL, needs its API key);
   * an absolute ``http(s)://`` URL (fetched without credentials unless it points at Label Studio itself).
 
-Label Studio accepts two kinds of key (see docs "Task images"): a legacy token (``Authorization: Token <key>``)
-and JWTs. A personal access token (PAT) is a JWT *refresh* token that must first be exchanged at
-``/api/token/refresh/`` for a short-lived access JWT (``Authorization: Bearer <access>``); `ImageLoader` does that
-exchange and caches the access token.
+Which key a request to Label Studio carries, and the exchange of a personal access token, are ls_client's.
 
 Every image comes back as an ``(H, W, 3) uint8`` RGB array in the *displayed* orientation (EXIF orientation
 applied), which is the frame Label Studio's ``original_width``/``original_height`` and percent coordinates use.
@@ -19,14 +16,11 @@ Secrets never reach logs or error messages: URLs are shown only through `redact_
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import logging
 import re
 import struct
-import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -36,33 +30,25 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Settings
+from errors import LabelStudioError, ServiceError
+from ls_client import Connection, LabelStudioClient
 
 logger = logging.getLogger(__name__)
 
-# Refresh a cached access token this long before its `exp`, so it cannot expire in flight.
-ACCESS_TOKEN_MARGIN_S = 30.0
-# Used when an access token carries no `exp`; Label Studio's access tokens live 5 minutes.
-ACCESS_TOKEN_DEFAULT_TTL_S = 300.0
-# Distinct (Label Studio base, PAT) pairs whose access tokens are cached; more means keys keep changing.
-ACCESS_TOKEN_CACHE_SIZE = 8
 _CHUNK = 64 * 1024
-_KEY_HINT = (
-    "set LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) to a Label Studio legacy token or personal access "
-    "token of a user who can see the project, and LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) to the URL the backend "
-    "can reach Label Studio at"
-)
 
 
-class ImageError(ValueError):
-    """An image could not be fetched or decoded; the message says what failed (URLs redacted)."""
+class ImageError(ServiceError):
+    """An image could not be fetched or decoded; the message says what failed (URLs redacted).
 
+    kind: what went wrong, for a task's failure record: 'unreachable' (network, HTTP errors), 'denied' (401/403,
+    a refused key), 'too_large' (bytes or pixels over the limits), 'undecodable', 'unsupported' (a URL scheme or
+    path the loader does not read). status: the HTTP status of a refused download, else None.
+    """
 
-class _HTTPStatusError(ImageError):
-    """Non-2xx response; `status` lets the loader retry a 401 once with a refreshed token."""
-
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, kind: str = "unreachable", status: int | None = None):
         super().__init__(message)
-        self.status = status
+        self.kind, self.status = kind, status
 
 
 # --------------------------------------------------------------------------- decoding
@@ -81,29 +67,31 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     Raises ImageError for empty, unrecognised, truncated or oversized images.
     """
     if not data:
-        raise ImageError("empty image data (0 bytes)")
+        raise ImageError("empty image data (0 bytes)", "undecodable")
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         # Pillow's own guard (about 179 Mpx) fires inside open() before we can read the size.
-        raise ImageError(f"image rejected by Pillow's decompression-bomb guard (not IMAGE_MAX_PIXELS): {e}") from None
+        raise ImageError(f"image rejected by Pillow's decompression-bomb guard (not IMAGE_MAX_PIXELS): {e}",
+                         "too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         # Pillow's message here only repeats "cannot identify image file <BytesIO ...>".
-        raise ImageError(f"could not decode image ({len(data)} bytes): not a recognised image format") from None
+        raise ImageError(f"could not decode image ({len(data)} bytes): not a recognised image format",
+                         "undecodable") from None
     with im:
         width, height = im.size
         if width * height > max_pixels:
             raise ImageError(
                 f"image is {width}x{height} = {width * height:,} pixels, over the IMAGE_MAX_PIXELS limit of "
-                f"{max_pixels:,}"
+                f"{max_pixels:,}", "too_large"
             )
         if width == 0 or height == 0:
-            raise ImageError(f"image has no pixels ({width}x{height})")
+            raise ImageError(f"image has no pixels ({width}x{height})", "undecodable")
         try:
             oriented = _exif_transpose(im)
             return _to_rgb_array(oriented)
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
-            raise ImageError(f"could not decode {im.format or 'image'} {width}x{height}: {e}") from None
+            raise ImageError(f"could not decode {im.format or 'image'} {width}x{height}: {e}", "undecodable") from None
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:
@@ -155,42 +143,6 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{path}" if parts.scheme else f"//{host}{path}"
 
 
-def _normalise_base(base: str | None) -> str:
-    """Label Studio base URL with a scheme and no trailing slash; '' when unset."""
-    base = (base or "").strip().rstrip("/")
-    if base and "://" not in base:
-        # Users often write LABEL_STUDIO_HOST=localhost:8080; requests cannot fetch that.
-        base = "http://" + base
-    return base
-
-
-def _origin(url: str) -> tuple[str, int | None] | None:
-    """(lower-case host, effective port) of an absolute http(s) URL; None when it has none."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.hostname:
-        return None
-    if port is None:
-        port = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.hostname.lower(), port
-
-
-def _jwt_payload(token: str) -> dict | None:
-    """The decoded (not verified) payload of a JWT; None when `token` is not a JWT."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    segment = parts[1]
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (binascii.Error, ValueError):  # also covers JSONDecodeError and UnicodeDecodeError
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def _describe_request_error(exc: requests.RequestException) -> str:
     """A short cause for a failed request, without the URL (requests puts the query string in its messages)."""
     reason = exc.args[0] if exc.args else None
@@ -210,16 +162,15 @@ def _describe_request_error(exc: requests.RequestException) -> str:
 class ImageLoader:
     """Fetches task images over HTTP (or from LOCAL_FILES_DOCUMENT_ROOT) and decodes them with `decode_image`.
 
-    One loader is shared by a process's request threads: it holds one `requests.Session` and a small cache of
-    access tokens obtained for personal access tokens, guarded by a lock.
+    One loader is shared by a process's request threads: it holds one `requests.Session`, and the
+    `LabelStudioClient` that gives requests to Label Studio their key.
     """
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None):
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 label_studio: LabelStudioClient | None = None):
         self._settings = settings
         self._session = session if session is not None else requests.Session()
-        self._lock = threading.Lock()
-        # (Label Studio base, PAT) -> (access JWT, expiry as time.time())
-        self._access_tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self.label_studio = label_studio or LabelStudioClient(settings)
 
     def load(self, url: str, hostname: str | None = None, access_token: str | None = None) -> np.ndarray:
         """Fetch the image a task's data field points at; return ``(H, W, 3) uint8`` RGB, displayed orientation.
@@ -229,49 +180,47 @@ class ImageLoader:
         """
         url = (url or "").strip()
         if not url:
-            raise ImageError("task has an empty image URL")
+            raise ImageError("task has an empty image URL", "unsupported")
         data = self.fetch(url, hostname, access_token)
         try:
             return decode_image(data, self._settings.image_max_pixels)
         except ImageError as e:
-            raise ImageError(f"{redact_url(url)}: {e}") from None
+            raise ImageError(f"{redact_url(url)}: {e}", e.kind) from None
 
     def fetch(self, url: str, hostname: str | None = None, access_token: str | None = None) -> bytes:
         """The raw bytes `url` points at (see `load`)."""
-        base = _normalise_base(self._settings.label_studio_url) or _normalise_base(hostname)
-        key = (self._settings.label_studio_api_key or access_token or "").strip()
-
+        connection = self.label_studio.connection(hostname, access_token)
         if url.startswith("data/"):
             url = "/" + url
         if url.startswith("/data/"):
             local = self._read_local_file(url)
             if local is not None:
                 return local
-            if not base:
+            if not connection.url:
                 raise ImageError(
                     f"{redact_url(url)} is a Label Studio path but the Label Studio URL is unknown: set "
                     "LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) to the URL the backend can reach Label Studio at, "
-                    "e.g. http://localhost:8080"
+                    "e.g. http://localhost:8080", "unsupported"
                 )
-            return self._fetch_from_label_studio(base + url, base, key)
+            return self._fetch_from_label_studio(connection.url + url, connection)
 
         try:
             parts = urlsplit(url)
         except ValueError:  # e.g. an unclosed IPv6 bracket
-            raise ImageError(f"malformed image URL {redact_url(url)}") from None
+            raise ImageError(f"malformed image URL {redact_url(url)}", "unsupported") from None
         scheme = parts.scheme.lower()
         if scheme in ("http", "https"):
-            if base and _origin(url) == _origin(base):
+            if connection.serves(url):
                 # Label Studio sometimes sends absolute URLs to its own uploads.
                 if parts.path.startswith("/data/"):
                     local = self._read_local_file(url)
                     if local is not None:
                         return local
-                return self._fetch_from_label_studio(url, base, key)
+                return self._fetch_from_label_studio(url, connection)
             return self._download(url, {}, hint="the backend sends no credentials to hosts other than Label Studio")
         raise ImageError(
             f"unsupported image URL scheme {scheme!r} in {redact_url(url)}: the backend reads http(s):// URLs and "
-            "Label Studio /data/... paths (let Label Studio serve cloud storage, or use presigned URLs)"
+            "Label Studio /data/... paths (let Label Studio serve cloud storage, or use presigned URLs)", "unsupported"
         )
 
     # ----------------------------------------------------------------- local files
@@ -284,16 +233,17 @@ class ImageLoader:
             return None
         rel = parse_qs(parts.query).get("d", [""])[0]
         if not rel:
-            raise ImageError(f"{redact_url(url)}: local-files URL without a d=<path> parameter")
+            raise ImageError(f"{redact_url(url)}: local-files URL without a d=<path> parameter", "unsupported")
         root = Path(root_setting).resolve()
         # resolve() follows symlinks, so a link pointing outside the root is caught here too.
         try:
             target = (root / rel).resolve()
         except (OSError, ValueError):  # a NUL byte, a symlink loop
-            raise ImageError("local-files d= parameter is not a usable path") from None
+            raise ImageError("local-files d= parameter is not a usable path", "unsupported") from None
         if not target.is_relative_to(root):
             raise ImageError(
-                f"local file path escapes LOCAL_FILES_DOCUMENT_ROOT ({len(rel)}-character d= parameter rejected)"
+                f"local file path escapes LOCAL_FILES_DOCUMENT_ROOT ({len(rel)}-character d= parameter rejected)",
+                "unsupported",
             )
         if not target.is_file():
             logger.debug("local file not found under LOCAL_FILES_DOCUMENT_ROOT, fetching it from Label Studio")
@@ -301,7 +251,8 @@ class ImageLoader:
         limit = self._max_bytes()
         size = target.stat().st_size
         if size > limit:
-            raise ImageError(f"local file is {size:,} bytes, over the IMAGE_MAX_MB limit of {limit:,} bytes")
+            raise ImageError(f"local file is {size:,} bytes, over the IMAGE_MAX_MB limit of {limit:,} bytes",
+                             "too_large")
         try:
             data = target.read_bytes()
         except OSError as e:
@@ -311,85 +262,12 @@ class ImageLoader:
 
     # ----------------------------------------------------------------- Label Studio auth
 
-    def _fetch_from_label_studio(self, url: str, base: str, key: str) -> bytes:
-        """GET `url` on Label Studio at `base` with the right Authorization header for `key`."""
-        if not key:
-            return self._download(url, {}, hint="no Label Studio API key is configured: " + _KEY_HINT)
-        payload = _jwt_payload(key)
-        if payload is None:
-            return self._download(
-                url,
-                {"Authorization": f"Token {key}"},
-                hint="the key is a legacy token; legacy tokens may be disabled for this organization (use a "
-                "personal access token instead). " + _KEY_HINT,
-            )
-        if payload.get("token_type") != "refresh":
-            return self._download(
-                url, {"Authorization": f"Bearer {key}"},
-                hint="the key is a JWT access token, which expires after minutes; use a personal access token. "
-                + _KEY_HINT,
-            )
-        # Personal access token: exchange it for an access token (cached until shortly before it expires).
-        access, cached = self._access_token(base, key)
-        hint = "the personal access token's access token was refused. " + _KEY_HINT
+    def _fetch_from_label_studio(self, url: str, connection: Connection) -> bytes:
+        """GET `url` on Label Studio with the connection's key (ls_client picks the header and refreshes it)."""
         try:
-            return self._download(url, {"Authorization": f"Bearer {access}"}, hint=hint)
-        except _HTTPStatusError as e:
-            if e.status != 401 or not cached:
-                raise
-        logger.info("Label Studio refused a cached access token; refreshing it once")
-        access, _ = self._access_token(base, key, stale=access)
-        return self._download(url, {"Authorization": f"Bearer {access}"}, hint=hint)
-
-    def _access_token(self, base: str, pat: str, stale: str | None = None) -> tuple[str, bool]:
-        """(access JWT for `pat`, whether it came from the cache).
-
-        `stale` is an access token Label Studio just refused: it is replaced unless another thread already did.
-        The lock is held across the refresh request so that concurrent loads share one exchange.
-        """
-        cache_key = (base, pat)
-        with self._lock:
-            entry = self._access_tokens.get(cache_key)
-            if entry is not None:
-                token, expires_at = entry
-                if token != stale and expires_at - ACCESS_TOKEN_MARGIN_S > time.time():
-                    return token, stale is None
-            token = self._refresh(base, pat)
-            exp = (_jwt_payload(token) or {}).get("exp")
-            expires_at = float(exp) if isinstance(exp, (int, float)) else time.time() + ACCESS_TOKEN_DEFAULT_TTL_S
-            self._access_tokens.pop(cache_key, None)
-            if len(self._access_tokens) >= ACCESS_TOKEN_CACHE_SIZE:
-                self._access_tokens.pop(next(iter(self._access_tokens)))  # oldest first
-            self._access_tokens[cache_key] = (token, expires_at)
-            return token, False
-
-    def _refresh(self, base: str, pat: str) -> str:
-        """Exchange a personal access token for an access JWT at Label Studio's /api/token/refresh/."""
-        url = base + "/api/token/refresh/"
-        start = time.monotonic()
-        try:
-            resp = self._session.post(
-                url, json={"refresh": pat}, timeout=self._settings.image_fetch_timeout, stream=True
-            )
-        except requests.RequestException as e:
-            raise ImageError(
-                f"could not exchange the personal access token at {redact_url(url)}: {_describe_request_error(e)}"
-            ) from None
-        with resp:
-            if not resp.ok:
-                raise ImageError(
-                    f"Label Studio refused the personal access token at {redact_url(url)}: HTTP {resp.status_code}"
-                    f"{_detail(resp)}; it may be revoked or expired: {_KEY_HINT}"
-                )
-            try:
-                access = json.loads(resp.raw.read(64 * 1024, decode_content=True))["access"]
-            except (ValueError, KeyError, TypeError, OSError, requests.RequestException):
-                access = None
-        if not isinstance(access, str) or not access:
-            raise ImageError(f"{redact_url(url)} answered without an access token; is LABEL_STUDIO_URL Label Studio?")
-        logger.info("exchanged personal access token at %s in %.0f ms", redact_url(url),
-                    (time.monotonic() - start) * 1000)
-        return access
+            return self.label_studio.get(connection, url, lambda headers, hint: self._download(url, headers, hint))
+        except LabelStudioError as e:  # a personal access token that could not be exchanged
+            raise ImageError(str(e), "denied") from None
 
     # ----------------------------------------------------------------- HTTP
 
@@ -408,18 +286,20 @@ class ImageLoader:
                     message = f"fetching {shown} failed: HTTP {resp.status_code}{_detail(resp)}"
                     if resp.status_code in (401, 403):
                         message += f" ({hint})"
-                    raise _HTTPStatusError(message, resp.status_code)
+                    raise ImageError(message, "denied" if resp.status_code in (401, 403) else "unreachable",
+                                     resp.status_code)
                 declared = resp.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > limit:
                     raise ImageError(
                         f"{shown} is {int(declared):,} bytes (Content-Length), over the IMAGE_MAX_MB limit of "
-                        f"{limit:,} bytes"
+                        f"{limit:,} bytes", "too_large"
                     )
                 data = bytearray()
                 for chunk in resp.iter_content(_CHUNK):
                     data += chunk
                     if len(data) > limit:
-                        raise ImageError(f"{shown} is over the IMAGE_MAX_MB limit of {limit:,} bytes; download aborted")
+                        raise ImageError(f"{shown} is over the IMAGE_MAX_MB limit of {limit:,} bytes; download aborted",
+                                         "too_large")
                     # requests' timeout bounds each read, not the whole transfer; a trickling server must not
                     # hold a request thread for ever.
                     if time.monotonic() - start > timeout:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from errors import LabelConfigError
 
-class LabelConfigError(ValueError):
-    """The labeling config can't be served by this backend; the message says why."""
+__all__ = ["Control", "LabelConfigError", "LabelingConfig", "default_label_config", "parse_label_config"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,14 @@ def parse_label_config(xml: str) -> LabelingConfig:
         keypoints=tuple(control(c) for c in by_kind["keypointlabels"]),
         predicted_values=predicted_values,
     )
+
+
+def default_label_config(labels: tuple[str, ...]) -> str:
+    """The README's labeling config (an image, a prompt TextArea, RectangleLabels "label" and BrushLabels
+    "label2") with these labels: what the command line uses when it is given no config."""
+    from xml.sax.saxutils import quoteattr
+
+    items = "".join(f"\n    <Label value={quoteattr(label)}/>" for label in labels)
+    return (f'<View>\n  <Image name="image" value="$image"/>\n  <TextArea name="prompt" toName="image"/>\n'
+            f'  <RectangleLabels name="label" toName="image">{items}\n  </RectangleLabels>\n'
+            f'  <BrushLabels name="label2" toName="image">{items}\n  </BrushLabels>\n</View>')

@@ -1,20 +1,20 @@
-"""Loads the models once per worker process, in the background, and hands them out when ready.
+"""Builds the models the settings name: `build_models` (plain, synchronous: the command line, tests, a Ray actor)
+and `ModelLoader`, which runs it once per gunicorn worker in a background thread.
 
-/health and /setup never wait for it; /predict waits (up to MODEL_LOAD_WAIT seconds).
+/health and /setup never wait for the loader; /predict waits (up to MODEL_LOAD_WAIT seconds).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache import EmbeddingCache
-from config import ModelLoadError, Settings
-from mlbase import RequestError
+from config import Settings
+from errors import ModelLoadError, ModelsNotReady
 
 if TYPE_CHECKING:
     from dino import GroundingDino
@@ -30,7 +30,32 @@ class Models:
     cache: EmbeddingCache  # shared by both: one bound on the memory per-image state takes
 
 
+def build_models(settings: Settings) -> Models:
+    """Load Grounding DINO and the segmenter the settings name, sharing one embedding cache.
+
+    Raises ModelLoadError naming the variable and the file. Takes seconds to minutes (checkpoints are large)."""
+    # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
+    # /health as soon as it starts.
+    from device import resolve_device
+    from dino import GroundingDino
+    from sam_wrapper import Segmenter
+
+    s = settings
+    device = resolve_device(s.device)
+    logger.info("loading models on %s", device)
+    cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
+    detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint, s.groundingdino_text_encoder,
+                                  device, cache)
+    segmenter = None
+    if s.segmenter is not None:
+        checkpoint = s.checkpoints()[1]
+        segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache)
+    return Models(detector, segmenter, cache)
+
+
 class ModelLoader:
+    """`build_models` once per worker process, in a daemon thread started after the fork."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
@@ -48,25 +73,9 @@ class ModelLoader:
                 self._thread.start()
 
     def _load(self) -> None:
-        s = self.settings
         started = time.perf_counter()
         try:
-            # Imported here, not at module level: torch takes seconds to import, and a gunicorn
-            # worker must answer /health as soon as it starts.
-            from dino import GroundingDino, resolve_device
-            from sam_wrapper import Segmenter
-
-            device = resolve_device(s.device)
-            logger.info("loading models on %s", device)
-            cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
-            detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,
-                                          s.groundingdino_text_encoder, device, cache)
-            segmenter = None
-            if s.segmenter == "sam":
-                segmenter = Segmenter.load("sam", s.sam_checkpoint, device, s.sam_model_type, cache)
-            elif s.segmenter == "mobile_sam":
-                segmenter = Segmenter.load("mobile_sam", s.mobilesam_checkpoint, device, cache=cache)
-            self._models = Models(detector, segmenter, cache)
+            self._models = build_models(self.settings)
             self._seconds = time.perf_counter() - started
             logger.info("models ready in %.1f s: %s", self._seconds, self.model_version)
         except ModelLoadError as e:
@@ -81,11 +90,7 @@ class ModelLoader:
     @property
     def model_version(self) -> str:
         """Names the models in use, from the settings (known before loading finishes)."""
-        s = self.settings
-        checkpoints = [s.groundingdino_checkpoint]
-        if s.segmenter:
-            checkpoints.append(s.sam_checkpoint if s.segmenter == "sam" else s.mobilesam_checkpoint)
-        return "+".join(os.path.splitext(os.path.basename(path))[0] for path in checkpoints)
+        return self.settings.model_version
 
     def state(self) -> dict:
         """For /health: never blocks."""
@@ -97,12 +102,14 @@ class ModelLoader:
                 "embedding_cache": self._models.cache.stats()}
 
     def get(self, timeout: float | None = None) -> Models:
-        """The loaded models; waits for loading up to `timeout` (default MODEL_LOAD_WAIT) seconds."""
+        """The loaded models; waits for loading up to `timeout` (default MODEL_LOAD_WAIT) seconds.
+
+        Raises ModelsNotReady when they are still loading after that, or failed to load."""
         self.start()
         timeout = self.settings.model_load_wait if timeout is None else timeout
         if not self._done.wait(timeout):
-            raise RequestError(f"models are still loading (waited {timeout:.0f} s, MODEL_LOAD_WAIT); "
-                               "try again shortly", status=503)
+            raise ModelsNotReady(f"models are still loading (waited {timeout:.0f} s, MODEL_LOAD_WAIT); "
+                                 "try again shortly")
         if self._error:
-            raise RequestError(f"models failed to load: {self._error}", status=503)
+            raise ModelsNotReady(f"models failed to load: {self._error}")
         return self._models

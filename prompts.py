@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from errors import PromptError
+
 _SEPARATORS = re.compile(r"[.,;\n\r]+")
 
 
@@ -108,6 +110,28 @@ def parse_prompt(
         elif phrase.text not in phrases:
             phrases[phrase.text] = phrase
     return PromptPlan(tuple(phrases.values()), tuple(skipped))
+
+
+def require_phrases(prompt: str, labels: Sequence[str],
+                    predicted_values: Mapping[str, Sequence[str]] | None = None) -> PromptPlan:
+    """parse_prompt, raising PromptError with every phrase's reason when no phrase maps to a label."""
+    plan = parse_prompt(prompt, labels, predicted_values)
+    if not plan.phrases:
+        reasons = "; ".join(f"{p!r}: {why}" for p, why in plan.skipped) or "it has no phrase"
+        raise PromptError(f"prompt {prompt!r} gives nothing to detect: {reasons}")
+    return plan
+
+
+def prompt_labels(prompt: str) -> tuple[str, ...]:
+    """The labels a prompt names by itself, for a labeling config made from it: the part after the first
+    underscore of a `phrase_label` phrase, else the phrase itself ('brown cat_cats. house' -> cats, house)."""
+    labels = []
+    for raw in split_prompt(prompt):
+        text, _, label = raw.partition("_")
+        name = " ".join((label if label.strip() and text.strip() else raw.replace("_", " ")).split())
+        if name:
+            labels.append(name)
+    return tuple(dict.fromkeys(labels))
 
 
 def _parse_phrase(raw: str, labels: Sequence[str], predicted_values: Mapping[str, Sequence[str]]) -> Phrase | str:

@@ -6,6 +6,7 @@ side is 1024 (SAM's ResizeLongestSide), top-left aligned in a padded 1024x1024 s
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from cache import EmbeddingCache
-from config import ModelLoadError, require_file
-from dino import resolve_device
+from config import SEGMENTERS, require_file
+from device import resolve_device
+from errors import ModelLoadError
 from sam_decoder import DecoderInput, PromptDecoder
 
 logger = logging.getLogger(__name__)
@@ -99,20 +101,17 @@ class Segmenter:
     @classmethod
     def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h",
              cache: EmbeddingCache | None = None) -> Segmenter:
-        """kind: "sam" (segment_anything, model_type vit_h | vit_l | vit_b) or "mobile_sam" (vit_t)."""
-        variable = "SAM_CHECKPOINT" if kind == "sam" else "MOBILESAM_CHECKPOINT"
-        require_file(variable, checkpoint)
-        if kind == "sam":
-            from segment_anything import sam_model_registry
-        else:
-            from mobile_sam import sam_model_registry
-
-            model_type = "vit_t"
+        """kind: a key of config.SEGMENTERS: "sam" (model_type vit_h | vit_l | vit_b) or "mobile_sam" (vit_t)."""
+        spec = SEGMENTERS[kind]
+        require_file(spec.variable, checkpoint)
+        if model_type not in spec.files:
+            model_type = next(iter(spec.files))  # MobileSAM has one type
+        registry = importlib.import_module(spec.package).sam_model_registry
         try:
-            model = sam_model_registry[model_type](checkpoint=checkpoint)
+            model = registry[model_type](checkpoint=checkpoint)
         except Exception as e:  # a truncated file, or weights of another model type
-            hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if kind == "sam" else ""
-            raise ModelLoadError(f"{variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
+            hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if len(spec.files) > 1 else ""
+            raise ModelLoadError(f"{spec.variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
         return cls(model, resolve_device(device), cache)
 
     @torch.no_grad()

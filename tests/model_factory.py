@@ -381,3 +381,12 @@ def make_real_size_groundingdino(directory: Path, seed: int = 0) -> tuple[Path, 
     checkpoint = directory / "groundingdino_swint_ogc.pth"
     torch.save({"model": model.state_dict()}, checkpoint)
     return Path(GROUNDINGDINO_PACKAGED_CONFIG), checkpoint, bert_dir
+
+
+def service_env(groundingdino_files: tuple[Path, Path, Path], mobile_sam_checkpoint: Path, **extra: str
+                ) -> dict[str, str]:
+    """The service's environment variables (README "Environment variables") for these generated models, on CPU."""
+    config, checkpoint, text_encoder = groundingdino_files
+    return {"GROUNDINGDINO_CONFIG": str(config), "GROUNDINGDINO_CHECKPOINT": str(checkpoint),
+            "GROUNDINGDINO_TEXT_ENCODER": str(text_encoder), "USE_MOBILE_SAM": "true",
+            "MOBILESAM_CHECKPOINT": str(mobile_sam_checkpoint), "MAX_DETECTIONS": "5", "DEVICE": "cpu", **extra}

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from fakes import FakeDetector, FakeLoader, FakeSegmenter
 from label_studio_sdk.converter import brush
 from PIL import Image
 from servers import ImageServer
@@ -21,67 +22,7 @@ from test_labeling import GUIDE_CONFIG
 
 from _wsgi import create_backend_app
 from cache import EmbeddingCache
-from detections import Detections
 from loader import Models
-
-
-class FakeDetector:
-    """Phrase i -> one box at a fixed place, score 0.9 - 0.1 * i."""
-
-    def __init__(self):
-        self.calls = []
-
-    def detect(self, image, phrases, box_threshold, text_threshold, max_detections=50, nms_iou=0.7, image_id=None):
-        self.calls.append(([p.text for p in phrases], box_threshold))
-        h, w = image.shape[:2]
-        rows = [(i, 0.9 - 0.1 * i) for i in range(len(phrases)) if 0.9 - 0.1 * i > box_threshold]
-        rows = rows[:max_detections]
-        xyxy = [(w * 0.1 * (i + 1), h * 0.1, w * 0.1 * (i + 1) + w * 0.2, h * 0.6) for i, _ in rows]
-        return Detections(np.array(xyxy, np.float32).reshape(-1, 4), [s for _, s in rows],
-                          [phrases[i].label for i, _ in rows])
-
-
-class FakeSegmenter:
-    """Each box's mask is the box itself; a click prompt's mask is its box, or a 5-pixel square per
-    positive click."""
-
-    def __init__(self):
-        self.calls = 0
-        self.prompts = []
-
-    def segment_prompt(self, image, points, point_labels, box=None, image_id=None):
-        self.prompts.append((points.tolist(), point_labels.tolist(), None if box is None else box.tolist()))
-        mask = np.zeros(image.shape[:2], bool)
-        if box is not None:
-            x0, y0, x1, y1 = np.round(box).astype(int)
-            mask[y0:y1, x0:x1] = True
-        for (x, y), positive in zip(points.astype(int), point_labels, strict=True):
-            mask[max(0, y - 2): y + 3, max(0, x - 2): x + 3] = bool(positive)
-        return mask, 0.875
-
-    def segment_boxes(self, image, xyxy, image_id=None):
-        self.calls += 1
-        h, w = image.shape[:2]
-        masks = np.zeros((len(xyxy), h, w), bool)
-        for m, (x0, y0, x1, y1) in zip(masks, xyxy.astype(int), strict=True):
-            m[y0:y1, x0:x1] = True
-        return masks, np.ones(len(xyxy), np.float32)
-
-
-class FakeLoader:
-    model_version = "fake-dino+fake-sam"
-
-    def __init__(self):
-        self.models = Models(FakeDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
-
-    def start(self):
-        pass
-
-    def state(self):
-        return {"models": "ready", "model_version": self.model_version}
-
-    def get(self, timeout=None):
-        return self.models
 
 
 def png(width, height, color=(200, 30, 30)) -> bytes:
@@ -501,3 +442,55 @@ def test_a_series_of_clicks_fetches_the_image_once(make_client, images, seconds,
     for x in (20, 40, 60):
         assert click_request(client, [keypoint(x, 50)]).status_code == 200
     assert [path for path, _ in images.requests].count("/data/upload/1/aa-cat.png") == fetches
+
+
+@pytest.mark.parametrize(
+    "regions, message",
+    [
+        ([keypoint(120, 50)], "context region 'kp120' (keypointlabels): x=120 is outside the image"),
+        ([keypoint(25, -3)], "context region 'kp25' (keypointlabels): y=-3 is outside the image"),
+        ([smart_box(10, 10, 0, 20)], "context region 'box1' (rectanglelabels): the rectangle x=10 y=10 width=0"),
+        ([smart_box(10, 10, 20, -5)], "height=-5 is outside the image"),
+        ([smart_box(90, 10, 20, 20)], "is empty or runs outside the image"),
+        ([smart_box(10, 10, 20, 20), keypoint(101, 5, label="house")], "context region 'kp101'"),
+    ],
+)
+def test_clicks_and_boxes_outside_the_image_get_422_naming_the_region(client, regions, message):
+    response = click_request(client, regions)
+    assert response.status_code == 422 and message in response.json["error"], response.json
+    assert client.loader.models.segmenter.prompts == [] and client.loader.models.detector.calls == []
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [
+        [{"id": "r1", "from_name": "kp", "type": "keypointlabels"}],  # no value
+        [{"id": "r2", "from_name": "label", "type": "rectanglelabels",  # not a smart tool
+          "value": {"x": 1, "y": 1, "width": 2, "height": 2, "rectanglelabels": ["cats"]}}],
+        [{"id": "r3", "from_name": "prompt", "type": "textarea", "value": {"text": ["  "]}}],  # an empty prompt
+        [{"id": "r4", "type": "choices", "value": {"choices": ["a"]}}, "not a region"],
+    ],
+)
+def test_a_context_with_no_usable_region_gets_422_not_the_default_prompt(client, regions):
+    response = click_request(client, regions)
+    assert response.status_code == 422, response.json
+    assert f"holds {len(regions)} region(s)" in response.json["error"]
+    assert "none this service can use" in response.json["error"]
+    assert client.loader.models.detector.calls == [] and client.loader.models.segmenter.prompts == []
+
+
+def test_every_domain_error_has_its_status():
+    import inspect
+
+    import api
+    import errors
+    from images import ImageError
+
+    expected = {errors.ParamsError: 400, errors.LabelConfigError: 422, errors.PromptError: 422,
+                errors.InteractiveError: 422, errors.ModelsNotReady: 503, errors.LabelStudioError: 502,
+                api.RequestError: 400, ImageError: 400, errors.ModelLoadError: 400}
+    for cls, status in expected.items():
+        assert api.status_of(cls("x")) == status, cls
+    declared = {cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.ServiceError)}
+    # Each error a request can raise has a row of its own; ModelLoadError only reaches requests as ModelsNotReady.
+    assert declared - set(api.ERROR_STATUS) == {errors.ModelLoadError}

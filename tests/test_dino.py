@@ -11,8 +11,8 @@ from model_factory import groundingdino_image_tensor, make_image
 from torchvision.ops import box_convert
 
 from cache import EmbeddingCache, image_digest
-from config import ModelLoadError
 from dino import GroundingDino, caption_and_spans
+from errors import ModelLoadError
 from prompts import Phrase
 
 PHRASES = (Phrase("shape", "cats"), Phrase("round thing", "house"))

@@ -1,0 +1,171 @@
+"""The prediction pipeline: an image and a query -> detections -> Label Studio regions.
+
+    query (text phrases with thresholds, or one interactive SAM prompt)
+      image  (H, W, 3) uint8 RGB, displayed orientation   <- Pipeline.load_image (task URL, cached)
+      boxes  dino.GroundingDino.detect                    -> Detections (xyxy image pixels, scores, labels)
+      masks  sam_wrapper.Segmenter                        -> Detections.masks (N, H, W) bool
+      JSON   regions.build_regions                        -> RectangleLabels / BrushLabels / PolygonLabels
+
+`Pipeline.detect` does one image (array + identity -> Detections); `Pipeline.predict_task` does one Label Studio
+task (task dict + labeling config + query -> a `TaskOutcome`: the prediction, or a failure with its kind and
+reason). Nothing here knows about HTTP or Flask: the service (model.py), the command line (cli.py) and the bulk
+job call it alike. Errors a caller can act on are errors.py's; a task's own failures are outcomes, not errors, so
+one bad task never costs the others theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cache import image_digest
+from config import Settings
+from detections import Detections
+from errors import InteractiveError
+from images import ImageError, ImageLoader
+from labeling import LabelingConfig
+from loader import Models
+from prompts import Phrase
+from regions import build_regions, prediction
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """Grounding DINO's gates, from the environment or a project's extra params."""
+
+    box_threshold: float
+    text_threshold: float
+    max_detections: int
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """Detect each phrase; its regions carry the phrase's label."""
+
+    phrases: tuple[Phrase, ...]
+    params: DetectionParams
+
+
+@dataclass(frozen=True)
+class ClickQuery:
+    """One interactive SAM prompt from Label Studio's smart tools; coordinates in percent of the image."""
+
+    points: tuple[tuple[float, float], ...]  # (x, y) of each click
+    point_labels: tuple[int, ...]  # 1 = positive click, 0 = negative (Alt-click)
+    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 of a smart rectangle
+    label: str  # the label the mask carries: a brush or polygon label of the config
+
+
+Query = TextQuery | ClickQuery
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """Why one task got no prediction. kind: 'no_image_url', or an ImageError kind ('unreachable', 'denied',
+    'too_large', 'undecodable', 'unsupported')."""
+
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What became of one task: exactly one of `prediction` ({"result", "score", "model_version"}) and `failure`."""
+
+    task_id: object
+    prediction: dict | None = None
+    failure: TaskFailure | None = None
+    seconds: float = 0.0
+
+
+class Pipeline:
+    """Runs queries on images with one set of loaded models. Cheap to build; holds no per-request state, so one
+    instance may serve every thread (the models serialise themselves)."""
+
+    def __init__(self, models: Models, settings: Settings, images: ImageLoader, model_version: str | None = None):
+        self.models, self.settings, self.images = models, settings, images
+        self.model_version = model_version or settings.model_version
+
+    def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None
+                   ) -> tuple[np.ndarray, str]:
+        """A task image (H, W, 3) uint8 RGB and its pixel digest, downloaded and decoded once per
+        IMAGE_CACHE_SECONDS (a series of clicks fetches it once). hostname, access_token: what /setup sent.
+        Raises ImageError."""
+
+        def fetch():
+            image = self.images.load(url, hostname=hostname, access_token=access_token)
+            return image, image_digest(image)
+
+        return self.models.cache.get(("image", url, hostname), fetch, max_age=self.settings.image_cache_seconds)
+
+    def detect(self, image: np.ndarray, image_id: str, query: Query, wants_masks: bool = True) -> Detections:
+        """One image: (H, W, 3) uint8 RGB and its identity (cache.image_digest) -> Detections in its pixels.
+
+        A text query runs Grounding DINO, then (when `wants_masks` and a segmenter is loaded) SAM on every box in
+        one decoder call; a click query runs SAM alone, its box being the mask's bounding box."""
+        if isinstance(query, ClickQuery):
+            return self._clicked(image, image_id, query)
+        p = query.params
+        detections = self.models.detector.detect(image, query.phrases, p.box_threshold, p.text_threshold,
+                                                 p.max_detections, self.settings.nms_iou, image_id=image_id)
+        if self.models.segmenter is not None and wants_masks and len(detections):
+            masks, _ = self.models.segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+            detections = detections.with_masks(masks)
+        return detections
+
+    def _clicked(self, image: np.ndarray, image_id: str, query: ClickQuery) -> Detections:
+        height, width = image.shape[:2]
+        scale = np.array([width, height], np.float64) / 100.0
+        points = np.array(query.points, np.float64).reshape(-1, 2) * scale
+        box = None if query.box is None else np.array(query.box, np.float64) * np.tile(scale, 2)
+        mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
+                                                           box, image_id=image_id)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        xyxy = [[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]] if len(rows) else [[0, 0, 0, 0]]
+        return Detections(np.array(xyxy, np.float32), [score], [query.label], mask[None])
+
+    def regions(self, detections: Detections, config: LabelingConfig, query: Query, width: int, height: int
+                ) -> list[dict]:
+        """Label Studio result regions for an image of `width` x `height` pixels. A click answer is only the
+        mask (brush and/or polygon): the click already is the user's region."""
+        if isinstance(query, ClickQuery):
+            config = replace(config, rectangles=())
+        return build_regions(detections, config, width, height, self.settings.polygon_tolerance)
+
+    def predict_image(self, image: np.ndarray, image_id: str, config: LabelingConfig, query: Query) -> dict:
+        """One image -> one Label Studio prediction ({"result", "score", "model_version"})."""
+        detections = self.detect(image, image_id, query, wants_masks=config.wants_masks)
+        height, width = image.shape[:2]
+        return prediction(self.regions(detections, config, query, width, height), self.model_version)
+
+    def check(self, query: Query) -> None:
+        """Raise InteractiveError when the loaded models can't answer `query` (clicks need a segmenter)."""
+        if isinstance(query, ClickQuery) and self.models.segmenter is None:
+            raise InteractiveError("clicks need a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true")
+
+    def predict_task(self, task: dict, config: LabelingConfig, query: Query, hostname: str | None = None,
+                     access_token: str | None = None) -> TaskOutcome:
+        """One Label Studio task (its JSON as Label Studio sends it) -> its outcome. A task whose data has no image
+        URL, or whose image can't be fetched or decoded, is a failure outcome; nothing else is caught."""
+        started = time.perf_counter()
+        task_id = task.get("id")
+        self.check(query)
+        data = task.get("data")
+        url = data.get(config.image_key) if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url:
+            return TaskOutcome(task_id, failure=TaskFailure(
+                "no_image_url", f"task data has no image URL under {config.image_key!r}"))
+        try:
+            image, image_id = self.load_image(url, hostname, access_token)
+        except ImageError as e:
+            return TaskOutcome(task_id, failure=TaskFailure(e.kind, str(e)), seconds=time.perf_counter() - started)
+        result = self.predict_image(image, image_id, config, query)
+        seconds = time.perf_counter() - started
+        logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task_id, image.shape[1], image.shape[0],
+                    len(result["result"]), seconds)
+        return TaskOutcome(task_id, prediction=result, seconds=seconds)
