@@ -13,6 +13,7 @@ LABEL_STUDIO_API_KEY set). Errors are one line on stderr and exit status 1 (2 fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -115,7 +116,9 @@ def predict(args: argparse.Namespace) -> int:
     )
     query = TextQuery(plan.phrases, params)
     try:
-        pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
+        # groundingdino prints while it builds its model: stdout is for the prediction alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
     except ServiceError as e:
         raise CommandError(str(e)) from None
     detections = pipeline.detect(image, image_digest(image), query, wants_masks=config.wants_masks)

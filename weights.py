@@ -327,6 +327,7 @@ def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4
                     raise http.client.IncompleteRead(b"", size - part.stat().st_size)
                 return
         except urllib.error.HTTPError as e:
+            e.close()  # the error is also the response: close its socket (else a ResourceWarning when collected)
             if e.code == 416 and have:
                 return  # nothing after `have`: the part is whole (or not this file: the digest check says which)
             if e.code not in RETRYABLE_HTTP:
@@ -388,8 +389,10 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
         logger.info("%s: downloaded and verified", path)
         return path
     hint = f", or set {variable} to a copy you have" if variable else ""
-    raise DownloadError(f"{where}: could not download it ({'; '.join(errors)}). Download it yourself to {path} "
-                        f"(sha256 {spec.get('sha256') or 'unknown'}){hint}")
+    error = DownloadError(f"{where}: could not download it ({'; '.join(errors)}). Download it yourself to {path} "
+                          f"(sha256 {spec.get('sha256') or 'unknown'}){hint}")
+    error.cause = "; ".join(errors)
+    raise error
 
 
 def fetch_entry(name: str, directory: str | os.PathLike, manifest: Mapping | None = None, *,
@@ -407,40 +410,41 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.startswith(".") or os.path.isdir(value)
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
 def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Path]:
-    """Fetch what `settings` (default: from the environment) need: the Grounding DINO checkpoint, the SAM or
-    MobileSAM checkpoint in use, and the text encoder when GROUNDINGDINO_TEXT_ENCODER is a directory.
+    """Fetch what `settings` (default: from the environment) need: the checkpoints of `Settings.checkpoints()`
+    (Grounding DINO's and the segmenter's) and the text encoder when GROUNDINGDINO_TEXT_ENCODER is a directory.
 
     A needed file whose name is in the manifest is verified or downloaded to the configured path; one with
-    another name must exist (your own checkpoint: nothing to fetch or verify)."""
+    another name must exist (your own checkpoint: nothing to fetch or verify). Every file is tried; when any is
+    missing or wrong, one DownloadError lists them all, with their sizes and digests and what to do offline."""
     if settings is None:
         from config import Settings
 
         settings = Settings.from_env()
     manifest = MANIFEST if manifest is None else manifest
     single = {e["files"][0]["path"]: name for name, e in manifest.items() if len(e["files"]) == 1}
-    needed = [("GROUNDINGDINO_CHECKPOINT", settings.groundingdino_checkpoint)]
-    if settings.segmenter == "sam":
-        needed.append(("SAM_CHECKPOINT", settings.sam_checkpoint))
-    elif settings.segmenter == "mobile_sam":
-        needed.append(("MOBILESAM_CHECKPOINT", settings.mobilesam_checkpoint))
-    done = []
-    for variable, path in needed:
-        name = single.get(os.path.basename(path))
-        if name is None:
-            if not os.path.isfile(path):
-                raise DownloadError(f"{variable}={path}: file not found, and no download is known for that name "
-                                    f"(known: {', '.join(single)})")
-            logger.info("%s=%s: your own file, not verified", variable, path)
-            continue
-        done += fetch_entry(name, os.path.dirname(path) or ".", manifest, variable=variable, **options)
-
+    # (variable, directory, file spec or None for a file of your own, path)
+    wanted: list[tuple[str, str, Mapping | None, str]] = []
+    for checkpoint in settings.checkpoints():
+        name = single.get(os.path.basename(checkpoint.path))
+        directory = os.path.dirname(checkpoint.path) or "."
+        spec = manifest[name]["files"][0] if name else None
+        wanted.append((checkpoint.variable, directory, spec, checkpoint.path))
     encoder = settings.groundingdino_text_encoder
+    encoder_entry = None
     if _looks_like_path(encoder):
         name = os.path.basename(os.path.normpath(encoder))
         if name in manifest and len(manifest[name]["files"]) > 1:
-            done += fetch_entry(name, os.path.dirname(os.path.normpath(encoder)) or ".", manifest,
-                                variable="GROUNDINGDINO_TEXT_ENCODER", **options)
+            encoder_entry = manifest[name]
+            parent = os.path.dirname(os.path.normpath(encoder)) or "."
+            wanted += [("GROUNDINGDINO_TEXT_ENCODER", parent, spec, os.path.join(parent, spec["path"]))
+                       for spec in encoder_entry["files"]]
         elif not os.path.isfile(os.path.join(encoder, "config.json")):
             raise DownloadError(f"GROUNDINGDINO_TEXT_ENCODER={encoder}: no config.json there, and no download is "
                                 "known for that directory name")
@@ -449,7 +453,44 @@ def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Pa
                     "models load. For offline use: python weights.py --dir %s bert-base-uncased, then "
                     "GROUNDINGDINO_TEXT_ENCODER=%s", encoder, settings.model_dir,
                     os.path.join(settings.model_dir, "bert-base-uncased"))
+
+    done, problems = [], []  # problems: (variable, path, spec or None, reason)
+    for variable, directory, spec, path in wanted:
+        if spec is None:
+            if os.path.isfile(path):
+                logger.info("%s=%s: your own file, not verified", variable, path)
+            else:
+                problems.append((variable, path, None, f"{variable}={path}: file not found, and no download is "
+                                 f"known for that name (known: {', '.join(single)})"))
+            continue
+        try:
+            done.append(fetch_file(spec, directory, variable=variable, **options))
+        except DownloadError as e:
+            problems.append((variable, path, spec, f"not downloaded: {e.cause}" if hasattr(e, "cause") else str(e)))
+    if problems:
+        raise DownloadError(_missing_report(problems, encoder if encoder_entry else None, encoder_entry))
     return done
+
+
+def _missing_report(problems: list, encoder: str | None, encoder_entry: Mapping | None) -> str:
+    """One message for every file that is missing or wrong: what, where, how big, its digest, and what to do."""
+    total = sum((spec or {}).get("size") or 0 for _, _, spec, _ in problems)
+    lines = [f"{len(problems)} model file(s) the settings need are missing or not the published ones "
+             f"({_size(total)} in all):"]
+    for variable, path, spec, reason in problems:
+        if spec is None:
+            lines.append(f"  - {reason}")
+            continue
+        lines.append(f"  - {path} ({variable}; {_size(spec.get('size'))}, sha256 {spec.get('sha256') or 'unknown'})")
+        lines.append(f"      {reason}")
+    if encoder and any(variable == "GROUNDINGDINO_TEXT_ENCODER" for variable, *_ in problems):
+        files = ", ".join(os.path.basename(spec["path"]) for spec in encoder_entry["files"])
+        lines.append(f"  GROUNDINGDINO_TEXT_ENCODER={encoder} is a directory that must hold: {files}.")
+    lines.append("To fetch them: `python weights.py` (or `make weights`) where the download hosts are reachable; "
+                 "`python weights.py --list` shows each file's size and digest, and its source URLs are in "
+                 "weights.py's MANIFEST. Offline: copy each file to the path above (it is checked against its "
+                 "sha256), or point the variable at a copy you have.")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- command line

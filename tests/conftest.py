@@ -33,3 +33,12 @@ def groundingdino_files(tmp_path_factory, text_encoder_dir) -> tuple[Path, Path,
 def mobile_sam_checkpoint(tmp_path_factory) -> Path:
     """A random-weight MobileSAM checkpoint in mobile_sam.pt's format."""
     return model_factory.make_mobile_sam(tmp_path_factory.mktemp("mobile_sam") / "mobile_sam.pt")
+
+
+@pytest.fixture(scope="session")
+def sam_vit_b_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight SAM ViT-B checkpoint in sam_vit_b_01ec64.pth's format, written once per session (358 MB) and
+    deleted at its end, so pytest's kept temporary directories of past runs don't each hold one."""
+    path = model_factory.make_sam(tmp_path_factory.mktemp("sam_vit_b") / "sam_vit_b_01ec64.pth", "vit_b")
+    yield path
+    path.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from model_factory import (
     CALIBRATION_CAPTION,
     groundingdino_image_tensor,
     make_image,
-    make_sam,
     tiny_sam,
 )
 
@@ -78,11 +77,10 @@ def test_mobile_sam_checkpoint_loads(mobile_sam_checkpoint):
     assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
 
 
-def test_sam_checkpoint_loads(tmp_path):
+def test_sam_checkpoint_loads(sam_vit_b_checkpoint):
     from segment_anything import sam_model_registry
 
-    path = make_sam(tmp_path / "sam_vit_b.pth", "vit_b")
-    model = sam_model_registry["vit_b"](checkpoint=str(path))  # load_state_dict is strict here
+    model = sam_model_registry["vit_b"](checkpoint=str(sam_vit_b_checkpoint))  # load_state_dict is strict here
     assert model.image_encoder.patch_embed.proj.out_channels == 768
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_factory import make_image, make_sam, tiny_sam
+from model_factory import make_image, tiny_sam
 from segment_anything import SamPredictor
 
 import sam_wrapper
 from cache import EmbeddingCache, image_digest
-from errors import ModelLoadError
+from config import ModelLoadError
 from sam_wrapper import Segmenter
 
 
@@ -94,12 +94,11 @@ def test_no_box_skips_the_image_encoder(tiny):
     assert masks.shape == (0, 40, 50) and iou.shape == (0,) and calls == []
 
 
-def test_sam_vit_b_loads_through_the_registry(tmp_path):
-    path = make_sam(tmp_path / "sam_vit_b_01ec64.pth", "vit_b")
-    segmenter = Segmenter.load("sam", str(path), "cpu", "vit_b")
+def test_sam_vit_b_loads_through_the_registry(sam_vit_b_checkpoint):
+    segmenter = Segmenter.load("sam", str(sam_vit_b_checkpoint), "cpu", "vit_b")
     assert segmenter.model.image_encoder.patch_embed.proj.out_channels == 768  # ViT-B width
     with pytest.raises(ModelLoadError, match="SAM_CHECKPOINT=.*could not load as vit_l.*SAM_MODEL_TYPE"):
-        Segmenter.load("sam", str(path), "cpu", "vit_l")
+        Segmenter.load("sam", str(sam_vit_b_checkpoint), "cpu", "vit_l")
 
 
 def test_load_errors_name_variable_and_path(tmp_path, mobile_sam_checkpoint):

@@ -4,6 +4,7 @@ present, fallback URLs, the settings-driven mode and the command line. Nothing h
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -19,10 +20,23 @@ import pytest
 from servers import LoopbackServer
 
 import weights
-from config import SAM_CHECKPOINT_NAMES, Settings
+from config import SEGMENTERS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "backoff": 0, "timeout": 5}
+
+# A socket left open (say, an HTTP error's response never closed) is an error here: Python's ResourceWarning when it
+# collects the socket fails the test during which that happens. collect_garbage makes that the test that leaked it
+# or the next one (the log capture keeps a test's records, and what they name, until its teardown is over).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    gc.collect()
+    yield
+    gc.collect()
 
 
 def sha(data: bytes) -> str:
@@ -242,6 +256,29 @@ def test_server_errors_are_retried_and_missing_files_are_not(server, tmp_path):
     assert "HTTP 404" in str(error.value) and "set MOBILESAM_CHECKPOINT" in str(error.value)
 
 
+def open_sockets_to(server) -> list[socket.socket]:
+    """Client sockets of this process still open to `server` (live objects: a leak shows before any collection)."""
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.fileno() != -1:
+            try:
+                peer = obj.getpeername()
+            except OSError:  # not connected (a listening socket)
+                continue
+            if peer[:2] == ("127.0.0.1", server.port):
+                found.append(obj)
+    return found
+
+
+def test_error_responses_are_closed(server, tmp_path):
+    server.errors["/small.pt"] = [503, 502]
+    weights.download(server.url + "/small.pt", tmp_path / "small.pt.part", **FAST)  # two errors, then the file
+    with pytest.raises(weights.DownloadError, match="HTTP 404"):
+        weights.download(server.url + "/gone.pt", tmp_path / "gone.pt.part", **FAST)
+    assert len(server.requests) == 4
+    assert open_sockets_to(server) == []
+
+
 def test_an_unknown_host_is_not_retried(server, tmp_path, monkeypatch):
     calls = []
 
@@ -399,7 +436,7 @@ def test_the_real_manifest_is_pinned_and_verified():
             for url in spec["urls"]:
                 assert url.startswith("https://"), url
                 assert not re.search(r"/(main|master|latest)/", url), f"{url} is not pinned"
-    for file_name in (*SAM_CHECKPOINT_NAMES.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt"):
+    for file_name in (*SEGMENTERS["sam"].files.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt"):
         assert file_name in manifest, file_name  # every default checkpoint name can be fetched
     settings = Settings()
     for path in (settings.groundingdino_checkpoint, settings.sam_checkpoint, settings.mobilesam_checkpoint):
@@ -408,3 +445,29 @@ def test_the_real_manifest_is_pinned_and_verified():
     assert {"bert-base-uncased/config.json", "bert-base-uncased/vocab.txt"} <= set(bert)
     assert any(p.endswith(("model.safetensors", "pytorch_model.bin")) for p in bert)
     assert all(weights.BERT_REVISION in spec["urls"][0] for spec in manifest["bert-base-uncased"]["files"])
+
+
+def test_ensure_reports_every_missing_file_at_once(server, tmp_path):
+    """Offline (every download fails): one message names each file the settings need, its size and digest, the
+    text encoder directory and every file it must hold, the total, and what to do."""
+    manifest = fake_manifest(server)
+    for entry in manifest.values():
+        for spec in entry["files"]:
+            spec["urls"] = [url.replace(server.url, "http://127.0.0.1:9") for url in spec["urls"]]  # nothing there
+            spec["size"] = len(server.files.get(spec["urls"][0].removeprefix("http://127.0.0.1:9"), SMALL))
+    models = tmp_path / "models"
+    with pytest.raises(weights.DownloadError) as info:
+        weights.ensure(Settings.from_env({"MODEL_DIR": str(models)}), manifest, **FAST)
+    message = str(info.value)
+    assert message.startswith("4 model file(s) the settings need are missing")
+    for variable, path in [("GROUNDINGDINO_CHECKPOINT", "groundingdino_swint_ogc.pth"),
+                           ("MOBILESAM_CHECKPOINT", "mobile_sam.pt"),
+                           ("GROUNDINGDINO_TEXT_ENCODER", "bert-base-uncased/config.json"),
+                           ("GROUNDINGDINO_TEXT_ENCODER", "bert-base-uncased/vocab.txt")]:
+        assert f"{models / path} ({variable};" in message
+    total = sum(spec.get("size") or 0 for entry in manifest.values() for spec in entry["files"]
+                if entry is not manifest["sam_vit_b_01ec64.pth"])
+    assert total > 0 and f"sha256 {sha(BIG)}" in message and f"({weights._size(total)} in all)" in message
+    assert f"GROUNDINGDINO_TEXT_ENCODER={models / 'bert-base-uncased'} is a directory that must hold: config.json, " \
+           "vocab.txt" in message
+    assert "python weights.py --list" in message and "Offline: copy each file" in message

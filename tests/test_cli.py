@@ -1,0 +1,108 @@
+"""`cli.py predict`: exit codes, the prediction JSON, the overlay, and one-line errors without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter import brush
+from model_factory import make_image, service_env
+from PIL import Image
+
+import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(groundingdino_files, mobile_sam_checkpoint):
+    return service_env(groundingdino_files, mobile_sam_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "picture.png"
+    Image.fromarray(make_image(120, 80, seed=5)).save(path)
+    return path
+
+
+def run(env, *args):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_predict_prints_the_prediction_and_writes_the_overlay(env, picture, tmp_path):
+    overlay = tmp_path / "overlay.png"
+    done = run(env, "predict", str(picture), "--prompt", "brown cat_cats. house", "--box-threshold", "0.3",
+               "--overlay", str(overlay))
+    assert done.returncode == 0, done.stderr
+    prediction = json.loads(done.stdout)
+    assert set(prediction) == {"result", "score", "model_version"}
+    assert prediction["model_version"] == "groundingdino_tiny+mobile_sam"
+    regions = prediction["result"]
+    assert regions and {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
+    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the README's config
+    assert {label for r in regions for label in r["value"].get("rectanglelabels", [])} <= {"cats", "house"}
+    for region in regions:
+        assert (region["original_width"], region["original_height"]) == (120, 80)
+        if region["type"] == "brushlabels":
+            assert len(brush.decode_rle(region["value"]["rle"])) == 120 * 80 * 4
+    drawn = np.asarray(Image.open(overlay))
+    assert drawn.shape == (80, 120, 3) and (drawn != np.asarray(Image.open(picture))).any()
+
+
+def test_predict_with_a_config_and_out_file(env, picture, tmp_path):
+    config = tmp_path / "label.xml"
+    config.write_text('<View><Image name="img" value="$url"/>'
+                      '<RectangleLabels name="boxes" toName="img"><Label value="cats"/></RectangleLabels></View>')
+    out = tmp_path / "prediction.json"
+    done = run(env, "predict", str(picture), "--prompt", "cats", "--config", str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    regions = json.loads(out.read_text())["result"]
+    assert regions and {(r["type"], r["from_name"], r["to_name"]) for r in regions} == {
+        ("rectanglelabels", "boxes", "img")}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "{missing}", "--prompt", "cats"], "{missing}: No such file or directory"),
+        (["predict", "{garbage}", "--prompt", "cats"], "not a recognised image format"),
+        (["predict", "{picture}", "--prompt", "tree", "--config", "{config}"],
+         "prompt 'tree' gives nothing to detect"),
+        (["predict", "{picture}", "--prompt", " . ; "], "gives nothing to detect: it has no phrase"),
+        (["predict", "{picture}", "--prompt", "cats", "--config", "{missing}"], "No such file or directory"),
+        (["predict", "{picture}", "--prompt", "cats", "--config", "{garbage}"], "not valid XML"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_1(picture, tmp_path, capsys, args, message):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image")
+    config = tmp_path / "label.xml"
+    config.write_text('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"><Label value="cats"/>'
+                      '</BrushLabels></View>')
+    paths = {"missing": tmp_path / "missing.png", "garbage": garbage, "picture": picture, "config": config}
+    assert cli.main([a.format(**paths) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message.format(**paths) in err
+
+
+def test_missing_checkpoint_is_one_line(env, picture, tmp_path):
+    done = run({**env, "MOBILESAM_CHECKPOINT": str(tmp_path / "none.pt")}, "predict", str(picture), "--prompt", "x")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: MOBILESAM_CHECKPOINT={tmp_path}/none.pt: file not found"
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("option", [["--box-threshold", "2"], ["--max-detections", "0"], []])
+def test_malformed_options_exit_2(picture, option, capsys):
+    args = ["predict", str(picture), *option] + (["--prompt", "cats"] if option else [])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
