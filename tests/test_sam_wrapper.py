@@ -10,7 +10,7 @@ from segment_anything import SamPredictor
 
 import sam_wrapper
 from cache import EmbeddingCache, image_digest
-from config import ModelLoadError
+from errors import ModelLoadError
 from sam_wrapper import Segmenter
 
 
