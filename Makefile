@@ -6,11 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints
 
+# pip's progress bars on a terminal; without one (CI, a log file) or with CI set, a line per package and no bars.
+PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
+
 # $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
 # --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README).
 define pip-install
-	$(1)/pip install --quiet $(2) -r requirements.txt -r requirements-dev.txt
-	$(1)/pip install --quiet $(2) --no-deps -r requirements-nodeps.txt
+	@echo "make: installing requirements.txt and requirements-dev.txt into $(patsubst %/bin,%,$(1))" \
+	  "(the first time: about 3.2 GB to download, mostly PyTorch and its CUDA libraries; 6.6 GB on disk)"
+	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) -r requirements.txt -r requirements-dev.txt
+	@echo "make: installing requirements-nodeps.txt (the Grounding DINO package) with --no-deps"
+	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) --no-deps -r requirements-nodeps.txt
 endef
 
 install: $(STAMP)
