@@ -16,6 +16,10 @@ for _path in (ROOT, ROOT / "tests"):
 import model_factory  # noqa: E402
 import pytest  # noqa: E402
 
+# The Label Studio test modules import this plugin module before naming it in pytest_plugins: registered here, its
+# asserts are rewritten (else pytest warns that it "cannot be rewritten").
+pytest.register_assert_rewrite("label_studio_harness")
+
 
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory) -> Path:

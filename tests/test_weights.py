@@ -260,7 +260,7 @@ def open_sockets_to(server) -> list[socket.socket]:
     """Client sockets of this process still open to `server` (live objects: a leak shows before any collection)."""
     found = []
     for obj in gc.get_objects():
-        if isinstance(obj, socket.socket) and obj.fileno() != -1:
+        if type(obj) is socket.socket and obj.fileno() != -1:  # type(): isinstance() wakes torch's deprecated names
             try:
                 peer = obj.getpeername()
             except OSError:  # not connected (a listening socket)
