@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints
+.PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints \
+	constraints-label-studio
 
 # pip's progress bars on a terminal; without one (CI, a log file) or with CI set, a line per package and no bars.
 PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
@@ -36,6 +37,23 @@ constraints:
 	  echo "# Used with -c by make install and the Dockerfile. Regenerate after editing a requirements file."; \
 	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
 	rm -rf .venv-constraints
+
+# The end-to-end tests' Label Studio (its version: LS_VERSION in tests/label_studio_harness.py) is installed with
+# -c tests/label-studio-constraints.txt, and rebuilt when that file changes. To move it to newer dependencies (or
+# after changing LS_VERSION): resolve afresh in a temporary virtualenv and pin the result, then commit the file.
+LS_VERSION = $(shell sed -n 's/^LS_VERSION = "\(.*\)"$$/\1/p' tests/label_studio_harness.py)
+LS_CONSTRAINTS := tests/label-studio-constraints.txt
+constraints-label-studio:
+	@test -n "$(LS_VERSION)" || { echo "no LS_VERSION in tests/label_studio_harness.py" >&2; exit 1; }
+	@echo "make: resolving label-studio==$(LS_VERSION) in a fresh virtualenv (about 1 GB; a few minutes)"
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PYTHON) -m venv "$$tmp/venv" && \
+	  "$$tmp/venv/bin/pip" install --progress-bar $(PIP_PROGRESS) label-studio==$(LS_VERSION) && \
+	  { echo "# Every package of the end-to-end tests' Label Studio virtualenv, as make constraints-label-studio"; \
+	    echo "# resolved label-studio==$(LS_VERSION) (pip freeze; Linux x86_64, Python 3.11). Used with -c by"; \
+	    echo "# tests/label_studio_harness.py, which rebuilds the virtualenv when this file changes."; \
+	    "$$tmp/venv/bin/pip" freeze --all --exclude pip | grep -v '^#'; } > $(LS_CONSTRAINTS).new && \
+	  mv $(LS_CONSTRAINTS).new $(LS_CONSTRAINTS)
 
 weights: install
 	$(BIN)/python weights.py

@@ -4,10 +4,14 @@ Used by tests/test_label_studio.py (through the API) and tests/test_browser.py (
 names this module in `pytest_plugins`, so the session fixtures below are shared and Label Studio starts once.
 
 - Label Studio (`LS_VERSION`) lives in its own virtualenv, cached between runs on this machine
-  (`~/.cache/grounded-sam/ls-venv-<version>`, or `$GROUNDED_SAM_LS_VENV`) with a stamp file written only after
-  a complete install; a machine without it builds it (about 3 minutes from PyPI).
-- It runs with a temporary data dir, a legacy token, loopback backends allowed and no outbound calls, following
-  shared/docs/label-studio-protocol.md ("Running a real Label Studio locally").
+  (`~/.cache/grounded-sam/ls-venv-<version>`, or `$GROUNDED_SAM_LS_VENV`), installed with
+  `-c tests/label-studio-constraints.txt` (every dependency pinned; `make constraints-label-studio` refreshes it)
+  and a stamp file holding that file's SHA-256, written only after a complete install: a machine without the
+  virtualenv, or with one built from other constraints, builds it afresh (about 1 GB, a few minutes from PyPI).
+- It runs with a temporary data dir, a legacy token, loopback backends allowed and no outbound calls (see
+  `label_studio_env`): `LABEL_STUDIO_USER_TOKEN` becomes the legacy token, `ML_BLOCK_LOCAL_IP=false` and
+  `SSRF_PROTECTION_ENABLED=false` let it connect a backend on 127.0.0.1, and `--internal-host 127.0.0.1` keeps it
+  off other interfaces (it binds 0.0.0.0 by default, and a busy port silently becomes the next one).
 - Our service runs as a user runs it, `gunicorn _wsgi:app` (gunicorn.conf.py; HOST/PORT from the environment),
   with the session's small random-weight checkpoints passed through the documented variables.
 - The tests marked `label_studio` run last, together (see pytest_collection_modifyitems).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import mimetypes
 import os
@@ -44,6 +49,7 @@ ARTIFACTS = ROOT / "artifacts"
 LOGS = ARTIFACTS / "logs"
 
 LS_VERSION = "1.23.2"
+LS_CONSTRAINTS = ROOT / "tests" / "label-studio-constraints.txt"  # `make constraints-label-studio` writes it
 LS_VENV = Path(os.environ.get("GROUNDED_SAM_LS_VENV")
                or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}")
 LS_STAMP = LS_VENV / f".installed-label-studio-{LS_VERSION}"
@@ -170,33 +176,53 @@ def pytest_runtest_makereport(item, call):
 # --------------------------------------------------------------------------- Label Studio install
 
 
+def ls_stamp_text(constraints: Path = LS_CONSTRAINTS) -> str:
+    """What the stamp of a complete install says: the version and the SHA-256 of the constraints it was built with."""
+    digest = hashlib.sha256(constraints.read_bytes()).hexdigest()
+    return f"label-studio=={LS_VERSION}\nconstraints {constraints.name} sha256 {digest}\n"
+
+
+def ls_install_commands(python: str, venv: Path = LS_VENV, constraints: Path = LS_CONSTRAINTS) -> list[list[str]]:
+    """The commands that build the Label Studio virtualenv: every package at its version in `constraints`."""
+    return [[python, "-m", "venv", str(venv)],
+            [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "--progress-bar", "off",
+             "-c", str(constraints), f"label-studio=={LS_VERSION}"]]
+
+
+def ls_installed(venv: Path = LS_VENV, stamp: Path = LS_STAMP, constraints: Path = LS_CONSTRAINTS) -> bool:
+    """True when `venv` holds a complete install made with the current constraints file."""
+    try:
+        return (venv / "bin" / "label-studio").is_file() and stamp.read_text() == ls_stamp_text(constraints)
+    except OSError:
+        return False
+
+
 def ensure_label_studio() -> Path:
-    """The `label-studio` executable of the cached virtualenv, built first if missing or incomplete.
+    """The `label-studio` executable of the cached virtualenv, built first if missing, incomplete or built from
+    other constraints than tests/label-studio-constraints.txt.
 
     A file lock keeps two test runs on one machine from building it at once; the stamp is written last, so an
     interrupted install is rebuilt from scratch next time.
     """
     executable = LS_VENV / "bin" / "label-studio"
-    if LS_STAMP.is_file() and executable.is_file():
+    if ls_installed():
         return executable
     LS_VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(LS_VENV.parent / f"{LS_VENV.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if LS_STAMP.is_file() and executable.is_file():
+        if ls_installed():
             return executable
         shutil.rmtree(LS_VENV, ignore_errors=True)
         LOGS.mkdir(parents=True, exist_ok=True)
         log_path = LOGS / "label-studio-install.log"
         python = shutil.which("python3.11") or sys.executable
         with open(log_path, "wb") as log:
-            for args in ([python, "-m", "venv", str(LS_VENV)],
-                         [str(LS_VENV / "bin" / "pip"), "install", "--disable-pip-version-check",
-                          f"label-studio=={LS_VERSION}"]):
+            for args in ls_install_commands(python):
                 result = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, timeout=1200)
                 if result.returncode != 0:
                     tail = log_path.read_text(errors="replace")[-3000:]
                     pytest.fail(f"installing Label Studio {LS_VERSION} failed ({' '.join(args[:3])}):\n{tail}")
-        LS_STAMP.write_text(f"label-studio=={LS_VERSION}\n")
+        LS_STAMP.write_text(ls_stamp_text())
     return executable
 
 

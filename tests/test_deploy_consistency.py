@@ -359,3 +359,105 @@ def test_readme_compose_examples_are_valid(tmp_path):
         result = subprocess.run([compose, "-f", "docker-compose.yml", "-f", name, "config", "--quiet"],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"README's {name}: {result.stderr}"
+
+
+# ---------------------------------------------------------------------------------------------- first run, tests, CI
+
+def readme_test_table_files() -> set[str]:
+    """tests/*.py names in the first column of README's test table (`tests/test_a.py`, `test_b.py` | what)."""
+    names = set()
+    for line in readme_section("Tests").splitlines():
+        cells = line.split("|")
+        if len(cells) > 2:
+            names.update(re.findall(r"`(?:tests/)?([\w]+\.py)`", cells[1]))
+    return names
+
+
+def test_readme_test_table_lists_every_test_file():
+    files = {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    missing = sorted(files - readme_test_table_files())
+    assert missing == [], f"add a row to README's test table (## Tests) for {missing}"
+    gone = sorted(name for name in readme_test_table_files() if not (ROOT / "tests" / name).exists())
+    assert gone == [], f"README's test table names files that don't exist: {gone}"
+
+
+def make_dry_run(target: str, *args: str, **env: str | None) -> str:
+    """What `make target args` would run (`env`: variables to set, or with None to unset, for it)."""
+    import os
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make on this machine")
+    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    # -W: as if the requirements had changed (the stamp is older); -n: print, run nothing.
+    result = subprocess.run([make, "-n", "-W", "requirements.txt", target, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env=environ)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(("ci", "terminal", "bar"), [("true", "/dev/pts/0", "off"), (None, None, "off"),
+                                                     (None, "/dev/pts/0", "on")])
+def test_make_install_shows_progress_and_keeps_ci_logs_plain(ci, terminal, bar):
+    # make sets MAKE_TERMOUT when its output is a terminal (here it is a pipe; the argument stands in for one).
+    commands = make_dry_run("install", *([f"MAKE_TERMOUT={terminal}"] if terminal else []), CI=ci)
+    pip_lines = [line for line in commands.splitlines() if "/pip install" in line]
+    assert len(pip_lines) == 2, commands
+    for line in pip_lines:
+        assert f"--progress-bar {bar}" in line, line
+        assert not re.search(r"\s(--quiet|-q+)(\s|$)", line), f"make install hides pip's output: {line}"
+    assert commands.count('echo "make: installing') == 2  # one line naming each step
+
+
+def test_label_studio_is_installed_with_its_constraints(tmp_path):
+    import label_studio_harness as harness
+
+    constraints = pins(harness.LS_CONSTRAINTS)  # every line name==version
+    assert constraints["label-studio"] == harness.LS_VERSION, "run make constraints-label-studio"
+    assert len(constraints) > 100 and "setuptools" in constraints  # all of it, setuptools too (pip freeze --all)
+    assert "pip" not in constraints
+    venv, install = harness.ls_install_commands("python3.11")
+    assert install[install.index("-c") + 1] == str(harness.LS_CONSTRAINTS)
+    assert install[-1] == f"label-studio=={harness.LS_VERSION}"
+    # The stamp holds the constraints' digest: another file means another stamp, so the venv is built again.
+    other = tmp_path / harness.LS_CONSTRAINTS.name
+    other.write_bytes(harness.LS_CONSTRAINTS.read_bytes() + b"extra==1.0\n")
+    assert harness.ls_stamp_text(other) != harness.ls_stamp_text()
+    fake_venv = tmp_path / "venv"
+    (fake_venv / "bin").mkdir(parents=True)
+    (fake_venv / "bin" / "label-studio").touch()
+    stamp = fake_venv / "stamp"
+    stamp.write_text(harness.ls_stamp_text())
+    assert harness.ls_installed(fake_venv, stamp)
+    assert not harness.ls_installed(fake_venv, stamp, other)
+    stamp.write_text(f"label-studio=={harness.LS_VERSION}\n")  # a stamp of the unconstrained days
+    assert not harness.ls_installed(fake_venv, stamp)
+
+
+def test_make_constraints_label_studio_writes_the_harness_file():
+    import label_studio_harness as harness
+
+    commands = make_dry_run("constraints-label-studio")
+    assert f"label-studio=={harness.LS_VERSION}" in commands
+    assert f"> {harness.LS_CONSTRAINTS.relative_to(ROOT)}.new" in commands
+    assert "freeze --all --exclude pip" in commands
+
+
+def test_ci_installs_chromium_without_recommends():
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    installs = [line for line in run.splitlines() if "apt-get install" in line]
+    assert installs and all("--no-install-recommends" in line for line in installs), installs
+
+
+# A row whose meaning starts with "...and" continues the row above it: that row must be the one it continues.
+CONTINUES = {"EMBEDDING_CACHE_MB": "EMBEDDING_CACHE_SIZE", "TEXT_THRESHOLD": "BOX_THRESHOLD"}
+
+
+def test_readme_table_rows_that_continue_follow_their_row():
+    rows = re.findall(r"^\|\s*`([A-Z0-9_]+)`\s*\|[^|]*\|\s*([^|]*)\|", readme_section("Environment variables"), re.M)
+    names = [name for name, _ in rows]
+    for index, (name, meaning) in enumerate(rows):
+        if meaning.startswith("..."):
+            assert name in CONTINUES, f"{name}'s meaning continues another row's: add it to CONTINUES"
+            assert index and names[index - 1] == CONTINUES[name], \
+                f"README's table: {name} ({meaning[:30]}...) must come right after {CONTINUES[name]}"
