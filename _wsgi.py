@@ -15,28 +15,56 @@ from flask import Flask
 from api import create_app
 from config import ServerSettings, Settings
 from images import ImageLoader
+from jobs import Foreground, JobParams, JobRunner, JobService, LabelStudioProject
+from labeling import parse_label_config
 from loader import ModelLoader
-from mlbase import ProjectStore
+from logs import configure_logging
+from ls_client import Connection, normalise_base
 from model import GroundedSAM
+from pipeline import Pipeline, TextQuery
+from prompts import require_phrases
+from store import JobStore
 
 
 def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     """The service's app from environment variables; `loader` may be given to supply other models."""
     env = os.environ if env is None else env
     server = ServerSettings.from_env(env)
-    logging.basicConfig(format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-    logging.getLogger().setLevel(server.log_level.upper())  # also when logging was configured before
+    configure_logging(server.log_level)  # format, level, and the third-party warnings we silence
     settings = Settings.from_env(env)
     logging.getLogger(__name__).info("settings: %s", settings.redacted())
-    store = ProjectStore(settings.data_dir)
+    store = JobStore(settings.data_dir)
     loader = loader or ModelLoader(settings)
     images = ImageLoader(settings)
+    foreground = Foreground()
+
+    def predictor_for(params: JobParams, connection: Connection):
+        """How this worker predicts a bulk job's tasks: the loaded models, after every labeler's request."""
+        config = parse_label_config(params.label_config)
+        plan = require_phrases(params.prompt, config.labels, config.predicted_values)
+        query = TextQuery(plan.phrases, params.detection)
+        pipelines: list[Pipeline] = []
+
+        def predict(task: dict):
+            if not pipelines:  # the job may be queued while the models still load
+                pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
+                                          before_model_pass=foreground.wait_turn))
+            return pipelines[0].predict_task(task, config, query, connection.url, connection.key)
+
+        return predict
+
+    runner = JobRunner(store, predictor_for,
+                       lambda params, connection: LabelStudioProject(images.label_studio.sdk(connection),
+                                                                     params.project))
+    jobs = JobService(runner, settings, lambda url, key: Connection(normalise_base(url), key),
+                      images.label_studio.sdk, loader.model_version)
 
     def factory(project, label_config) -> GroundedSAM:
-        return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings)
+        return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings,
+                           jobs=runner, foreground=foreground)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    app = create_app(factory, health=loader.state, basic_auth=auth)
+    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs)
     app.extensions["model_loader"] = loader
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook
     return app

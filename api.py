@@ -22,11 +22,17 @@ from errors import (
     InteractiveError,
     LabelConfigError,
     LabelStudioError,
+    LabelStudioNotFound,
+    LabelStudioRefused,
+    LabelStudioUnavailable,
     ModelsNotReady,
+    NotFound,
     ParamsError,
     PromptError,
     ServiceError,
+    Unauthorized,
 )
+from jobs import JobService
 from mlbase import LabelStudioMLBase
 from store import project_key
 
@@ -45,6 +51,11 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     PromptError: 422,
     InteractiveError: 422,
     ModelsNotReady: 503,
+    Unauthorized: 401,
+    NotFound: 404,
+    LabelStudioRefused: 403,
+    LabelStudioNotFound: 404,
+    LabelStudioUnavailable: 503,
     LabelStudioError: 502,
     ServiceError: 400,
 }
@@ -127,10 +138,12 @@ def create_app(
     factory: ModelFactory,
     health: Callable[[], dict] = dict,
     basic_auth: tuple[str, str] | None = None,
+    jobs: JobService | None = None,
 ) -> Flask:
     """A Flask app serving the backend that `factory(project, label_config)` creates per request.
 
     health: extra fields for GET /health (e.g. the model load state); it must answer instantly.
+    jobs: the bulk jobs behind /jobs (None: no such routes).
     """
     app = Flask(__name__)
     app.json = FastJSON(app)
@@ -231,6 +244,38 @@ def create_app(
 
     @app.get("/metrics")
     def metrics_route():
-        return jsonify(metrics.snapshot())
+        return jsonify({**metrics.snapshot(), **(jobs.metrics() if jobs else {})})
+
+    def caller_key() -> str:
+        """The Label Studio key the caller presents; the jobs routes never act with the one /setup stored."""
+        key = request.headers.get("X-Label-Studio-Key", "").strip()
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if not key and scheme.lower() in ("token", "bearer"):
+            key = value.strip()
+        if not key:
+            raise Unauthorized("this route acts in Label Studio with your key: send 'Authorization: Token <key>' "
+                               "(a legacy token or personal access token), or 'X-Label-Studio-Key: <key>' when the "
+                               "backend uses basic auth")
+        return key
+
+    if jobs is not None:
+        @app.post("/jobs")
+        def create_job():
+            key = caller_key()
+            status = jobs.create(_json_body(), key)
+            metrics.add("jobs_submitted")
+            return jsonify(status), 201
+
+        @app.get("/jobs")
+        def list_jobs():
+            return jsonify(jobs=jobs.list())
+
+        @app.get("/jobs/<job_id>")
+        def get_job(job_id: str):
+            return jsonify(jobs.status(job_id))
+
+        @app.delete("/jobs/<job_id>")
+        def cancel_job(job_id: str):
+            return jsonify(jobs.cancel(job_id, caller_key()))
 
     return app

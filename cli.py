@@ -3,11 +3,21 @@
     python cli.py predict IMAGE_OR_URL --prompt "brown cat_cats. house" [--config label.xml]
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
                   [--out prediction.json] [--overlay overlay.png]
+    python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
+                  [--only-missing] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
+    python cli.py annotate --resume JOB_ID
 
 `predict` loads the models the environment names (the same variables as the service, README "Environment
 variables"), runs the pipeline once and prints the Label Studio prediction JSON (or writes it to --out).
 IMAGE_OR_URL is a local file, an http(s) URL, or a Label Studio /data/... path (with LABEL_STUDIO_URL and
-LABEL_STUDIO_API_KEY set). Errors are one line on stderr and exit status 1 (2 for a malformed command line).
+LABEL_STUDIO_API_KEY set).
+
+`annotate` pre-annotates a Label Studio project (all of it, the listed tasks, or a Data Manager view) as a bulk
+job: tasks are paged from Label Studio, predicted, and their predictions imported in chunks, with a progress bar
+and a summary. It acts with LABEL_STUDIO_API_KEY at LABEL_STUDIO_URL (or --url); the job's state is kept under
+DATA_DIR, so Ctrl-C (after the chunk in flight) or a killed process resumes with `--resume JOB_ID`.
+
+Errors are one line on stderr and exit status 1 (2 for a malformed command line).
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,8 +88,9 @@ def draw_overlay(image: np.ndarray, detections) -> np.ndarray:
     for (x0, y0, x1, y1), label, score in zip(detections.xyxy, detections.labels, detections.scores, strict=True):
         colour = tuple(int(c) for c in colours[label])
         cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), colour, thickness)
-        cv2.putText(out, f"{label} {score:.2f}", (int(x0), max(int(y0) - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    colour, thickness, cv2.LINE_AA)
+        for ink, width in (((0, 0, 0), thickness + 2), (colour, thickness)):  # a dark edge keeps it legible
+            cv2.putText(out, f"{label} {score:.2f}", (int(x0), max(int(y0) - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, ink, width, cv2.LINE_AA)
     return out
 
 
@@ -106,15 +120,10 @@ def predict(args: argparse.Namespace) -> int:
     from cache import image_digest
     from images import ImageLoader
     from loader import build_models
-    from pipeline import DetectionParams, Pipeline, TextQuery
+    from pipeline import Pipeline, TextQuery
     from regions import prediction
 
-    params = DetectionParams(
-        box_threshold=settings.box_threshold if args.box_threshold is None else args.box_threshold,
-        text_threshold=settings.text_threshold if args.text_threshold is None else args.text_threshold,
-        max_detections=settings.max_detections if args.max_detections is None else args.max_detections,
-    )
-    query = TextQuery(plan.phrases, params)
+    query = TextQuery(plan.phrases, _detection_params(args, settings))
     try:
         # groundingdino prints while it builds its model: stdout is for the prediction alone.
         with contextlib.redirect_stdout(sys.stderr):
@@ -135,6 +144,136 @@ def predict(args: argparse.Namespace) -> int:
         _write(args.overlay, Image.fromarray(draw_overlay(image, detections)).save)
     logger.info("%d detection(s), %d region(s)", len(detections), len(result["result"]))
     return 0
+
+
+class _Progress:
+    """done / failed / skipped, tasks per second and ETA: tqdm's bar on a terminal, a plain line every 10 s
+    otherwise (a log file or CI)."""
+
+    def __init__(self, total: int | None):
+        from tqdm import tqdm
+
+        self.total, self.started, self.last = total, time.monotonic(), 0.0
+        self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, file=sys.stderr) if sys.stderr.isatty() \
+            else None
+
+    def __call__(self, counts: dict) -> None:
+        finished = counts["done"] + counts["failed"] + counts["skipped"]
+        if self.bar is not None:
+            self.bar.update(finished - self.bar.n)
+            self.bar.set_postfix(done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
+                                 refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last < 10 and (self.total is None or finished < self.total):
+            return
+        self.last = now
+        rate = finished / max(now - self.started, 1e-9)
+        eta = f", ETA {(self.total - finished) / rate:.0f} s" if self.total and rate else ""
+        of = f"/{self.total}" if self.total else ""
+        print(f"{finished}{of} tasks: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped; "
+              f"{rate:.2f} tasks/s{eta}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def annotate(args: argparse.Namespace) -> int:
+    from jobs import BulkJob, JobParams, LabelStudioProject, Selection, parse_task_ranges
+    from ls_client import Connection, LabelStudioClient, normalise_base
+    from store import JobStore
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    url = normalise_base(args.url or settings.label_studio_url)
+    if not url or not settings.label_studio_api_key:
+        raise CommandError("set LABEL_STUDIO_URL (or --url) and LABEL_STUDIO_API_KEY: the job reads the project's "
+                           "tasks and imports their predictions with that key")
+    connection = Connection(url, settings.label_studio_api_key)
+    store = JobStore(settings.data_dir)
+    try:
+        client = LabelStudioClient(settings).sdk(connection)
+        if args.resume:
+            job = store.job(args.resume)
+            if job is None:
+                raise CommandError(f"no job {args.resume!r} in {store.path}")
+            if job["state"] in ("done", "cancelled") and not args.force:
+                raise CommandError(f"job {args.resume} is {job['state']} already")
+            params = JobParams.from_json(job["params"])
+            job_id = args.resume
+        else:
+            if args.project is None or args.prompt is None:
+                raise CommandError("--project and --prompt are needed (or --resume JOB_ID)")
+            selection = Selection(task_ids=parse_task_ranges(args.tasks)) if args.tasks else Selection(view=args.view)
+            params = JobParams(args.project, args.prompt, _detection_params(args, settings), selection,
+                               args.only_missing, settings.model_version, "", args.chunk_size)
+        project = LabelStudioProject(client, params.project)
+        label_config = params.label_config or project.label_config()
+        config = parse_label_config(label_config)
+        plan = require_phrases(params.prompt, config.labels, config.predicted_values)
+        total = project.total(params.selection)
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+    if not args.resume:
+        from dataclasses import replace
+
+        params = replace(params, label_config=label_config)
+        job_id = BulkJob.create(store, params, project=project, predict=None).job_id
+    print(f"job {job_id}: project {params.project}, {params.selection.describe()}"
+          f"{f' ({total} tasks)' if total is not None else ''}, prompt {params.prompt!r}, model {params.model_version}",
+          file=sys.stderr)
+
+    from images import ImageLoader
+    from loader import build_models
+    from pipeline import Pipeline, TextQuery
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
+            pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+    query = TextQuery(plan.phrases, params.detection)
+    stop = threading.Event()
+
+    def interrupted(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the task in flight and its chunk's import (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    progress = _Progress(total)
+    try:
+        job = BulkJob(job_id, params, store, project,
+                      lambda task: pipeline.predict_task(task, config, query, connection.url, connection.key),
+                      progress, stop)
+        report = job.run()
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous)
+    counts = report.counts
+    print(f"job {job_id} {report.state} in {report.seconds:.1f} s: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['skipped']} skipped", file=sys.stderr)
+    for failure in report.failures:
+        print(f"  task {failure['task']} failed ({failure['kind']}): {failure['reason']}", file=sys.stderr)
+    if report.state == "done":
+        return 0
+    print(f"{report.reason or 'stopped'}; resume with: python cli.py annotate --resume {job_id}", file=sys.stderr)
+    return 130 if report.state == "stopped" else 1
+
+
+def _detection_params(args: argparse.Namespace, settings: Settings):
+    from pipeline import DetectionParams
+
+    return DetectionParams(
+        box_threshold=settings.box_threshold if args.box_threshold is None else args.box_threshold,
+        text_threshold=settings.text_threshold if args.text_threshold is None else args.text_threshold,
+        max_detections=settings.max_detections if args.max_detections is None else args.max_detections,
+    )
 
 
 def _write(path: str, write) -> None:
@@ -176,6 +315,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="also write the image with the boxes, masks and labels drawn (PNG, JPEG)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     p.set_defaults(run=predict)
+
+    a = commands.add_parser("annotate", help="pre-annotate a Label Studio project (a bulk job, resumable)",
+                            description="Pre-annotate a Label Studio project: predict its tasks and import the "
+                                        "predictions in chunks. Uses LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
+    a.add_argument("--project", type=int, help="the Label Studio project id")
+    a.add_argument("--prompt", help='phrases to detect, e.g. "brown cat_cats. house"')
+    which = a.add_mutually_exclusive_group()
+    which.add_argument("--tasks", help="task ids, e.g. 1,5-9")
+    which.add_argument("--view", type=int, help="a Data Manager view (tab) id: its filtered tasks")
+    which.add_argument("--all", action="store_true", help="every task of the project (the default)")
+    a.add_argument("--only-missing", action="store_true",
+                   help="skip tasks that already hold a prediction of this model version")
+    a.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
+    a.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
+    a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
+    a.add_argument("--chunk-size", type=_detections, default=50, help="predictions per import (default 50)")
+    a.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")
+    a.add_argument("--resume", metavar="JOB_ID", help="continue a job that was stopped or killed")
+    a.add_argument("--force", action="store_true", help="with --resume: run a done or cancelled job again")
+    a.add_argument("-v", "--verbose", action="store_true", help="log each chunk to stderr")
+    a.set_defaults(run=annotate)
     return main
 
 

@@ -135,6 +135,9 @@ class Settings:
     model_load_wait: float = 90.0
     # Label Studio gives a /predict ML_TIMEOUT_PREDICT (default 100 s), then drops the whole answer.
     predict_time_budget: float = 80.0
+    # Retrieve Predictions: the tasks past the budget go to a background bulk job that imports their predictions.
+    background_predictions: bool = True
+    job_chunk_size: int = 50
     data_dir: str = "data"
 
     @property
@@ -210,6 +213,8 @@ class Settings:
             basic_auth_pass=_str(env, "BASIC_AUTH_PASS", ""),
             model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),
             predict_time_budget=_number(env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0),
+            background_predictions=_bool(env, "BACKGROUND_PREDICTIONS", cls.background_predictions),
+            job_chunk_size=_number(env, "JOB_CHUNK_SIZE", cls.job_chunk_size, int, 1, 1000),
             data_dir=_str(env, "DATA_DIR", cls.data_dir),
         )
 

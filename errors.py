@@ -38,3 +38,23 @@ class ModelLoadError(ServiceError):
 
 class LabelStudioError(ServiceError):
     """Label Studio could not be reached, or refused the key; the message says which (keys redacted)."""
+
+
+class LabelStudioRefused(LabelStudioError):
+    """Label Studio refused the key (401/403)."""
+
+
+class LabelStudioNotFound(LabelStudioError):
+    """Label Studio has no such project (or view) for this key."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio did not answer, or answered 5xx, after every retry."""
+
+
+class NotFound(ServiceError):
+    """No such job (or other object of this service)."""
+
+
+class Unauthorized(ServiceError):
+    """The request needs a Label Studio key it did not present."""

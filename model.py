@@ -15,13 +15,14 @@ from functools import cached_property
 from config import Settings
 from errors import InteractiveError, LabelConfigError, ParamsError
 from images import ImageLoader
+from jobs import Foreground, JobParams, JobRunner, Selection
 from labeling import LabelingConfig, parse_label_config
 from loader import ModelLoader
 from mlbase import LabelStudioMLBase
-from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery
+from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery, detection_params
 from prompts import match_label, require_phrases
 from regions import prediction
-from store import ProjectStore
+from store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,10 @@ def project_params(extra: dict, settings: Settings) -> ProjectParams:
     if unknown:
         raise ParamsError(f"extra_params: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
-    def number(key, default, kind, lo, hi):
-        value = extra.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise ParamsError(f"extra_params.{key} must be a number between {lo} and {hi}, got {value!r}")
-        if kind is int and value != int(value):
-            raise ParamsError(f"extra_params.{key} must be a whole number, got {value!r}")
-        return kind(value)
-
     prompt = extra.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ParamsError(f"extra_params.prompt must be a string, got {type(prompt).__name__}")
-    return ProjectParams(prompt, DetectionParams(
-        box_threshold=number("box_threshold", settings.box_threshold, float, 0.0, 1.0),
-        text_threshold=number("text_threshold", settings.text_threshold, float, 0.0, 1.0),
-        max_detections=number("max_detections", settings.max_detections, int, 1, 900),
-    ))
+    return ProjectParams(prompt, detection_params(extra, settings, "extra_params."))
 
 
 def _context_regions(context: dict | None) -> list:
@@ -152,11 +141,16 @@ def find_prompt(context: dict | None, config: LabelingConfig, params: ProjectPar
 
 
 class GroundedSAM(LabelStudioMLBase):
-    def __init__(self, project_id: str | None, label_config: str | None, *, store: ProjectStore,
-                 loader: ModelLoader, images: ImageLoader, settings: Settings):
+    def __init__(self, project_id: str | None, label_config: str | None, *, store: JobStore,
+                 loader: ModelLoader, images: ImageLoader, settings: Settings, jobs: JobRunner | None = None,
+                 foreground: Foreground | None = None):
+        """jobs: where Retrieve Predictions hands the tasks past PREDICT_TIME_BUDGET (None: they get [] as the
+        only answer); foreground: marks this request as one a background job must wait for."""
         super().__init__(project_id, label_config, store)
-        self.loader, self.images, self.settings = loader, images, settings
+        self.loader, self.images, self.settings, self.jobs = loader, images, settings, jobs
+        self.foreground = foreground or Foreground()
         self._started = time.perf_counter()  # one instance per request: PREDICT_TIME_BUDGET counts from here
+        self.prompt: str | None = None  # the text prompt of the last query
 
     @property
     def model_version(self) -> str:
@@ -196,7 +190,7 @@ class GroundedSAM(LabelStudioMLBase):
                 f"the interactive context holds {len(regions)} region(s) ({names}) but none this service can use: "
                 f"it expects a text prompt (a region of the TextArea {config.prompt_name!r} with value.text), or "
                 "keypoints of a KeyPointLabels control and rectangles of a smart RectangleLabels control")
-        prompt = find_prompt(context, config, self.params, self.settings)
+        prompt = self.prompt = find_prompt(context, config, self.params, self.settings)
         if prompt is None:
             return None
         plan = require_phrases(prompt, config.labels, config.predicted_values)
@@ -205,27 +199,43 @@ class GroundedSAM(LabelStudioMLBase):
         return TextQuery(plan.phrases, self.params.detection)
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
-        """One entry per task: its prediction (empty when its image can't be used), or [] (no prediction) for the
-        tasks left out by PREDICT_TIME_BUDGET."""
+        """One entry per task: its prediction (empty when its image can't be used), or [] (no prediction in this
+        answer) for the tasks a bulk job of this project predicts, or that PREDICT_TIME_BUDGET leaves out."""
+        with self.foreground.request():  # a background job waits while this request is served
+            return self._predict(tasks, context)
+
+    def _predict(self, tasks: list[dict], context: dict | None) -> list[dict | list]:
         query = self.query(context)
         if query is None:
             logger.info("no prompt and DEFAULT_PROMPT is empty: %d task(s) left without prediction", len(tasks))
             return [prediction([], self.model_version) for _ in tasks]
+        # Retrieve Predictions or a task opened: tasks past the budget may go to a background job.
+        batch = context is None and self.jobs is not None and self.settings.background_predictions
+        claimed = self.store.claimed(self.project_id, _task_ids(tasks)) if batch else set()
+        if claimed:
+            logger.info("%d task(s) are queued in a bulk job already: no prediction for them in this answer",
+                        len(claimed))
         pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version)
         pipeline.check(query)
         hostname, token = self.get("hostname"), self.get("access_token")  # /setup's, read once a request
         results: list[dict | list] = []
         budget, loop_started = self.settings.predict_time_budget, time.perf_counter()
         for done, task in enumerate(tasks):
+            if task.get("id") in claimed:
+                results.append([])
+                continue
             now = time.perf_counter()
             # Once the next task would likely end past the budget (at the mean time per task so far), the others
             # get []: Label Studio stores nothing for them, rather than losing every task's prediction when its
-            # ML_TIMEOUT_PREDICT cuts the answer off, and asks for them again next time.
+            # ML_TIMEOUT_PREDICT cuts the answer off. A bulk job then predicts and imports them.
             if budget and done and now - self._started + (now - loop_started) / done > budget:
+                rest = [t for t in tasks[done:] if t.get("id") not in claimed]
+                handed = batch and self._hand_off(rest, query)
                 logger.warning("%d of %d task(s) predicted in %.1f s; the next would end past PREDICT_TIME_BUDGET="
-                               "%g s, so the other %d get no prediction in this answer (Retrieve Predictions "
-                               "again continues with them)", done, len(tasks), now - self._started, budget,
-                               len(tasks) - done)
+                               "%g s, so the other %d get no prediction in this answer (%s)", done, len(tasks),
+                               now - self._started, budget, len(rest),
+                               f"bulk job {handed} predicts and imports them" if handed
+                               else "Retrieve Predictions again continues with them")
                 results.extend([] for _ in tasks[done:])
                 break
             outcome = pipeline.predict_task(task, self.config, query, hostname, token)
@@ -236,3 +246,23 @@ class GroundedSAM(LabelStudioMLBase):
             else:
                 results.append(outcome.prediction)
         return results
+
+    def _hand_off(self, tasks: list[dict], query: Query) -> str | None:
+        """Queue the tasks as a bulk job of this project (predicted and imported in the background); the job id,
+        or None when there is no Label Studio key to import with (the reason is logged)."""
+        if not isinstance(query, TextQuery) or not tasks or not self.project_id.isdigit():
+            return None
+        connection = self.images.label_studio.connection(self.get("hostname"), self.get("access_token"))
+        if not connection.url or not connection.key:
+            logger.warning("no Label Studio URL and key (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or what /setup "
+                           "sent): the tasks past PREDICT_TIME_BUDGET are not handed to a bulk job")
+            return None
+        ids = _task_ids(tasks)
+        params = JobParams(int(self.project_id), self.prompt or "", query.params, Selection(task_ids=tuple(ids)),
+                           model_version=self.model_version, label_config=self.label_config or self.get("label_config"),
+                           chunk_size=self.settings.job_chunk_size)
+        return self.jobs.submit(params, connection, queued=ids, tasks=tasks)
+
+
+def _task_ids(tasks: list[dict]) -> list[int]:
+    return [t["id"] for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]

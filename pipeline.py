@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from cache import image_digest
 from config import Settings
 from detections import Detections
-from errors import InteractiveError
+from errors import InteractiveError, ParamsError
 from images import ImageError, ImageLoader
 from labeling import LabelingConfig
 from loader import Models
@@ -41,6 +42,25 @@ class DetectionParams:
     box_threshold: float
     text_threshold: float
     max_detections: int
+
+
+def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> DetectionParams:
+    """DetectionParams from `values` ({"box_threshold", "text_threshold", "max_detections"}, each optional) over
+    the settings' defaults; ParamsError names the key (after `prefix`) and the range."""
+
+    def number(key, default, kind, lo, hi):
+        value = values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ParamsError(f"{prefix}{key} must be a number between {lo} and {hi}, got {value!r}")
+        if kind is int and value != int(value):
+            raise ParamsError(f"{prefix}{key} must be a whole number, got {value!r}")
+        return kind(value)
+
+    return DetectionParams(
+        box_threshold=number("box_threshold", settings.box_threshold, float, 0.0, 1.0),
+        text_threshold=number("text_threshold", settings.text_threshold, float, 0.0, 1.0),
+        max_detections=number("max_detections", settings.max_detections, int, 1, 900),
+    )
 
 
 @dataclass(frozen=True)
@@ -87,9 +107,12 @@ class Pipeline:
     """Runs queries on images with one set of loaded models. Cheap to build; holds no per-request state, so one
     instance may serve every thread (the models serialise themselves)."""
 
-    def __init__(self, models: Models, settings: Settings, images: ImageLoader, model_version: str | None = None):
+    def __init__(self, models: Models, settings: Settings, images: ImageLoader, model_version: str | None = None,
+                 before_model_pass: Callable[[], None] | None = None):
+        """before_model_pass: called before each model pass (a background job waits there for labelers)."""
         self.models, self.settings, self.images = models, settings, images
         self.model_version = model_version or settings.model_version
+        self._turn = before_model_pass or (lambda: None)
 
     def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None
                    ) -> tuple[np.ndarray, str]:
@@ -111,9 +134,11 @@ class Pipeline:
         if isinstance(query, ClickQuery):
             return self._clicked(image, image_id, query)
         p = query.params
+        self._turn()
         detections = self.models.detector.detect(image, query.phrases, p.box_threshold, p.text_threshold,
                                                  p.max_detections, self.settings.nms_iou, image_id=image_id)
         if self.models.segmenter is not None and wants_masks and len(detections):
+            self._turn()
             masks, _ = self.models.segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
             detections = detections.with_masks(masks)
         return detections
@@ -123,6 +148,7 @@ class Pipeline:
         scale = np.array([width, height], np.float64) / 100.0
         points = np.array(query.points, np.float64).reshape(-1, 2) * scale
         box = None if query.box is None else np.array(query.box, np.float64) * np.tile(scale, 2)
+        self._turn()
         mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
                                                            box, image_id=image_id)
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

@@ -256,7 +256,7 @@ class SlowDetector(FakeDetector):
 
 @pytest.mark.parametrize("budget, predicted", [("0.3", 1), ("0", 3), ("60", 3)])
 def test_predict_time_budget_leaves_the_last_tasks_without_prediction(make_client, budget, predicted):
-    client = make_client(PREDICT_TIME_BUDGET=budget)
+    client = make_client(PREDICT_TIME_BUDGET=budget, BACKGROUND_PREDICTIONS="false")
     client.loader.models = Models(SlowDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
     response = client.post("/predict", json=predict_payload([task(1), task(2), task(3)], TEXTAREA_CONTEXT))
     results = response.json["results"]

@@ -106,3 +106,93 @@ def test_malformed_options_exit_2(picture, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------- annotate (a bulk job)
+
+@pytest.fixture
+def project(picture):
+    """A 12-task project in a loopback imitation of Label Studio; task 5's image is broken."""
+    from fake_label_studio import FakeLabelStudio
+    from servers import ImageServer
+    from test_labeling import GUIDE_CONFIG
+
+    with ImageServer({"/plain/pic.png": picture.read_bytes(), "/plain/broken.png": b"not an image"}) as images:
+        tasks = {i: {"image": f"{images.url}/plain/{'broken' if i == 5 else 'pic'}.png"} for i in range(1, 13)}
+        with FakeLabelStudio(GUIDE_CONFIG, tasks) as ls:
+            yield ls
+
+
+def annotate_env(env, ls, tmp_path):
+    return {**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "DATA_DIR": str(tmp_path / "data")}
+
+
+def per_task(ls) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for p in ls.predictions:
+        counts[p["task"]] = counts.get(p["task"], 0) + 1
+    return counts
+
+
+def test_annotate_a_project_then_only_missing(env, project, tmp_path):
+    e = annotate_env(env, project, tmp_path)
+    done = run(e, "annotate", "--project", "1", "--prompt", "shape_cats. round thing_house", "--chunk-size", "5")
+    assert done.returncode == 0, done.stderr
+    assert per_task(project) == {i: 1 for i in range(1, 13) if i != 5}
+    assert all(p["model_version"] == "groundingdino_tiny+mobile_sam" and p["result"] for p in project.predictions)
+    assert "11 done, 1 failed, 0 skipped" in done.stderr
+    assert "task 5 failed (undecodable)" in done.stderr and "12/12 tasks" in done.stderr  # a plain progress line
+    again = run(e, "annotate", "--project", "1", "--prompt", "shape_cats", "--only-missing", "--tasks", "1-6")
+    assert again.returncode == 0, again.stderr
+    assert "0 done, 1 failed, 5 skipped" in again.stderr and per_task(project)[1] == 1
+
+
+def test_annotate_stopped_by_ctrl_c_or_killed_resumes_without_doubles(env, project, tmp_path):
+    import signal
+    import time
+
+    e = annotate_env(env, project, tmp_path)
+    args = [sys.executable, str(ROOT / "cli.py"), "annotate", "--project", "1", "--prompt", "shape_cats",
+            "--chunk-size", "2"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **e}, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while len(project.predictions) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    job_id = err.split("annotate --resume ")[1].split()[0]
+    assert 2 <= len(project.predictions) < 11
+    assert all(n == 1 for n in per_task(project).values())
+
+    # Killed outright (SIGKILL, no clean-up) in the middle of the resumed run, then resumed again.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "annotate", "--resume", job_id], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **e}, stderr=subprocess.DEVNULL)
+    before = len(project.predictions)
+    while len(project.predictions) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(30)
+    done = run(e, "annotate", "--resume", job_id)
+    assert done.returncode == 0, done.stderr
+    assert per_task(project) == {i: 1 for i in range(1, 13) if i != 5}
+
+
+@pytest.mark.parametrize(
+    "args, env_changes, message",
+    [
+        (["--project", "1", "--prompt", "cats"], {"LABEL_STUDIO_API_KEY": ""}, "set LABEL_STUDIO_URL (or --url) and"),
+        (["--project", "1", "--prompt", "cats"], {"LABEL_STUDIO_API_KEY": "wrong"}, "refused the key"),
+        (["--project", "2", "--prompt", "cats"], {}, "404"),
+        (["--project", "1", "--prompt", "tree"], {}, "prompt 'tree' gives nothing to detect"),
+        (["--project", "1", "--prompt", "cats", "--tasks", "9-3"], {}, "task selection '9-3'"),
+        (["--resume", "nope"], {}, "no job 'nope'"),
+    ],
+)
+def test_annotate_errors_are_one_line(env, project, tmp_path, monkeypatch, capsys, args, env_changes, message):
+    for key, value in {**annotate_env(env, project, tmp_path), **env_changes}.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["annotate", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

@@ -282,7 +282,8 @@ def test_predict_time_budget_spreads_a_batch_over_several_retrieves(
     prediction, because Label Studio stores nothing for a task answered with [] and sends it again next time."""
     ls = label_studio
     slow = start_backend("grounded-sam-budget", groundingdino_files, mobile_sam_checkpoint, ls.url, LS_TOKEN,
-                         tmp_path_factory.mktemp("budget-backend-data"), PREDICT_TIME_BUDGET="0.001")
+                         tmp_path_factory.mktemp("budget-backend-data"), PREDICT_TIME_BUDGET="0.001",
+                         BACKGROUND_PREDICTIONS="false")
     try:
         wait_models(slow)
         pid = ls.create_project("Grounded SAM budget")

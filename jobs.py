@@ -1,0 +1,553 @@
+"""Bulk pre-annotation: every task of a selection predicted by the pipeline and its prediction imported into Label
+Studio in chunks through its bulk route (`POST /api/projects/{id}/import/predictions`), resumable at any point.
+
+    tasks  LabelStudioProject.tasks (paged: never the whole project in memory), or the tasks of a /predict
+    each   skipped (final in the job already, or Label Studio holds a prediction of this model_version) or
+           predicted (`predict(task) -> pipeline.TaskOutcome`): a failure is recorded with its reason, the job goes on
+    chunk  recorded 'importing' (with its number) before the import, 'done' after it
+
+Killed at any moment, a job resumes with `BulkJob.run` again: tasks still 'importing' are looked up in Label Studio
+(a prediction of the job's model_version made since the job was created means the import landed), the others are
+predicted again. So every task ends with exactly one prediction of the job. Label Studio down or answering 5xx:
+each call is retried with backoff, then the job pauses (state 'paused', the reason kept) and resumes without loss.
+
+The job knows nothing of where `predict` runs: in this process (the service's worker, or `cli.py annotate`), or
+on an executor of its own (Ray). State lives in store.JobStore, shared by every worker and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from errors import (
+    LabelStudioError,
+    LabelStudioNotFound,
+    LabelStudioRefused,
+    LabelStudioUnavailable,
+    NotFound,
+    ParamsError,
+)
+from pipeline import DetectionParams, TaskOutcome, detection_params
+from store import FINAL, JobStore
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 100  # tasks per page listed from Label Studio
+ID_QUERY_SIZE = 500  # task ids per listing query for an explicit selection
+
+
+def parse_task_ranges(text: str) -> tuple[int, ...]:
+    """'1,5-9' -> (1, 5, 6, 7, 8, 9); raises ParamsError naming the bad part."""
+    ids: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last) if dash else int(first)
+        except ValueError:
+            raise ParamsError(f"task selection {part!r} is not an id or a range like 5-9") from None
+        if lo < 1 or hi < lo:
+            raise ParamsError(f"task selection {part!r} is not an increasing range of positive ids")
+        ids.extend(range(lo, hi + 1))
+    return tuple(dict.fromkeys(ids))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tasks of the project: these ids, a Data Manager view, or (neither) all of them."""
+
+    task_ids: tuple[int, ...] = ()
+    view: int | None = None
+
+    def describe(self) -> str:
+        if self.task_ids:
+            return f"{len(self.task_ids)} selected task(s)"
+        return f"view {self.view}" if self.view is not None else "all tasks"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What a job does; stored with it (never a key or token), so that it resumes with the same parameters."""
+
+    project: int
+    prompt: str
+    detection: DetectionParams
+    selection: Selection = field(default_factory=Selection)
+    only_missing: bool = False  # skip tasks that already hold a prediction of this model_version
+    model_version: str = ""
+    label_config: str = ""  # the project's, read from Label Studio when the job is created
+    chunk_size: int = 50
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> JobParams:
+        data = dict(data)
+        data["detection"] = DetectionParams(**data["detection"])
+        selection = data.get("selection") or {}
+        data["selection"] = Selection(tuple(selection.get("task_ids") or ()), selection.get("view"))
+        return cls(**data)
+
+
+def has_prediction(task: dict, model_version: str) -> bool:
+    """Whether a task, as Label Studio lists it, holds a prediction of `model_version`."""
+    for prediction in task.get("predictions") or ():
+        if isinstance(prediction, dict) and prediction.get("model_version") == model_version:
+            return True
+    versions = task.get("predictions_model_versions")
+    if isinstance(versions, str):
+        versions = [v.strip() for v in versions.split(",")]
+    return model_version in (versions or ())
+
+
+class LabelStudioProject:
+    """The bulk job's calls to one Label Studio project, on label_studio_sdk's client, each retried with backoff
+    when Label Studio is unreachable or answers 5xx."""
+
+    def __init__(self, client, project: int, retries: int = 5, backoff: float = 1.0):
+        self.client, self.project, self.retries, self.backoff = client, project, retries, backoff
+
+    def _call(self, what: str, call: Callable):
+        from label_studio_sdk.core.api_error import ApiError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except ApiError as e:
+                status = e.status_code or 0
+                if status in (401, 403):
+                    raise LabelStudioRefused(f"Label Studio refused the key ({what}: HTTP {status}): use a legacy "
+                                             "token or personal access token of a user of the project") from None
+                if status == 404:
+                    raise LabelStudioNotFound(f"{what}: Label Studio answered 404 (no such project or view for "
+                                              "this key)") from None
+                if status < 500:
+                    raise LabelStudioError(f"{what}: Label Studio answered HTTP {status}: {str(e.body)[:300]}"
+                                           ) from None
+                problem = f"HTTP {status}"
+            except OSError as e:  # httpx's transport errors are OSErrors underneath, and the SDK lets them out
+                problem = f"{type(e).__name__}: {e}"
+            except Exception as e:
+                if type(e).__module__.split(".")[0] != "httpx":
+                    raise
+                problem = f"{type(e).__name__}: {e}"
+            if attempt == self.retries:
+                raise LabelStudioUnavailable(f"{what}: Label Studio unavailable after {self.retries + 1} attempts "
+                                             f"({problem})")
+            delay = min(self.backoff * 2**attempt, 60)
+            logger.warning("%s: %s; retrying in %.0f s", what, problem, delay)
+            time.sleep(delay)
+
+    def label_config(self) -> str:
+        return self._call(f"project {self.project}", lambda: self.client.projects.get(id=self.project)).label_config
+
+    def tasks(self, selection: Selection) -> Iterator[dict]:
+        """The selected tasks as Label Studio lists them (data and predictions), a page at a time."""
+        if selection.task_ids:
+            ids = list(selection.task_ids)
+            for start in range(0, len(ids), ID_QUERY_SIZE):
+                query = json.dumps({"selectedItems": {"all": False, "included": ids[start:start + ID_QUERY_SIZE]}})
+                yield from self._pages(query=query)
+        else:
+            yield from self._pages(view=selection.view)
+
+    def _pages(self, **filters) -> Iterator[dict]:
+        def page(number: int):
+            return self.client.tasks.list(project=self.project, page=number, page_size=PAGE_SIZE, fields="all",
+                                          **{k: v for k, v in filters.items() if v is not None})
+
+        number = 1
+        while True:
+            try:
+                pager = self._call(f"project {self.project}: tasks page {number}", lambda n=number: page(n))
+            except LabelStudioNotFound:
+                if number == 1:
+                    raise
+                return  # Label Studio answers 404 for the page after the last
+            items = list(pager.items or ())
+            for task in items:
+                yield task.dict() if hasattr(task, "dict") else dict(task)
+            if len(items) < PAGE_SIZE:
+                return
+            number += 1
+
+    def total(self, selection: Selection) -> int | None:
+        """How many tasks the selection holds (Label Studio's count for a view or the project)."""
+        if selection.task_ids:
+            return len(selection.task_ids)
+        pager = self._call(f"project {self.project}: task count", lambda: self.client.tasks.list(
+            project=self.project, page=1, page_size=1, fields="task_only",
+            **({"view": selection.view} if selection.view is not None else {})))
+        return getattr(pager.response, "total", None)
+
+    def predicted(self, task_ids: Iterable[int], model_version: str, since: float) -> set[int]:
+        """Which tasks hold a prediction of `model_version` created at or after `since` (unix time)."""
+        found = set()
+        for task_id in task_ids:
+            predictions = self._call(f"predictions of task {task_id}",
+                                     lambda t=task_id: self.client.predictions.list(task=t))
+            for p in predictions:
+                created = getattr(p, "created_at", None)
+                stamp = created.timestamp() if isinstance(created, datetime) else 0.0
+                if p.model_version == model_version and stamp >= since - 1.0:
+                    found.add(task_id)
+        return found
+
+    def import_predictions(self, predictions: list[dict]) -> int:
+        """predictions: {"task", "result", "score", "model_version"} each; returns how many Label Studio created."""
+        from label_studio_sdk import PredictionRequest
+
+        request = [PredictionRequest(**p) for p in predictions]
+        answer = self._call(f"project {self.project}: import of {len(predictions)} prediction(s)",
+                            lambda: self.client.projects.import_predictions(id=self.project, request=request))
+        return int(getattr(answer, "created", len(predictions)) or 0)
+
+
+class Foreground:
+    """Labelers first: while any foreground request (a /predict of the service) is being served, a background job
+    waits before its next model pass, so a click waits at most for the one model pass already in flight."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+
+    @contextmanager
+    def request(self):
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def wait_turn(self) -> None:
+        with self._cond:
+            while self._active:
+                self._cond.wait()
+
+
+@dataclass
+class JobReport:
+    job_id: str
+    state: str
+    counts: dict
+    seconds: float
+    failures: list
+    reason: str | None = None
+
+
+class BulkJob:
+    """One job: runs (or resumes) it to the end, a pause or a stop. `predict(task) -> TaskOutcome`."""
+
+    def __init__(self, job_id: str, params: JobParams, store: JobStore, project: LabelStudioProject,
+                 predict: Callable[[dict], TaskOutcome], progress: Callable[[dict], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.job_id, self.params, self.store, self.project = job_id, params, store, project
+        self.predict, self.progress = predict, progress or (lambda counts: None)
+        self.stop = stop or threading.Event()
+
+    @classmethod
+    def create(cls, store: JobStore, params: JobParams, queued: Iterable[int] = (), **kwargs) -> BulkJob:
+        """A new job in the store; `queued` task ids are recorded 'pending' at once (claimed: not queued twice)."""
+        job_id = uuid.uuid4().hex[:12]
+        store.create(job_id, str(params.project), params.to_json())
+        store.record(job_id, ((task_id, "pending", None, None, None, None) for task_id in queued))
+        return cls(job_id, params, store, **kwargs)
+
+    def run(self, tasks: Iterable[dict] | None = None) -> JobReport:
+        """Predict and import every selected task not final yet. tasks: the task dicts when the caller has them
+        (a /predict's), else they are listed from Label Studio."""
+        store, started = self.store, time.perf_counter()
+        store.set_state(self.job_id, "running")
+        try:
+            self._reconcile()
+            source = self.project.tasks(self.params.selection) if tasks is None else iter(tasks)
+            buffer: list[tuple[int, TaskOutcome]] = []
+            for page in _batched(source, PAGE_SIZE):
+                known = store.statuses(self.job_id, [t["id"] for t in page])
+                for task in page:
+                    if self.stop.is_set():
+                        break
+                    task_id = task["id"]
+                    if known.get(task_id) in FINAL:
+                        continue
+                    if has_prediction(task, self.params.model_version) and (
+                            self.params.only_missing or known.get(task_id) == "pending"):
+                        store.record(self.job_id, [(task_id, "skipped", None, "holds a prediction of "
+                                                    f"{self.params.model_version}", None, 0.0)])
+                        continue
+                    outcome = self.predict(task)
+                    store.beat(self.job_id)
+                    if outcome.failure is not None:
+                        logger.warning("job %s: task %s failed (%s): %s", self.job_id, task_id, outcome.failure.kind,
+                                       outcome.failure.reason)
+                        store.record(self.job_id, [(task_id, "failed", outcome.failure.kind, outcome.failure.reason,
+                                                    None, outcome.seconds)])
+                    else:
+                        buffer.append((task_id, outcome))
+                    if len(buffer) >= self.params.chunk_size:
+                        self._import(buffer)
+                        buffer = []
+                    self.progress(store.counts(self.job_id))
+                if self.stop.is_set():
+                    break
+            self._import(buffer)
+        except LabelStudioUnavailable as e:
+            store.set_state(self.job_id, "paused", str(e))
+            logger.error("job %s paused: %s", self.job_id, e)
+            return self.report(time.perf_counter() - started)
+        except BaseException as e:
+            store.set_state(self.job_id, "failed" if isinstance(e, Exception) else "paused", f"{type(e).__name__}: {e}")
+            raise
+        # Stopped (Ctrl-C, a cancel): resumable; JobRunner.cancel makes a cancelled job final.
+        store.set_state(self.job_id, "stopped" if self.stop.is_set() else "done")
+        self.progress(store.counts(self.job_id))
+        return self.report(time.perf_counter() - started)
+
+    def _import(self, buffer: list[tuple[int, TaskOutcome]]) -> None:
+        if not buffer:
+            return
+        chunk = self.store.next_chunk(self.job_id)
+        self.store.record(self.job_id, [(task_id, "importing", None, None, chunk, outcome.seconds)
+                                        for task_id, outcome in buffer])
+        created = self.project.import_predictions([
+            {"task": task_id, "result": o.prediction["result"], "score": o.prediction["score"],
+             "model_version": o.prediction["model_version"]} for task_id, o in buffer])
+        if created != len(buffer):
+            logger.warning("job %s: chunk %d: Label Studio created %d of %d prediction(s)", self.job_id, chunk,
+                           created, len(buffer))
+        self.store.record(self.job_id, [(task_id, "done", None, None, chunk, outcome.seconds)
+                                        for task_id, outcome in buffer])
+        self.store.beat(self.job_id)
+        logger.info("job %s: chunk %d imported (%d prediction(s))", self.job_id, chunk, len(buffer))
+
+    def _reconcile(self) -> None:
+        """Tasks left 'importing' by an earlier run: done if their import landed, else predicted again."""
+        importing = self.store.tasks_in(self.job_id, "importing")
+        if not importing:
+            return
+        created = self.store.job(self.job_id)["created"]
+        landed = self.project.predicted(importing, self.params.model_version, since=created)
+        self.store.record(self.job_id, [(t, "done" if t in landed else "pending", None, None, None, None)
+                                        for t in importing])
+        logger.info("job %s: %d of %d task(s) of the interrupted chunk had landed; the others are predicted again",
+                    self.job_id, len(landed), len(importing))
+
+    def report(self, seconds: float) -> JobReport:
+        job = self.store.job(self.job_id)
+        return JobReport(self.job_id, job["state"], self.store.counts(self.job_id), seconds,
+                         self.store.failures(self.job_id), job["reason"])
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def job_status(store: JobStore, job_id: str) -> dict | None:
+    """A job as GET /jobs/{id} shows it: state, counts, rate (tasks/s), ETA, recent failures."""
+    job = store.job(job_id)
+    if job is None:
+        return None
+    counts = store.counts(job_id)
+    params = job["params"]
+    finished = counts["done"] + counts["failed"] + counts["skipped"]
+    elapsed = max((job["updated"] if job["state"] not in ("queued", "running") else time.time()) - job["created"],
+                  1e-9)
+    total = len(params["selection"]["task_ids"]) or None
+    rate = finished / elapsed
+    eta = (total - finished) / rate if total and rate > 0 and job["state"] == "running" else None
+    state = job["state"]
+    if state == "running" and time.time() - job["heartbeat"] > 600:
+        state = "interrupted"  # its process died: `cli.py annotate --resume <id>` continues it
+    return {"id": job_id, "project": int(job["project"]), "state": state, "reason": job["reason"], "counts": counts,
+            "total": total, "rate": round(rate, 3), "eta_seconds": None if eta is None else round(eta, 1),
+            "prompt": params["prompt"], "selection": params["selection"], "model_version": params["model_version"],
+            "recent_failures": store.failures(job_id, 10), "created": job["created"], "updated": job["updated"]}
+
+
+class JobRunner:
+    """Runs bulk jobs one at a time, in order, in a background thread of this process (a service worker).
+
+    predictor_for(params, connection) -> predict(task) -> TaskOutcome: how this process predicts a job's tasks.
+    project_for(params, connection) -> LabelStudioProject."""
+
+    def __init__(self, store: JobStore, predictor_for: Callable, project_for: Callable):
+        self.store, self.predictor_for, self.project_for = store, predictor_for, project_for
+        self._lock = threading.Lock()
+        self._queue: list[tuple[BulkJob, list | None]] = []
+        self._current: BulkJob | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cancelled: set[str] = set()
+        self.finished = {"done": 0, "cancelled": 0, "paused": 0, "failed": 0}
+
+    def submit(self, params: JobParams, connection, queued: Iterable[int] = (), tasks: list | None = None) -> str:
+        """A new job; runs after those already queued. tasks: the task dicts when the caller has them."""
+        job = BulkJob.create(self.store, params, queued, project=self.project_for(params, connection),
+                             predict=self.predictor_for(params, connection))
+        with self._lock:
+            self._queue.append((job, tasks))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="bulk-jobs", daemon=True)
+                self._thread.start()
+        self._wake.set()
+        return job.job_id
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a queued or running job of this process (a running one after the chunk in flight)."""
+        with self._lock:
+            for job, _ in list(self._queue):
+                if job.job_id == job_id:
+                    self._queue.remove((job, _))
+                    self.store.set_state(job_id, "cancelled")
+                    return True
+            if self._current is not None and self._current.job_id == job_id:
+                self._cancelled.add(job_id)
+                self._current.stop.set()
+                return True
+        return False
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                if not self._queue:
+                    self._wake.clear()
+                    continue
+                job, tasks = self._queue.pop(0)
+                self._current = job
+            try:
+                report = job.run(tasks)
+                if job.job_id in self._cancelled:
+                    self.store.set_state(job.job_id, "cancelled")
+                    report.state = "cancelled"
+                self.finished[report.state] = self.finished.get(report.state, 0) + 1
+                logger.info("job %s %s: %s", job.job_id, report.state, report.counts)
+            except Exception:
+                self.finished["failed"] += 1
+                logger.exception("job %s failed", job.job_id)
+            finally:
+                with self._lock:
+                    self._current = None
+
+
+class JobService:
+    """The jobs route's logic: a job from a request body and the caller's Label Studio key; status; cancel.
+
+    make_connection(url, key) -> ls_client.Connection; label_studio(connection) -> the SDK client."""
+
+    def __init__(self, runner: JobRunner, settings, make_connection: Callable, label_studio: Callable,
+                 model_version: str):
+        self.runner, self.settings, self.store = runner, settings, runner.store
+        self.make_connection, self.label_studio, self.model_version = make_connection, label_studio, model_version
+
+    def create(self, body: dict, key: str) -> dict:
+        """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
+        "text_threshold", "max_detections", "label_studio_url"}. Checks the project and the key with Label Studio
+        before anything is queued."""
+        from labeling import parse_label_config
+        from prompts import require_phrases
+
+        project = body.get("project")
+        if isinstance(project, bool) or not isinstance(project, int) or project < 1:
+            raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
+        selection = self._selection(body)
+        detection = self._detection(body)
+        url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
+                                                                                                "hostname")
+        if not isinstance(url, str) or not url:
+            raise ParamsError("the Label Studio URL is unknown: send 'label_studio_url' or set LABEL_STUDIO_URL")
+        connection = self.make_connection(url, key)
+        label_project = LabelStudioProject(self.label_studio(connection), project, retries=1)
+        label_config = label_project.label_config()
+        config = parse_label_config(label_config)
+        prompt = body.get("prompt")
+        if prompt is None:
+            extra = self.store.get(str(project), "extra_params") or {}
+            prompt = extra.get("prompt") or self.settings.default_prompt or ". ".join(config.labels)
+        if not isinstance(prompt, str):
+            raise ParamsError(f"'prompt' must be a string, got {type(prompt).__name__}")
+        require_phrases(prompt, config.labels, config.predicted_values)
+        if selection.view is not None and next(iter(label_project.tasks(selection)), None) is None:
+            raise ParamsError(f"view {selection.view} of project {project} holds no task")
+        only_missing = body.get("only_missing", False)
+        if not isinstance(only_missing, bool):
+            raise ParamsError(f"'only_missing' must be true or false, got {only_missing!r}")
+        params = JobParams(project, prompt, detection, selection, only_missing, self.model_version, label_config,
+                           self.settings.job_chunk_size)
+        job_id = self.runner.submit(params, connection)
+        return job_status(self.store, job_id)
+
+    @staticmethod
+    def _selection(body: dict) -> Selection:
+        given = [k for k in ("tasks", "view", "all") if body.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise ParamsError("say which tasks: exactly one of 'tasks' (ids, or a string like \"1,5-9\"), 'view' "
+                              f"(a Data Manager view id) or 'all': true; got {given or 'none'}")
+        tasks, view = body.get("tasks"), body.get("view")
+        if given == ["tasks"]:
+            if isinstance(tasks, str):
+                ids = parse_task_ranges(tasks)
+            elif isinstance(tasks, list) and all(isinstance(t, int) and not isinstance(t, bool) and t > 0
+                                                 for t in tasks):
+                ids = tuple(dict.fromkeys(tasks))
+            else:
+                raise ParamsError("'tasks' must be a list of task ids or a string like \"1,5-9\"")
+            if not ids:
+                raise ParamsError("'tasks' is empty: nothing to pre-annotate")
+            return Selection(task_ids=ids)
+        if given == ["view"]:
+            if isinstance(view, bool) or not isinstance(view, int) or view < 1:
+                raise ParamsError(f"'view' must be a Data Manager view id, got {view!r}")
+            return Selection(view=view)
+        if body.get("all") is not True:
+            raise ParamsError(f"'all' must be true, got {body.get('all')!r}")
+        return Selection()
+
+    def _detection(self, body: dict) -> DetectionParams:
+        return detection_params(body, self.settings)
+
+    def status(self, job_id: str) -> dict:
+        status = job_status(self.store, job_id)
+        if status is None:
+            raise NotFound(f"no job {job_id!r}")
+        return status
+
+    def list(self) -> list[dict]:
+        return [job_status(self.store, job_id) for job_id in self.store.jobs()[:100]]
+
+    def cancel(self, job_id: str, key: str) -> dict:
+        """Cancel after the chunk in flight; the key must be one Label Studio accepts for the job's project."""
+        status = self.status(job_id)
+        url = self.settings.label_studio_url or self.store.get(str(status["project"]), "hostname") or ""
+        LabelStudioProject(self.label_studio(self.make_connection(url, key)), status["project"], retries=1
+                           ).label_config()
+        if not self.runner.cancel(job_id) and status["state"] in ("queued", "running", "paused", "interrupted"):
+            self.store.set_state(job_id, "cancelled")
+        return self.status(job_id)
+
+    def metrics(self) -> dict:
+        counts: dict[str, int] = {}
+        for job_id in self.store.jobs():
+            job = self.store.job(job_id)
+            counts[f"jobs_{job['state']}"] = counts.get(f"jobs_{job['state']}", 0) + 1
+            for status, n in self.store.counts(job_id).items():
+                counts[f"job_tasks_{status}"] = counts.get(f"job_tasks_{status}", 0) + n
+        return counts

@@ -1,0 +1,199 @@
+"""The bulk job against a loopback imitation of Label Studio's REST API (tests/fake_label_studio.py), with a fake
+predictor: paging, chunked imports, skips, failures, resume after an interrupted import, pauses when Label Studio
+is down, the jobs routes. The real Label Studio runs these paths in tests/test_label_studio.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fake_label_studio import FakeLabelStudio
+from test_labeling import GUIDE_CONFIG
+
+from config import Settings
+from errors import LabelStudioNotFound, LabelStudioRefused, ParamsError
+from jobs import (
+    BulkJob,
+    Foreground,
+    JobParams,
+    LabelStudioProject,
+    Selection,
+    job_status,
+    parse_task_ranges,
+)
+from ls_client import Connection, LabelStudioClient
+from pipeline import DetectionParams, TaskFailure, TaskOutcome
+from store import JobStore
+
+MV = "groundingdino_tiny+mobile_sam"
+
+
+def predict_ok(task):
+    if task["data"].get("image") == "broken":
+        return TaskOutcome(task["id"], failure=TaskFailure("undecodable", "not a recognised image format"),
+                           seconds=0.01)
+    result = [{"type": "rectanglelabels", "value": {"rectanglelabels": ["cats"]}, "score": 0.5}]
+    return TaskOutcome(task["id"], prediction={"result": result, "score": 0.5, "model_version": MV}, seconds=0.01)
+
+
+@pytest.fixture
+def ls():
+    tasks = {i: {"image": f"/data/upload/1/{i}.png"} for i in range(1, 251)}
+    tasks[7] = {"image": "broken"}
+    with FakeLabelStudio(GUIDE_CONFIG, tasks) as server:
+        yield server
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(str(tmp_path))
+
+
+def project(ls, retries=2):
+    client = LabelStudioClient(Settings()).sdk(Connection(ls.url, ls.token))
+    return LabelStudioProject(client, 1, retries=retries, backoff=0.01)
+
+
+def params(**changes):
+    base = JobParams(1, "cats", DetectionParams(0.3, 0.25, 5), model_version=MV, label_config=GUIDE_CONFIG,
+                     chunk_size=40)
+    return JobParams(**{**base.__dict__, **changes})
+
+
+def imported(ls) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for p in ls.predictions:
+        counts[p["task"]] = counts.get(p["task"], 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("text, ids", [("1,5-9", (1, 5, 6, 7, 8, 9)), ("3", (3,)), (" 2 , 2-3", (2, 3))])
+def test_task_ranges(text, ids):
+    assert parse_task_ranges(text) == ids
+
+
+@pytest.mark.parametrize("text", ["", "a", "5-2", "0", "1,,2", "-3"])
+def test_bad_task_ranges_name_the_part(text):
+    with pytest.raises(ParamsError, match="task selection"):
+        parse_task_ranges(text)
+
+
+def test_a_whole_project_paged_imported_in_chunks_with_a_failure_recorded(ls, store):
+    job = BulkJob.create(store, params(), project=project(ls), predict=predict_ok)
+    report = job.run()
+    assert report.state == "done"
+    assert report.counts == {"pending": 0, "importing": 0, "done": 249, "failed": 1, "skipped": 0}
+    assert report.failures == [{"task": 7, "kind": "undecodable", "reason": "not a recognised image format"}]
+    assert imported(ls) == {i: 1 for i in range(1, 251) if i != 7}
+    assert all(p["model_version"] == MV and p["result"] for p in ls.predictions)
+    imports = [path for method, path in ls.requests if method == "POST"]
+    assert len(imports) == 7  # 249 predictions in chunks of 40
+    pages = [path for method, path in ls.requests if path.startswith("/api/tasks/")]
+    assert len(pages) == 3  # 100 + 100 + 50: the last page is short, nothing more is asked
+
+
+def test_a_selection_and_only_missing(ls, store):
+    ls.predictions.append({"task": 3, "model_version": MV, "result": [], "created_at": "2020-01-01T00:00:00Z"})
+    ls.predictions.append({"task": 4, "model_version": "other", "result": [], "created_at": "2020-01-01T00:00:00Z"})
+    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5")), only_missing=True),
+                         project=project(ls), predict=predict_ok)
+    report = job.run()
+    assert report.counts["done"] == 3 and report.counts["skipped"] == 1
+    assert imported(ls) == {2: 1, 3: 1, 4: 2, 5: 1}
+
+
+def test_resume_after_an_interrupted_import_doubles_nothing(ls, store):
+    """The process dies after chunk 2 went out but before its 'done' was written: the resumed job asks Label
+    Studio, counts the chunk as landed, and predicts only what had not been predicted."""
+    p = params(selection=Selection(task_ids=tuple(range(1, 101))), chunk_size=10)
+    job = BulkJob.create(store, p, project=project(ls), predict=predict_ok)
+    calls = []
+
+    def dying(task):
+        calls.append(task["id"])
+        if len(calls) == 25:
+            raise KeyboardInterrupt  # stands in for SIGKILL at a task boundary
+        return predict_ok(task)
+
+    real_record = store.record
+    chunks = []
+
+    def record(job_id, rows):
+        rows = list(rows)
+        if rows and rows[0][1] == "done" and rows[0][4] == 2:
+            chunks.append(2)
+            raise KeyboardInterrupt  # killed between the import and the bookkeeping
+        real_record(job_id, rows)
+
+    store.record = record
+    with pytest.raises(KeyboardInterrupt):
+        BulkJob(job.job_id, p, store, project(ls), dying).run()
+    store.record = real_record
+    assert chunks == [2] and len(store.tasks_in(job.job_id, "importing")) == 10
+    report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
+    assert report.state == "done" and report.counts["done"] == 99 and report.counts["failed"] == 1
+    assert imported(ls) == {i: 1 for i in range(1, 101) if i != 7}
+
+
+def test_label_studio_down_pauses_the_job_and_resume_loses_nothing(ls, store):
+    p = params(selection=Selection(task_ids=tuple(range(1, 61))), chunk_size=20)
+    job = BulkJob.create(store, p, project=project(ls, retries=1), predict=predict_ok)
+    done = []
+
+    def predict_then_fail(task):
+        done.append(task["id"])
+        if len(done) == 30:
+            ls.fail_next = 100  # Label Studio goes down: the next import fails every retry
+        return predict_ok(task)
+
+    report = BulkJob(job.job_id, p, store, project(ls, retries=1), predict_then_fail).run()
+    assert report.state == "paused" and "unavailable after 2 attempts" in report.reason
+    status = job_status(store, job.job_id)
+    assert status["state"] == "paused" and status["counts"]["done"] == 20
+    ls.fail_next = 0
+    report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 61) if i != 7}
+
+
+def test_a_stop_ends_after_the_chunk_in_flight(ls, store):
+    stop = threading.Event()
+    p = params(selection=Selection(task_ids=tuple(range(1, 51))), chunk_size=10)
+
+    def predict(task):
+        if task["id"] == 15:
+            stop.set()
+        return predict_ok(task)
+
+    report = BulkJob.create(store, p, project=project(ls), predict=predict, stop=stop).run()
+    assert report.state == "stopped" and sorted(imported(ls)) == [i for i in range(1, 16) if i != 7]
+
+
+def test_pending_tasks_are_claimed_and_a_prediction_already_there_is_skipped(ls, store):
+    p = params(selection=Selection(task_ids=(1, 2, 3)))
+    ls.predictions.append({"task": 2, "model_version": MV, "result": [], "created_at": "2020-01-01T00:00:00Z"})
+    job = BulkJob.create(store, p, queued=[1, 2, 3], project=project(ls), predict=predict_ok)
+    assert store.claimed("1", [1, 2, 3, 4]) == {1, 2, 3}
+    job.run()
+    assert store.claimed("1", [1, 2, 3]) == set()
+    assert store.counts(job.job_id)["skipped"] == 1 and imported(ls) == {1: 1, 2: 1, 3: 1}
+
+
+def test_label_studio_errors_name_the_problem(ls):
+    with pytest.raises(LabelStudioRefused, match="refused the key"):
+        LabelStudioProject(LabelStudioClient(Settings()).sdk(Connection(ls.url, "wrong")), 1, retries=0
+                           ).label_config()
+    with pytest.raises(LabelStudioNotFound, match="404"):
+        project(ls).__class__(project(ls).client, 99, retries=0).label_config()
+
+
+def test_foreground_requests_hold_the_background_job_back():
+    gate = Foreground()
+    order = []
+    with gate.request():
+        worker = threading.Thread(target=lambda: (gate.wait_turn(), order.append("job")))
+        worker.start()
+        time.sleep(0.2)
+        order.append("click")
+    worker.join(5)
+    assert order == ["click", "job"]
