@@ -39,6 +39,7 @@ import numpy as np
 from config import ConfigError, Settings
 from errors import ServiceError
 from labeling import default_label_config, parse_label_config
+from logs import configure_logging
 from prompts import prompt_labels, require_phrases
 
 logger = logging.getLogger("cli")
@@ -341,8 +342,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("info" if args.verbose else "warning")
     try:
         return args.run(args)
     except CommandError as e:

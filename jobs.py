@@ -379,7 +379,8 @@ def job_status(store: JobStore, job_id: str) -> dict | None:
     return {"id": job_id, "project": int(job["project"]), "state": state, "reason": job["reason"], "counts": counts,
             "total": total, "rate": round(rate, 3), "eta_seconds": None if eta is None else round(eta, 1),
             "prompt": params["prompt"], "selection": params["selection"], "model_version": params["model_version"],
-            "recent_failures": store.failures(job_id, 10), "created": job["created"], "updated": job["updated"]}
+            "pipeline_seconds": round(store.seconds(job_id), 3), "recent_failures": store.failures(job_id, 10),
+            "created": job["created"], "updated": job["updated"]}
 
 
 class JobRunner:

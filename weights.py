@@ -49,7 +49,7 @@ _MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/
 #   them from that revision.
 MANIFEST: dict[str, dict] = {
     "groundingdino_swint_ogc.pth": {
-        "description": "Grounding DINO Swin-T (OGC): the default detector, the guide's",
+        "description": "Grounding DINO Swin-T (OGC): the default detector (the upstream grounding_sam example's)",
         "files": [{
             "path": "groundingdino_swint_ogc.pth",
             "urls": [

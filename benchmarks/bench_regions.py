@@ -17,7 +17,7 @@ extra peak memory; both paths must give identical bool masks and identical RLE l
 Part 2 ("predict") times POST /predict through the real app (_wsgi.create_backend_app) at 640x480 and 4032x3024:
 real-size Grounding DINO (the packaged GroundingDINO_SwinT_OGC.py, a bert-base-size text encoder) and MobileSAM,
 random weights (tests/model_factory.py; Grounding DINO's output heads rescaled so scores and boxes spread out), the
-images served as JPEG from a loopback server, the guide's labeling config and a TextArea prompt. Random weights
+images served as JPEG from a loopback server, the README's labeling config and a TextArea prompt. Random weights
 make Grounding DINO pass many boxes: MAX_DETECTIONS (--max-detections, 50) caps them, so the regions are up to 50
 rectangles + 50 brushes. Each timed call gets a new image (the product caches per-image model state); "again"
 is the last image asked once more. The per-stage split comes from wrapping the loaded models' methods.
@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SPEEDUP_TARGET = 3.0  # ours at least this many times faster than the straight path
 MEMORY_TARGET = 0.25  # ours' extra peak at most this fraction of the straight path's
 
-from test_labeling import GUIDE_CONFIG  # noqa: E402  (the guide's labeling config)
+from test_labeling import GUIDE_CONFIG  # noqa: E402  (the README's labeling config)
 
 PROMPT = "round thing_cats. box_house"
 # Label Studio's context for an interactive TextArea prompt (the shape of tests/test_api.py TEXTAREA_CONTEXT).

@@ -40,7 +40,7 @@ TEXT_PROMPT = "round thing_cats. box_house"
 PROJECT_PROMPT = "round thing_cats"  # maps only to `cats`: tells the project's prompt from the default one
 TIMINGS: dict[str, float | list[float] | dict] = {}
 
-# The guide's config (TextArea prompt, RectangleLabels, BrushLabels) plus the README's smart tools.
+# The README's labeling config (TextArea prompt, RectangleLabels, BrushLabels) plus the README's smart tools.
 SMART_TOOLS = """  <KeyPointLabels name="click" toName="image" smart="true">
     <Label value="cats" background="yellow"/>
   </KeyPointLabels>
@@ -311,7 +311,7 @@ class ClickProject:
 
 @pytest.fixture(scope="module")
 def click_project(label_studio: LabelStudio, backend: Backend) -> ClickProject:
-    """A second project, with smart KeyPointLabels and RectangleLabels next to the guide's controls."""
+    """A second project, with smart KeyPointLabels and RectangleLabels next to the README config's controls."""
     ls = label_studio
     pid = ls.create_project("Grounded SAM clicks", SMART_CONFIG)
     name, data, content_type, size = CLICK_PNG
@@ -395,7 +395,7 @@ def test_smart_clicks_give_one_brush_and_reuse_the_embedding(
     assert "errors" not in answer, answer
     regions = answer["data"]["result"]
     assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
-    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the guide's controls, not the smart ones
+    assert {r["from_name"] for r in regions} == {"label", "label2"}  # the README config's controls, not the smart ones
     assert region_problems(regions, p.size) == []
     # Hits for the image and its SAM embedding at least (Grounding DINO's features of it are new: misses).
     assert backend.health()["embedding_cache"]["hits"] >= before["hits"] + 2
