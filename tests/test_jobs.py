@@ -197,3 +197,137 @@ def test_foreground_requests_hold_the_background_job_back():
         order.append("click")
     worker.join(5)
     assert order == ["click", "job"]
+
+
+# --------------------------------------------------------------------------- the service: /jobs and one click
+
+@pytest.fixture
+def service(tmp_path):
+    """The service's app (fake models) and a 30-task project in the Label Studio imitation."""
+    from fakes import FakeLoader
+    from servers import ImageServer
+    from test_api import png
+
+    from _wsgi import create_backend_app
+
+    with ImageServer({"/plain/a.png": png(64, 48)}) as images:
+        tasks = {i: {"image": f"{images.url}/plain/a.png"} for i in range(1, 31)}
+        with FakeLabelStudio(GUIDE_CONFIG, tasks) as ls:
+            loader = FakeLoader()
+            app = create_backend_app({"DATA_DIR": str(tmp_path / "data"), "LABEL_STUDIO_URL": ls.url,
+                                      "LABEL_STUDIO_API_KEY": ls.token, "JOB_CHUNK_SIZE": "7",
+                                      "PREDICT_TIME_BUDGET": "0.3"}, loader=loader)
+            client = app.test_client()
+            client.ls, client.loader = ls, loader
+            yield client
+
+
+def wait_job(client, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/jobs/{job_id}").json
+        if status["state"] not in ("queued", "running"):
+            return status
+        time.sleep(0.05)
+    pytest.fail(f"job {job_id} did not end: {status}")
+
+
+def test_post_jobs_runs_a_job_with_the_callers_key(service):
+    auth = {"Authorization": f"Token {service.ls.token}"}
+    response = service.post("/jobs", json={"project": 1, "prompt": "cats", "tasks": "1-12"}, headers=auth)
+    assert response.status_code == 201, response.json
+    job = response.json
+    assert job["state"] in ("queued", "running") and job["total"] == 12 and job["prompt"] == "cats"
+    status = wait_job(service, job["id"])
+    assert status["state"] == "done" and status["counts"]["done"] == 12 and status["rate"] > 0
+    assert imported(service.ls) == {i: 1 for i in range(1, 13)}
+    assert all(p["model_version"] == "fake-dino+fake-sam" for p in service.ls.predictions)
+    assert [j["id"] for j in service.get("/jobs").json["jobs"]] == [job["id"]]
+    metrics = service.get("/metrics").json
+    assert metrics["jobs_submitted"] == 1 and metrics["jobs_done"] == 1 and metrics["job_tasks_done"] == 12
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, message",
+    [
+        ({"project": 1, "prompt": "cats", "all": True}, {}, 401, "send 'Authorization: Token <key>'"),
+        ({"project": 1, "prompt": "cats", "all": True}, {"Authorization": "Token wrong"}, 403, "refused the key"),
+        ({"project": 9, "prompt": "cats", "all": True}, None, 404, "404"),
+        ({"project": "x", "prompt": "cats", "all": True}, None, 400, "'project' must be"),
+        ({"project": 1, "prompt": "cats", "tasks": []}, None, 400, "'tasks' is empty: nothing to pre-annotate"),
+        ({"project": 1, "prompt": "cats"}, None, 400, "say which tasks"),
+        ({"project": 1, "prompt": "cats", "tasks": "4-2"}, None, 400, "task selection '4-2'"),
+        ({"project": 1, "prompt": "cats", "all": True, "view": 3}, None, 400, "exactly one of"),
+        ({"project": 1, "prompt": "cats", "all": True, "box_threshold": 3}, None, 400,
+         "box_threshold must be a number between 0.0 and 1.0"),
+        ({"project": 1, "prompt": "tree", "all": True}, None, 422, "gives nothing to detect"),
+    ],
+)
+def test_bad_job_requests_are_4xx_naming_the_problem(service, body, headers, status, message):
+    headers = {"Authorization": f"Token {service.ls.token}"} if headers is None else headers
+    response = service.post("/jobs", json=body, headers=headers)
+    assert response.status_code == status and message in response.json["error"], response.json
+    assert service.get("/jobs").json["jobs"] == []
+
+
+def test_jobs_never_act_with_the_setup_token(service):
+    """A /setup stored Label Studio's token for the project; a caller without a key of their own gets nothing."""
+    from test_api import setup_payload
+
+    payload = {**setup_payload(), "project": "1.1700000000", "hostname": service.ls.url,
+               "access_token": service.ls.token}
+    assert service.post("/setup", json=payload).status_code == 200
+    assert service.post("/jobs", json={"project": 1, "prompt": "cats", "all": True}).status_code == 401
+    assert service.delete("/jobs/abc").status_code in (401, 404)
+
+
+def test_cancel_and_unknown_jobs(service):
+    auth = {"Authorization": f"Token {service.ls.token}"}
+    assert service.get("/jobs/nope").status_code == 404
+    job = service.post("/jobs", json={"project": 1, "prompt": "cats", "all": True}, headers=auth).json
+    cancelled = service.delete(f"/jobs/{job['id']}", headers=auth)
+    assert cancelled.status_code == 200
+    assert wait_job(service, job["id"])["state"] == "cancelled"
+    assert len(service.ls.predictions) < 30
+
+
+def test_one_retrieve_predictions_hands_the_rest_to_a_background_job(service):
+    """Label Studio sends 30 tasks in one /predict and the budget allows a few: those are answered, the others are
+    predicted and imported by a job. Sent again (the user clicks twice), none is queued or predicted twice."""
+    from test_api import predict_payload
+
+    from cache import EmbeddingCache
+    from loader import Models
+
+    class SlowDetector(type(service.loader.models.detector)):
+        def detect(self, *args, **kwargs):
+            time.sleep(0.1)
+            return super().detect(*args, **kwargs)
+
+    service.loader.models = Models(SlowDetector(), service.loader.models.segmenter, EmbeddingCache(4, 2**20))
+    tasks = [{"id": i, "data": {"image": service.ls.tasks[i]["image"]}, "predictions": []} for i in range(1, 31)]
+    results = service.post("/predict", json=predict_payload(tasks, None)).json["results"]
+    answered = {i for i, r in enumerate(results, 1) if r}
+    assert answered and len(answered) < 30 and all(results[i - 1]["result"] for i in answered)
+    again = service.post("/predict", json=predict_payload([t for t in tasks if t["id"] not in answered], None))
+    assert all(r == [] for r in again.json["results"])  # queued in the job: not predicted here, not queued twice
+    (job,) = service.get("/jobs").json["jobs"]
+    status = wait_job(service, job["id"])
+    assert status["state"] == "done" and status["counts"]["done"] == 30 - len(answered)
+    assert imported(service.ls) == {i: 1 for i in range(1, 31) if i not in answered}
+
+
+def test_without_a_key_retrieve_predictions_behaves_as_before(tmp_path, caplog):
+    from fakes import FakeLoader
+    from servers import ImageServer
+    from test_api import png, predict_payload
+
+    from _wsgi import create_backend_app
+
+    with ImageServer({"/plain/a.png": png(8, 8)}) as images:
+        app = create_backend_app({"DATA_DIR": str(tmp_path), "PREDICT_TIME_BUDGET": "0.0001"}, loader=FakeLoader())
+        tasks = [{"id": i, "data": {"image": f"{images.url}/plain/a.png"}} for i in (1, 2, 3)]
+        results = app.test_client().post("/predict", json=predict_payload(tasks, None)).json["results"]
+    assert results[0]["result"] and results[1:] == [[], []]
+    assert "no Label Studio URL and key" in caplog.text
+    assert app.test_client().get("/jobs").json["jobs"] == []
