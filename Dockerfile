@@ -2,12 +2,17 @@
 #   docker compose build          (or: docker build -t grounded-sam-backend .)
 # The model files are downloaded and verified (SHA-256) while the image is built; a running container needs no
 # network. Build arguments:
-#   WEIGHTS  manifest entries of weights.py baked into /models (`python weights.py --list` names them all)
+#   WEIGHTS     manifest entries of weights.py baked into /models (`python weights.py --list` names them all;
+#               empty: none)
+#   BASE_IMAGE  the base image (default: the pinned official Python image below)
 #
 # Base: the official Python image, pinned by tag and by digest. PyTorch comes from PyPI as requirements.txt pins it
 # (torch 2.14.1, a CUDA 13.0 build whose wheels carry the CUDA libraries): the host needs only an NVIDIA driver that
 # supports CUDA 13.0 (>= 580) and the NVIDIA Container Toolkit; the same image runs on CPU. See README "Docker".
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# BASE_IMAGE: another image with the same `python`/`pip` on PATH (the tests build a stand-in from Debian packages,
+# tests/docker/base.Dockerfile, because their machines can't pull this one); leave it for real builds.
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -26,7 +31,9 @@ RUN pip install --no-cache-dir -c constraints.txt -r requirements.txt \
 # them again.
 ARG WEIGHTS="groundingdino_swint_ogc.pth mobile_sam.pt sam_vit_h_4b8939.pth bert-base-uncased"
 COPY weights.py ./
-RUN python weights.py --dir /models ${WEIGHTS}
+# WEIGHTS="" bakes in no model file (mount your own: README "Where the weights come from"); weights.py without
+# names would fetch what the settings need instead.
+RUN if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi
 
 COPY *.py ./
 # The service runs as an unprivileged user (uid/gid 1000) that can write only /data and /models/local (where

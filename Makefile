@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints \
-	constraints-label-studio
+	constraints-label-studio test-docker test-docker-ls
 
 # pip's progress bars on a terminal; without one (CI, a log file) or with CI set, a line per package and no bars.
 PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
@@ -64,9 +64,10 @@ serve: weights
 test: install
 	$(BIN)/python -m pytest
 
-# Everything but the end-to-end tests against a real Label Studio (those install it once per machine).
+# Everything but the end-to-end tests against a real Label Studio (those install it once per machine) and the
+# Docker image tests.
 test-quick: install
-	$(BIN)/python -m pytest -m "not label_studio"
+	$(BIN)/python -m pytest -m "not label_studio and not docker"
 
 # Real Label Studio through its API and in headless Chromium (Debian's chromium package: see .ci/run).
 test-label-studio: install
@@ -75,10 +76,19 @@ test-label-studio: install
 test-browser: install
 	$(BIN)/python -m pytest -m browser
 
+# The real image (Dockerfile, docker-compose*.yml) built and run with a Docker engine: tests/test_docker.py
+# installs Debian's docker.io and debootstrap when missing and starts and stops its own dockerd (README "Docker").
+test-docker: install
+	$(BIN)/python -m pytest tests/test_docker.py
+
+# Only its with-label-studio part (a stand-in Label Studio image built from PyPI).
+test-docker-ls: install
+	$(BIN)/python -m pytest tests/test_docker.py -m docker_ls
+
 lint: install
 	$(BIN)/ruff check .
 	# The Docker files, without a Docker engine: hadolint, and Compose's own schema check of each variant.
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile tests/docker/base.Dockerfile tests/docker/label-studio.Dockerfile
 	$(BIN)/docker-compose -f docker-compose.yml config --quiet
 	$(BIN)/docker-compose -f docker-compose.yml --profile with-label-studio config --quiet
 	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.cpu.yml config --quiet

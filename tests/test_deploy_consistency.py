@@ -238,12 +238,19 @@ def test_dockerfile_structure():
     instructions = dockerfile_instructions()
     kinds = [i for i, _ in instructions]
     base = dict(instructions)["FROM"]
+    # The base is a build argument (the Docker test passes a stand-in built from Debian packages) whose default
+    # is the pinned official image.
+    assert base == "${BASE_IMAGE}" and kinds[0] == "ARG" and instructions[0][1].startswith("BASE_IMAGE=")
+    base = dockerfile_args()["BASE_IMAGE"]
+    assert base.startswith("python:3.11.")
     assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", base), f"FROM {base}: pin a tag and a digest"
     assert kinds.count("FROM") == 1
     runs = " ".join(rest for i, rest in instructions if i == "RUN")
     assert "pip install --no-cache-dir -c constraints.txt -r requirements.txt" in runs
     assert "pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt" in runs
     assert "python weights.py --dir /models" in runs and "${WEIGHTS}" in runs
+    # weights.py without names fetches what the settings need: WEIGHTS="" must skip it, not fetch the defaults.
+    assert 'if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi' in runs
     user = [rest for i, rest in instructions if i == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
     assert kinds.index("USER") > max(i for i, k in enumerate(kinds) if k == "RUN")  # the service never runs as root
@@ -317,7 +324,8 @@ def test_compose_default_is_the_container_default(name):
 def test_compose_structure():
     service = COMPOSE["services"][SERVICE]
     assert service["ports"] == ["9090:9090"]
-    assert service["build"]["args"]["WEIGHTS"] == "${WEIGHTS:-" + dockerfile_args()["WEIGHTS"] + "}"
+    # `-`, not `:-`: WEIGHTS= (empty, e.g. in .env) builds an image without model files, as the Dockerfile does.
+    assert service["build"]["args"]["WEIGHTS"] == "${WEIGHTS-" + dockerfile_args()["WEIGHTS"] + "}"
     [device] = service["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
     mounts = {volume.split(":")[1] for volume in service["volumes"]}
