@@ -151,10 +151,11 @@ class _Progress:
     """done / failed / skipped, tasks per second and ETA: tqdm's bar on a terminal, a plain line every 10 s
     otherwise (a log file or CI)."""
 
-    def __init__(self, total: int | None):
+    def __init__(self, total: int | None, already: int = 0):
+        """already: tasks a resumed job had finished before (they count for the bar, not for the rate)."""
         from tqdm import tqdm
 
-        self.total, self.started, self.last = total, time.monotonic(), 0.0
+        self.total, self.started, self.last, self.already = total, time.monotonic(), 0.0, already
         self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, file=sys.stderr) if sys.stderr.isatty() \
             else None
 
@@ -169,7 +170,7 @@ class _Progress:
         if now - self.last < 10 and (self.total is None or finished < self.total):
             return
         self.last = now
-        rate = finished / max(now - self.started, 1e-9)
+        rate = (finished - self.already) / max(now - self.started, 1e-9)
         eta = f", ETA {(self.total - finished) / rate:.0f} s" if self.total and rate else ""
         of = f"/{self.total}" if self.total else ""
         print(f"{finished}{of} tasks: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped; "
@@ -247,7 +248,8 @@ def annotate(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, interrupted)
-    progress = _Progress(total)
+    counts = store.counts(job_id)
+    progress = _Progress(total, counts["done"] + counts["failed"] + counts["skipped"])
     try:
         job = BulkJob(job_id, params, store, project,
                       lambda task: pipeline.predict_task(task, config, query, connection.url, connection.key),

@@ -246,14 +246,21 @@ class JobReport:
     reason: str | None = None
 
 
+# tasks to predict -> (task, outcome) pairs, in any order; it may keep several tasks in flight.
+Executor = Callable[[Iterator[dict]], Iterator[tuple[dict, TaskOutcome]]]
+
+
 class BulkJob:
     """One job: runs (or resumes) it to the end, a pause or a stop. `predict(task) -> TaskOutcome`."""
 
     def __init__(self, job_id: str, params: JobParams, store: JobStore, project: LabelStudioProject,
-                 predict: Callable[[dict], TaskOutcome], progress: Callable[[dict], None] | None = None,
-                 stop: threading.Event | None = None):
+                 predict: Callable[[dict], TaskOutcome] | None = None, progress: Callable[[dict], None] | None = None,
+                 stop: threading.Event | None = None, executor: Executor | None = None):
+        """predict: one task at a time, in this process; or executor: tasks in, (task, outcome) out in any order,
+        with as many in flight as it likes (ray_executor.RayExecutor)."""
         self.job_id, self.params, self.store, self.project = job_id, params, store, project
-        self.predict, self.progress = predict, progress or (lambda counts: None)
+        self.executor = executor or (lambda tasks: ((task, predict(task)) for task in tasks))
+        self.progress = progress or (lambda counts: None)
         self.stop = stop or threading.Event()
 
     @classmethod
@@ -273,34 +280,20 @@ class BulkJob:
             self._reconcile()
             source = self.project.tasks(self.params.selection) if tasks is None else iter(tasks)
             buffer: list[tuple[int, TaskOutcome]] = []
-            for page in _batched(source, PAGE_SIZE):
-                known = store.statuses(self.job_id, [t["id"] for t in page])
-                for task in page:
-                    if self.stop.is_set():
-                        break
-                    task_id = task["id"]
-                    if known.get(task_id) in FINAL:
-                        continue
-                    if has_prediction(task, self.params.model_version) and (
-                            self.params.only_missing or known.get(task_id) == "pending"):
-                        store.record(self.job_id, [(task_id, "skipped", None, "holds a prediction of "
-                                                    f"{self.params.model_version}", None, 0.0)])
-                        continue
-                    outcome = self.predict(task)
-                    store.beat(self.job_id)
-                    if outcome.failure is not None:
-                        logger.warning("job %s: task %s failed (%s): %s", self.job_id, task_id, outcome.failure.kind,
-                                       outcome.failure.reason)
-                        store.record(self.job_id, [(task_id, "failed", outcome.failure.kind, outcome.failure.reason,
-                                                    None, outcome.seconds)])
-                    else:
-                        buffer.append((task_id, outcome))
-                    if len(buffer) >= self.params.chunk_size:
-                        self._import(buffer)
-                        buffer = []
-                    self.progress(store.counts(self.job_id))
-                if self.stop.is_set():
-                    break
+            for task, outcome in self.executor(self._to_predict(source)):
+                task_id = task["id"]
+                store.beat(self.job_id)
+                if outcome.failure is not None:
+                    logger.warning("job %s: task %s failed (%s): %s", self.job_id, task_id, outcome.failure.kind,
+                                   outcome.failure.reason)
+                    store.record(self.job_id, [(task_id, "failed", outcome.failure.kind, outcome.failure.reason,
+                                                None, outcome.seconds)])
+                else:
+                    buffer.append((task_id, outcome))
+                if len(buffer) >= self.params.chunk_size:
+                    self._import(buffer)
+                    buffer = []
+                self.progress(store.counts(self.job_id))
             self._import(buffer)
         except LabelStudioUnavailable as e:
             store.set_state(self.job_id, "paused", str(e))
@@ -313,6 +306,24 @@ class BulkJob:
         store.set_state(self.job_id, "stopped" if self.stop.is_set() else "done")
         self.progress(store.counts(self.job_id))
         return self.report(time.perf_counter() - started)
+
+    def _to_predict(self, source: Iterable[dict]) -> Iterator[dict]:
+        """The tasks still to predict, a page at a time: not final in this job, not skipped; none once stopped."""
+        for page in _batched(source, PAGE_SIZE):
+            known = self.store.statuses(self.job_id, [t["id"] for t in page])
+            for task in page:
+                if self.stop.is_set():
+                    return
+                task_id = task["id"]
+                if known.get(task_id) in FINAL:
+                    continue
+                if has_prediction(task, self.params.model_version) and (
+                        self.params.only_missing or known.get(task_id) == "pending"):
+                    self.store.record(self.job_id, [(task_id, "skipped", None, "holds a prediction of "
+                                                     f"{self.params.model_version}", None, 0.0)])
+                    self.progress(self.store.counts(self.job_id))
+                    continue
+                yield task
 
     def _import(self, buffer: list[tuple[int, TaskOutcome]]) -> None:
         if not buffer:

@@ -73,6 +73,7 @@ def configure_logging(level: str) -> None:
     the third-party warnings of `SILENCED` off, said once in the log."""
     logging.basicConfig(format=FORMAT)
     logging.getLogger().setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to Label Studio: only failures
     if silence_third_party_warnings():
         logger.info("silencing %d known warnings of %s (listed in logs.py)", len(SILENCED),
                     ", ".join(silenced_libraries()))

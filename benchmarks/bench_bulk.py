@@ -72,7 +72,7 @@ def all_task_ids(ls, pid):
 def listing_rss(count: int, collect: bool) -> float:
     """Peak RSS (MiB) of a fresh process listing `count` tasks from the imitation, streamed or collected."""
     code = f"""
-import resource, sys
+import sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from fake_label_studio import FakeLabelStudio
 from config import Settings
@@ -87,7 +87,9 @@ with FakeLabelStudio("<View/>", task_source=source) as ls:
     tasks = project.tasks(Selection())
     n = len(list(tasks)) if {collect} else sum(1 for _ in tasks)
     assert n == {count}, n
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: the latter can report the parent's size at fork time.
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) / 1024)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if done.returncode:

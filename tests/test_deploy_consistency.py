@@ -278,7 +278,7 @@ def test_constraints_pin_every_requirement_at_its_version():
     # make install and the Dockerfile install with -c constraints.txt: a requirement at another version than its
     # constraint fails to install, so after editing a requirements file run `make constraints`.
     constraints = pins(ROOT / "constraints.txt")
-    for name in ("requirements.txt", "requirements-nodeps.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-nodeps.txt", "requirements-dev.txt", "requirements-ray.txt"):
         for package, version in pins(ROOT / name).items():
             assert constraints.get(package) == version, f"{name}: {package}=={version}, constraints.txt: " \
                                                           f"{constraints.get(package)}; run make constraints"

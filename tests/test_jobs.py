@@ -281,7 +281,21 @@ def test_jobs_never_act_with_the_setup_token(service):
     assert service.delete("/jobs/abc").status_code in (401, 404)
 
 
+def slow_down(service, seconds: float) -> None:
+    """Each detector call of the service's fake models takes `seconds`."""
+    from cache import EmbeddingCache
+    from loader import Models
+
+    class SlowDetector(type(service.loader.models.detector)):
+        def detect(self, *args, **kwargs):
+            time.sleep(seconds)
+            return super().detect(*args, **kwargs)
+
+    service.loader.models = Models(SlowDetector(), service.loader.models.segmenter, EmbeddingCache(4, 2**20))
+
+
 def test_cancel_and_unknown_jobs(service):
+    slow_down(service, 0.2)  # 30 tasks: 6 s, time enough to cancel
     auth = {"Authorization": f"Token {service.ls.token}"}
     assert service.get("/jobs/nope").status_code == 404
     job = service.post("/jobs", json={"project": 1, "prompt": "cats", "all": True}, headers=auth).json
@@ -296,15 +310,7 @@ def test_one_retrieve_predictions_hands_the_rest_to_a_background_job(service):
     predicted and imported by a job. Sent again (the user clicks twice), none is queued or predicted twice."""
     from test_api import predict_payload
 
-    from cache import EmbeddingCache
-    from loader import Models
-
-    class SlowDetector(type(service.loader.models.detector)):
-        def detect(self, *args, **kwargs):
-            time.sleep(0.1)
-            return super().detect(*args, **kwargs)
-
-    service.loader.models = Models(SlowDetector(), service.loader.models.segmenter, EmbeddingCache(4, 2**20))
+    slow_down(service, 0.1)
     tasks = [{"id": i, "data": {"image": service.ls.tasks[i]["image"]}, "predictions": []} for i in range(1, 31)]
     results = service.post("/predict", json=predict_payload(tasks, None)).json["results"]
     answered = {i for i, r in enumerate(results, 1) if r}

@@ -1,0 +1,195 @@
+"""Pre-annotating a whole project against the real Label Studio 1.23.2 of the e2e suite: one Retrieve Predictions
+(the tasks past PREDICT_TIME_BUDGET go to a background job that imports their predictions), `cli.py annotate
+--only-missing` on the same project, a CLI job killed with SIGKILL and resumed, a broken image recorded as failed,
+and a click answered while a job runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from label_studio_harness import (
+    LS_TOKEN,
+    MODEL_VERSION,
+    LabelStudio,
+    StaticServer,
+    labels_of,
+    start_backend,
+    stop_all,
+    wait_models,
+    write_artifact,
+)
+from model_factory import make_image, service_env
+from test_e2e_gunicorn import encode
+from test_label_studio import SMART_CONFIG, smart_keypoint
+
+pytest_plugins = ["label_studio_harness"]
+pytestmark = pytest.mark.label_studio
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "round thing_cats. box_house"
+N_TASKS = 24  # the last one's image is broken
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    files = {f"/bulk/{i}.png": encode(make_image(96, 32, seed=100 + i), "PNG") for i in range(N_TASKS)}
+    files[f"/bulk/{N_TASKS - 1}.png"] = b"this is not a picture"
+    server = StaticServer(files)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def bulk_backend(label_studio: LabelStudio, groundingdino_files, mobile_sam_checkpoint, tmp_path_factory):
+    """A backend whose budget answers a few tasks per /predict, so one Retrieve Predictions needs the job."""
+    backend = start_backend("grounded-sam-bulk", groundingdino_files, mobile_sam_checkpoint, label_studio.url,
+                            LS_TOKEN, tmp_path_factory.mktemp("bulk-backend-data"), PREDICT_TIME_BUDGET="2",
+                            JOB_CHUNK_SIZE="5")
+    try:
+        wait_models(backend)
+        yield backend
+    finally:
+        stop_all([backend.process])
+
+
+def make_project(ls: LabelStudio, pictures: StaticServer, title: str, count: int = N_TASKS) -> tuple[int, list[int]]:
+    pid = ls.create_project(title)
+    ls.import_urls(pid, [f"{pictures.url}/bulk/{i}.png" for i in range(count)])
+    return pid, [t["id"] for t in ls.tasks(pid)]
+
+
+def ours(ls: LabelStudio, task: int) -> list[dict]:
+    return [p for p in ls.predictions(task) if p["model_version"] == MODEL_VERSION]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def retrieved(label_studio: LabelStudio, bulk_backend, pictures):
+    """A project pre-annotated by ONE Retrieve Predictions."""
+    ls = label_studio
+    pid, tasks = make_project(ls, pictures, "Grounded SAM bulk")
+    ml = ls.connect_backend(pid, bulk_backend.url, {"prompt": PROMPT})
+    assert ml["state"] == "CO", ml
+    started = time.perf_counter()
+    ls.retrieve_predictions(pid)
+    TIMINGS["retrieve_answer_s"] = round(time.perf_counter() - started, 2)
+    answered = [t for t in tasks if ours(ls, t)]
+    (job,) = requests.get(bulk_backend.url + "/jobs", timeout=5).json()["jobs"]
+
+    def finished():
+        status = requests.get(f"{bulk_backend.url}/jobs/{job['id']}", timeout=5).json()
+        return status if status["state"] not in ("queued", "running") else None
+
+    status = wait_for(finished, 600, "the background job")
+    TIMINGS["all_predicted_s"] = round(time.perf_counter() - started, 2)
+    write_artifact("bulk-timings.json", TIMINGS)
+    return pid, tasks, answered, status
+
+
+def test_one_retrieve_predictions_pre_annotates_the_whole_project(label_studio: LabelStudio, retrieved):
+    ls = label_studio
+    pid, tasks, answered, status = retrieved
+    assert 0 < len(answered) < N_TASKS - 1, answered  # the budget answered a few, the job the others
+    assert status["state"] == "done", status
+    for task in tasks[:-1]:
+        predictions = ours(ls, task)
+        assert len(predictions) == 1, (task, predictions)
+        assert predictions[0]["result"] and labels_of(predictions[0]["result"]) <= {"cats", "house"}
+    assert status["counts"]["done"] + len(answered) == N_TASKS - 1
+
+
+def test_a_broken_image_is_recorded_as_failed_and_the_others_complete(label_studio: LabelStudio, retrieved):
+    pid, tasks, answered, status = retrieved
+    assert status["counts"]["failed"] == 1
+    (failure,) = status["recent_failures"]
+    assert failure["task"] == tasks[-1] and failure["kind"] == "undecodable"
+    assert ours(label_studio, tasks[-1]) == []
+
+
+def cli(env: dict, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "annotate", *args], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def cli_env(label_studio: LabelStudio, groundingdino_files, mobile_sam_checkpoint, tmp_path_factory):
+    return {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint), "HF_HUB_OFFLINE": "1",
+            "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": LS_TOKEN,
+            "DATA_DIR": str(tmp_path_factory.mktemp("cli-data"))}
+
+
+def test_cli_only_missing_on_the_same_project(label_studio: LabelStudio, retrieved, cli_env):
+    ls = label_studio
+    pid, tasks, _, _ = retrieved
+    removed = ls.delete_predictions(tasks[:3])
+    assert removed == 3
+    proc = cli(cli_env, "--project", str(pid), "--prompt", PROMPT, "--only-missing")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"3 done, 1 failed, {N_TASKS - 4} skipped" in err, err
+    for task in tasks[:-1]:
+        assert len(ours(ls, task)) == 1, task
+
+
+def test_cli_job_killed_with_sigkill_resumes_without_duplicates(label_studio: LabelStudio, pictures, cli_env):
+    ls = label_studio
+    pid, tasks = make_project(ls, pictures, "Grounded SAM bulk kill", count=8)
+    proc = cli(cli_env, "--project", str(pid), "--prompt", PROMPT, "--chunk-size", "2")
+    wait_for(lambda: sum(len(ours(ls, t)) for t in tasks) >= 4 or proc.poll() is not None, 600, "two chunks")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    before = sum(len(ours(ls, t)) for t in tasks)
+    assert 4 <= before < 7
+    job_id = subprocess.run([sys.executable, "-c", "import sys; from store import JobStore; "
+                             f"print(JobStore({cli_env['DATA_DIR']!r}).jobs()[0])"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60).stdout.strip()
+    resumed = cli(cli_env, "--resume", job_id)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert [len(ours(ls, t)) for t in tasks] == [1] * 8, err
+
+
+def test_a_click_is_answered_while_a_job_runs(label_studio: LabelStudio, bulk_backend, pictures):
+    ls = label_studio
+    bulk_pid, bulk_tasks = make_project(ls, pictures, "Grounded SAM bulk while clicking")
+    pid = ls.create_project("Grounded SAM click during job", SMART_CONFIG)
+    ls.import_urls(pid, [f"{pictures.url}/bulk/0.png"])
+    (task,) = ls.tasks(pid)
+    ml = ls.connect_backend(pid, bulk_backend.url, {})
+    idle_answer, idle_s = ls.interactive(ml["id"], task["id"], {"result": [smart_keypoint(30, 40, (96, 32))]})
+    response = requests.post(bulk_backend.url + "/jobs", headers={"Authorization": f"Token {LS_TOKEN}"},
+                             json={"project": bulk_pid, "prompt": PROMPT, "all": True}, timeout=30)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    wait_for(lambda: requests.get(f"{bulk_backend.url}/jobs/{job['id']}", timeout=5).json()["state"] == "running",
+             60, "the job to start")
+    answer, busy_s = ls.interactive(ml["id"], task["id"], {"result": [smart_keypoint(60, 40, (96, 32))]})
+    state = requests.get(f"{bulk_backend.url}/jobs/{job['id']}", timeout=5).json()
+    assert state["state"] == "running", state  # the click came while the job was working
+    (region,) = answer["data"]["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["cats"]
+    TIMINGS.update(click_idle_s=round(idle_s, 3), click_during_job_s=round(busy_s, 3))
+    write_artifact("bulk-timings.json", TIMINGS)
+    requests.delete(f"{bulk_backend.url}/jobs/{job['id']}", headers={"Authorization": f"Token {LS_TOKEN}"},
+                    timeout=30)
+    assert idle_answer["data"]["result"]
