@@ -13,9 +13,9 @@ PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
 # $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
 # --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README).
 define pip-install
-	@echo "make: installing requirements.txt and requirements-dev.txt into $(patsubst %/bin,%,$(1))" \
+	@echo "make: installing requirements.txt, requirements-dev.txt and requirements-ray.txt into $(patsubst %/bin,%,$(1))" \
 	  "(the first time: about 3.2 GB to download, mostly PyTorch and its CUDA libraries; 6.6 GB on disk)"
-	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) -r requirements.txt -r requirements-dev.txt
+	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) -r requirements.txt -r requirements-dev.txt -r requirements-ray.txt
 	@echo "make: installing requirements-nodeps.txt (the Grounding DINO package) with --no-deps"
 	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) --no-deps -r requirements-nodeps.txt
 endef
@@ -23,7 +23,7 @@ endef
 install: $(STAMP)
 
 # constraints.txt pins every transitive dependency at the version CI last tested.
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt requirements-ray.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(call pip-install,$(BIN),-c constraints.txt)
 	touch $(STAMP)

@@ -232,13 +232,25 @@ def annotate(args: argparse.Namespace) -> int:
     from loader import build_models
     from pipeline import Pipeline, TextQuery
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
-            pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
-    except ServiceError as e:
-        raise CommandError(str(e)) from None
+    pipeline = None
+    if not (args.ray or settings.ray_address):  # on Ray, the actors load the models
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
+                pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
+        except ServiceError as e:
+            raise CommandError(str(e)) from None
     query = TextQuery(plan.phrases, params.detection)
     stop = threading.Event()
+    ray_address = args.ray or settings.ray_address
+    executor = None
+    if ray_address:
+        from ray_executor import RayExecutor, RayOptions
+
+        options = RayOptions(ray_address, args.ray_actors, args.ray_threads, args.ray_batch_size, args.ray_in_flight)
+        try:
+            executor = RayExecutor(settings, params, connection, options)
+        except Exception as e:  # ray.init's errors: no cluster at that address, ...
+            raise CommandError(f"Ray at {ray_address!r}: {type(e).__name__}: {e}") from None
 
     def interrupted(signum, frame):
         if stop.is_set():
@@ -253,11 +265,13 @@ def annotate(args: argparse.Namespace) -> int:
     try:
         job = BulkJob(job_id, params, store, project,
                       lambda task: pipeline.predict_task(task, config, query, connection.url, connection.key),
-                      progress, stop)
+                      progress, stop, executor)
         report = job.run()
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous)
+        if executor is not None:
+            executor.__exit__(None, None, None)
     counts = report.counts
     print(f"job {job_id} {report.state} in {report.seconds:.1f} s: {counts['done']} done, {counts['failed']} failed, "
           f"{counts['skipped']} skipped", file=sys.stderr)
@@ -335,6 +349,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
     a.add_argument("--chunk-size", type=_detections, default=50, help="predictions per import (default 50)")
     a.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")
+    a.add_argument("--ray", metavar="ADDRESS", help="predict on Ray actors: 'local' (a cluster in this process), "
+                                                   "'auto' (the running cluster) or its address (default: "
+                                                   "RAY_ADDRESS; unset: in this process)")
+    a.add_argument("--ray-actors", type=_detections, help="actors (default: one per GPU of the cluster, else 2)")
+    a.add_argument("--ray-threads", type=_detections, default=1, help="torch threads of a CPU actor (default 1)")
+    a.add_argument("--ray-batch-size", type=_detections, default=4, help="tasks per actor call (default 4)")
+    a.add_argument("--ray-in-flight", type=_detections, default=2, help="batches queued per actor (default 2)")
     a.add_argument("--resume", metavar="JOB_ID", help="continue a job that was stopped or killed")
     a.add_argument("--force", action="store_true", help="with --resume: run a done or cancelled job again")
     a.add_argument("-v", "--verbose", action="store_true", help="log each chunk to stderr")

@@ -138,6 +138,8 @@ class Settings:
     # Retrieve Predictions: the tasks past the budget go to a background bulk job that imports their predictions.
     background_predictions: bool = True
     job_chunk_size: int = 50
+    # cli.py annotate runs its job on this Ray cluster when set ("auto", or an address); "": in the process.
+    ray_address: str = ""
     data_dir: str = "data"
 
     @property
@@ -215,6 +217,7 @@ class Settings:
             predict_time_budget=_number(env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0),
             background_predictions=_bool(env, "BACKGROUND_PREDICTIONS", cls.background_predictions),
             job_chunk_size=_number(env, "JOB_CHUNK_SIZE", cls.job_chunk_size, int, 1, 1000),
+            ray_address=_str(env, "RAY_ADDRESS", ""),
             data_dir=_str(env, "DATA_DIR", cls.data_dir),
         )
 

@@ -309,7 +309,7 @@ class BulkJob:
 
     def _to_predict(self, source: Iterable[dict]) -> Iterator[dict]:
         """The tasks still to predict, a page at a time: not final in this job, not skipped; none once stopped."""
-        for page in _batched(source, PAGE_SIZE):
+        for page in batched(source, PAGE_SIZE):
             known = self.store.statuses(self.job_id, [t["id"] for t in page])
             for task in page:
                 if self.stop.is_set():
@@ -360,7 +360,8 @@ class BulkJob:
                          self.store.failures(self.job_id), job["reason"])
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last may be shorter), read lazily."""
     batch = []
     for item in items:
         batch.append(item)

@@ -8,8 +8,11 @@ the small random-weight test models, and the driver's memory against a loopback 
   clicks            a smart click's latency while a job runs against an idle click (target <= 2x + one model pass)
   listing memory    peak RSS of a process paging through 10,000 and 100,000 tasks with LabelStudioProject.tasks
                     (streamed), against collecting the same listing into a list first
+  Ray               tasks per second of the same job in-process (one worker, two torch threads) and on a local Ray
+                    cluster with two single-threaded actors, and Ray's overhead per task (against the imitation)
 
-    .venv/bin/python benchmarks/bench_bulk.py [--tasks 200] [--budget 10] [--clicks 5]
+    .venv/bin/python benchmarks/bench_bulk.py [--tasks 200] [--budget 10] [--clicks 5] [--ray-tasks 40]
+                                              [--skip-label-studio] [--skip-ray]
 """
 
 from __future__ import annotations
@@ -97,13 +100,79 @@ print(int(status["VmHWM"].split()[0]) / 1024)
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def ray_figures(count: int, work: Path) -> None:
+    """In-process (2 threads) against Ray (2 actors x 1 thread) on the same `count` tasks of the imitation."""
+    import ray
+    import torch
+    from fake_label_studio import FakeLabelStudio
+    from servers import ImageServer
+    from test_labeling import GUIDE_CONFIG
+
+    from config import Settings
+    from images import ImageLoader
+    from jobs import BulkJob, JobParams, LabelStudioProject, Selection
+    from labeling import parse_label_config
+    from loader import build_models
+    from ls_client import Connection, LabelStudioClient
+    from pipeline import DetectionParams, Pipeline, TextQuery
+    from prompts import require_phrases
+    from ray_executor import RayExecutor, RayOptions
+    from store import JobStore
+
+    bert = make_text_encoder(work / "ray-bert")
+    config_path, checkpoint, _ = make_groundingdino(work / "ray-gd", text_encoder_dir=bert)
+    env = {"GROUNDINGDINO_CONFIG": str(config_path), "GROUNDINGDINO_CHECKPOINT": str(checkpoint),
+           "GROUNDINGDINO_TEXT_ENCODER": str(bert), "MOBILESAM_CHECKPOINT": str(make_mobile_sam(work / "ms.pt")),
+           "MAX_DETECTIONS": "5", "DEVICE": "cpu"}
+    settings = Settings.from_env(env)
+    files = {f"/r/{i}.png": encode(make_image(96, 32, seed=300 + i), "PNG") for i in range(count)}
+    with ImageServer(files) as images, FakeLabelStudio(GUIDE_CONFIG, {
+            i + 1: {"image": f"{images.url}/r/{i}.png"} for i in range(count)}) as ls:
+        connection = Connection(ls.url, ls.token)
+        client = LabelStudioClient(settings).sdk(connection)
+        params = JobParams(1, PROMPT, DetectionParams(0.3, 0.25, 5), Selection(), False, settings.model_version,
+                           GUIDE_CONFIG)
+        config = parse_label_config(GUIDE_CONFIG)
+        query = TextQuery(require_phrases(PROMPT, config.labels).phrases, params.detection)
+        store = JobStore(str(work / "ray-store"))
+        torch.set_num_threads(2)
+        pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
+        started = time.perf_counter()
+        local = BulkJob.create(store, params, project=LabelStudioProject(client, 1),
+                               predict=lambda t: pipeline.predict_task(t, config, query, ls.url, ls.token)).run()
+        local_s = time.perf_counter() - started
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            with RayExecutor(settings, params, connection, RayOptions(actors=2, threads=1, batch_size=2)) as ex:
+                ray.get([a.pid.remote() for a in ex.actors])  # models loaded: time the job alone
+                started = time.perf_counter()
+                job = BulkJob.create(store, params, project=LabelStudioProject(client, 1), executor=ex)
+                remote = job.run()
+                ray_s = time.perf_counter() - started
+                pipeline_s = store.seconds(job.job_id)
+        finally:
+            ray.shutdown()
+    assert local.counts["done"] == remote.counts["done"] == count
+    overhead = (ray_s * 2 - pipeline_s) / count
+    print(f"\nRay, {count} tasks of the imitation (96x32 images, tiny random models, 2 CPU cores):")
+    print(f"  in-process, 2 threads:        {count / local_s:.2f} tasks/s ({local_s:.1f} s)")
+    print(f"  Ray, 2 actors x 1 thread:     {count / ray_s:.2f} tasks/s ({ray_s:.1f} s)")
+    print(f"  Ray overhead per task:        {overhead * 1000:.0f} ms (2 x wall - the actors' pipeline seconds, "
+          f"{pipeline_s:.1f} s, per task)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--budget", type=float, default=10.0, help="PREDICT_TIME_BUDGET of both backends")
     parser.add_argument("--clicks", type=int, default=5)
-    parser.add_argument("--skip-label-studio", action="store_true", help="only the listing memory")
+    parser.add_argument("--ray-tasks", type=int, default=40)
+    parser.add_argument("--skip-label-studio", action="store_true", help="no Label Studio part")
+    parser.add_argument("--skip-ray", action="store_true", help="no Ray part")
     args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
+    if not args.skip_ray:
+        ray_figures(args.ray_tasks, work)
 
     print("listing memory (peak RSS of the listing process, MiB):")
     for count in (10_000, 100_000):
@@ -112,7 +181,6 @@ def main() -> None:
     if args.skip_label_studio:
         return
 
-    work = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     bert = make_text_encoder(work / "bert")
     files = make_groundingdino(work / "gd", text_encoder_dir=bert)
     mobile = make_mobile_sam(work / "mobile_sam.pt")

@@ -193,3 +193,26 @@ def test_a_click_is_answered_while_a_job_runs(label_studio: LabelStudio, bulk_ba
     requests.delete(f"{bulk_backend.url}/jobs/{job['id']}", headers={"Authorization": f"Token {LS_TOKEN}"},
                     timeout=30)
     assert idle_answer["data"]["result"]
+
+
+def test_cli_on_ray_gives_the_in_process_regions(label_studio: LabelStudio, pictures, cli_env):
+    """The same 6 pictures pre-annotated in-process and on a local Ray cluster of two single-threaded actors
+    (`--ray local`): the same regions, one prediction per task. (An actor killed mid-job: tests/test_ray.py.)"""
+    pytest.importorskip("ray")
+    ls = label_studio
+    one_thread = {**cli_env, "OMP_NUM_THREADS": "1"}  # as each actor: the same float reduction order
+    results = []
+    for title, extra in (("in process", []), ("on Ray", ["--ray", "local", "--ray-actors", "2"])):
+        pid, tasks = make_project(ls, pictures, f"Grounded SAM bulk {title}", count=6)
+        proc = cli(one_thread, "--project", str(pid), "--prompt", PROMPT, *extra)
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err
+        assert "6 done, 0 failed" in err, err
+        results.append([[{k: v for k, v in r.items() if k != "id"} for r in only(ours(ls, t))["result"]]
+                        for t in tasks])
+    assert results[0] == results[1]
+
+
+def only(predictions: list[dict]) -> dict:
+    assert len(predictions) == 1, predictions
+    return predictions[0]
