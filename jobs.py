@@ -557,10 +557,4 @@ class JobService:
         return self.status(job_id)
 
     def metrics(self) -> dict:
-        counts: dict[str, int] = {}
-        for job_id in self.store.jobs():
-            job = self.store.job(job_id)
-            counts[f"jobs_{job['state']}"] = counts.get(f"jobs_{job['state']}", 0) + 1
-            for status, n in self.store.counts(job_id).items():
-                counts[f"job_tasks_{status}"] = counts.get(f"job_tasks_{status}", 0) + n
-        return counts
+        return self.store.totals()

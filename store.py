@@ -165,6 +165,13 @@ class JobStore(ProjectStore):
                          "LIMIT ?", (job_id, limit))
         return [{"task": task, "kind": kind, "reason": reason} for task, kind, reason in rows]
 
+    def totals(self) -> dict[str, int]:
+        """Jobs by state and their tasks by status, over every job: jobs_<state>, job_tasks_<status>."""
+        totals = {f"jobs_{state}": n for state, n in self._run("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        totals.update({f"job_tasks_{status}": n for status, n in
+                       self._run("SELECT status, COUNT(*) FROM job_tasks GROUP BY status")})
+        return totals
+
     def claimed(self, project: str, task_ids: Iterable[int]) -> set[int]:
         """Which of these tasks a queued or running job of the project still has to predict or import."""
         ids = list(task_ids)
