@@ -5,6 +5,7 @@
 #   WEIGHTS     manifest entries of weights.py baked into /models (`python weights.py --list` names them all;
 #               empty: none)
 #   BASE_IMAGE  the base image (default: the pinned official Python image below)
+#   WITH_RAY    true: also install Ray, to run the image as a Ray head or worker (default false)
 #
 # Base: the official Python image, pinned by tag and by digest. PyTorch comes from PyPI as requirements.txt pins it
 # (torch 2.14.1, a CUDA 13.0 build whose wheels carry the CUDA libraries): the host needs only an NVIDIA driver that
@@ -25,6 +26,12 @@ WORKDIR /app
 COPY requirements.txt requirements-nodeps.txt constraints.txt ./
 RUN pip install --no-cache-dir -c constraints.txt -r requirements.txt \
     && pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt
+
+# WITH_RAY=true adds Ray (requirements-ray.txt), so the same image also serves as a Ray node for
+# `cli.py annotate --ray` (README "Many GPUs"). A layer of its own: the one above stays cached either way.
+ARG WITH_RAY=false
+COPY requirements-ray.txt ./
+RUN if [ "${WITH_RAY}" = "true" ]; then pip install --no-cache-dir -c constraints.txt -r requirements-ray.txt; fi
 
 # Model files, fetched by the project's own download tool into /models (owned by root: read-only for the service).
 # This layer depends only on weights.py and WEIGHTS (split into names), so other code changes do not download

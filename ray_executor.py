@@ -85,7 +85,7 @@ class RayExecutor:
 
         self.options = options
         # Workers import the project's modules from where the driver has them (in the Docker image: /app).
-        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "")}}
+        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
         self._started_cluster = not ray.is_initialized()
         if self._started_cluster:
             if options.address == "local":
