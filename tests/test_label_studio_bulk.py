@@ -150,23 +150,78 @@ def test_cli_only_missing_on_the_same_project(label_studio: LabelStudio, retriev
         assert len(ours(ls, task)) == 1, task
 
 
-def test_cli_job_killed_with_sigkill_resumes_without_duplicates(label_studio: LabelStudio, pictures, cli_env):
+@pytest.fixture(scope="module")
+def killed_and_resumed(label_studio: LabelStudio, pictures, cli_env):
+    """An 8-task project pre-annotated by `cli.py annotate`, killed with SIGKILL after two chunks and resumed.
+    One torch thread (OMP_NUM_THREADS=1), as each Ray actor below: its regions are the Ray test's reference."""
     ls = label_studio
+    env = {**cli_env, "OMP_NUM_THREADS": "1"}
     pid, tasks = make_project(ls, pictures, "Grounded SAM bulk kill", count=8)
-    proc = cli(cli_env, "--project", str(pid), "--prompt", PROMPT, "--chunk-size", "2")
+    proc = cli(env, "--project", str(pid), "--prompt", PROMPT, "--chunk-size", "2")
     wait_for(lambda: sum(len(ours(ls, t)) for t in tasks) >= 4 or proc.poll() is not None, 600, "two chunks")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
     before = sum(len(ours(ls, t)) for t in tasks)
-    assert 4 <= before < 7
     job_id = subprocess.run([sys.executable, "-c", "import sys; from store import JobStore; "
                              f"print(JobStore({cli_env['DATA_DIR']!r}).jobs()[0])"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60).stdout.strip()
-    resumed = cli(cli_env, "--resume", job_id)
+    resumed = cli(env, "--resume", job_id)
     _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert [len(ours(ls, t)) for t in tasks] == [1] * 8, err
+    return tasks, proc.returncode, before, resumed.returncode, err
+
+
+def test_cli_job_killed_with_sigkill_resumes_without_duplicates(label_studio: LabelStudio, killed_and_resumed):
+    tasks, killed_rc, before, resumed_rc, err = killed_and_resumed
+    assert killed_rc == -signal.SIGKILL and 4 <= before < 7
+    assert resumed_rc == 0, err
+    assert [len(ours(label_studio, t)) for t in tasks] == [1] * 8, err
+
+
+def test_ray_actors_give_the_in_process_regions_and_survive_a_killed_actor(
+        label_studio: LabelStudio, pictures, killed_and_resumed, groundingdino_files, mobile_sam_checkpoint,
+        tmp_path):
+    """The same 8 pictures on a local Ray cluster of two single-threaded actors, one of them killed once the
+    first chunk is in: the regions of the in-process job above, bit for bit, and one prediction per task.
+    (`cli.py annotate --ray local` itself: tests/test_ray.py.)"""
+    ray = pytest.importorskip("ray")
+    import threading
+
+    from config import Settings
+    from jobs import BulkJob, JobParams, LabelStudioProject, Selection
+    from ls_client import Connection, LabelStudioClient
+    from pipeline import DetectionParams
+    from ray_executor import RayExecutor, RayOptions
+    from store import JobStore
+
+    ls = label_studio
+    in_process = [regions_of(only(ours(ls, t))) for t in killed_and_resumed[0]]
+    rpid, rtasks = make_project(ls, pictures, "Grounded SAM bulk on Ray", count=8)
+    settings = Settings.from_env(service_env(groundingdino_files, mobile_sam_checkpoint))
+    connection = Connection(ls.url, LS_TOKEN)
+    client = LabelStudioClient(settings).sdk(connection)
+    params = JobParams(rpid, PROMPT, DetectionParams(settings.box_threshold, settings.text_threshold,
+                                                     settings.max_detections), Selection(), False,
+                       settings.model_version, client.projects.get(id=rpid).label_config, chunk_size=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with RayExecutor(settings, params, connection, RayOptions(actors=2, threads=1, batch_size=1)) as ex:
+            first = ray.get(ex.actors[0].pid.remote())
+            killed = []
+
+            def kill_one():
+                while sum(len(ours(ls, t)) for t in rtasks) < 2:
+                    time.sleep(0.2)
+                ray.kill(ex.actors[0], no_restart=False)
+                killed.append(True)
+
+            threading.Thread(target=kill_one, daemon=True).start()
+            report = BulkJob.create(JobStore(str(tmp_path)), params, project=LabelStudioProject(client, rpid),
+                                    executor=ex).run()
+            assert killed and ray.get(ex.actors[0].pid.remote()) != first  # restarted in a new process
+    finally:
+        ray.shutdown()
+    assert report.state == "done" and report.counts["done"] == 8, report
+    assert [regions_of(only(ours(ls, t))) for t in rtasks] == in_process
 
 
 def test_a_click_is_answered_while_a_job_runs(label_studio: LabelStudio, bulk_backend, pictures):
@@ -195,22 +250,8 @@ def test_a_click_is_answered_while_a_job_runs(label_studio: LabelStudio, bulk_ba
     assert idle_answer["data"]["result"]
 
 
-def test_cli_on_ray_gives_the_in_process_regions(label_studio: LabelStudio, pictures, cli_env):
-    """The same 6 pictures pre-annotated in-process and on a local Ray cluster of two single-threaded actors
-    (`--ray local`): the same regions, one prediction per task. (An actor killed mid-job: tests/test_ray.py.)"""
-    pytest.importorskip("ray")
-    ls = label_studio
-    one_thread = {**cli_env, "OMP_NUM_THREADS": "1"}  # as each actor: the same float reduction order
-    results = []
-    for title, extra in (("in process", []), ("on Ray", ["--ray", "local", "--ray-actors", "2"])):
-        pid, tasks = make_project(ls, pictures, f"Grounded SAM bulk {title}", count=6)
-        proc = cli(one_thread, "--project", str(pid), "--prompt", PROMPT, *extra)
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err
-        assert "6 done, 0 failed" in err, err
-        results.append([[{k: v for k, v in r.items() if k != "id"} for r in only(ours(ls, t))["result"]]
-                        for t in tasks])
-    assert results[0] == results[1]
+def regions_of(prediction: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "id"} for r in prediction["result"]]
 
 
 def only(predictions: list[dict]) -> dict:
