@@ -15,11 +15,11 @@ from flask import Flask
 from api import create_app
 from config import ServerSettings, Settings
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner, JobService, LabelStudioProject
+from jobs import Foreground, JobParams, JobRunner, JobService
 from labeling import parse_label_config
 from loader import ModelLoader
 from logs import configure_logging
-from ls_client import Connection, normalise_base
+from ls_client import Connection, LabelStudioProject, normalise_base
 from model import GroundedSAM
 from pipeline import Pipeline, TextQuery
 from prompts import require_phrases

@@ -182,8 +182,8 @@ class _Progress:
 
 
 def annotate(args: argparse.Namespace) -> int:
-    from jobs import BulkJob, JobParams, LabelStudioProject, Selection, parse_task_ranges
-    from ls_client import Connection, LabelStudioClient, normalise_base
+    from jobs import BulkJob, JobParams, parse_task_ranges
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
     from store import JobStore
 
     try:

@@ -1,5 +1,6 @@
-"""The connection to Label Studio: which URL and key to use, the Authorization header a key needs, and
-label_studio_sdk's REST client for it.
+"""The connection to Label Studio: which URL and key to use, the Authorization header a key needs,
+label_studio_sdk's REST client for it, and a project's calls the bulk job makes (`LabelStudioProject`: paged task
+listing, the bulk prediction import, predictions by task), retried with backoff.
 
 Label Studio accepts two kinds of key: a legacy token (``Authorization: Token <key>``) and JWTs. A personal
 access token (PAT) is a JWT *refresh* token that must first be exchanged for a short-lived access JWT
@@ -21,12 +22,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from config import Settings
-from errors import LabelStudioError
+from errors import LabelStudioError, LabelStudioNotFound, LabelStudioRefused, LabelStudioUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ ACCESS_TOKEN_DEFAULT_TTL_S = 300.0
 # Distinct connections (Label Studio URL, key) whose clients and access tokens are kept; more means keys keep
 # changing.
 CLIENT_CACHE_SIZE = 8
+PAGE_SIZE = 100  # tasks per page listed from Label Studio
+ID_QUERY_SIZE = 500  # task ids per listing query for an explicit selection
 KEY_HINT = (
     "set LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) to a Label Studio legacy token or personal access "
     "token of a user who can see the project, and LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) to the URL the backend "
@@ -238,3 +242,133 @@ def _api_detail(error: Exception, prefix: str = "") -> str:
 def _short(error: Exception) -> str:
     text = str(error)
     return text if len(text) <= 300 else text[:300] + "..."
+
+
+# --------------------------------------------------------------------------- a project's tasks and predictions
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tasks of the project: these ids, a Data Manager view, or (neither) all of them."""
+
+    task_ids: tuple[int, ...] = ()
+    view: int | None = None
+
+    def describe(self) -> str:
+        if self.task_ids:
+            return f"{len(self.task_ids)} selected task(s)"
+        return f"view {self.view}" if self.view is not None else "all tasks"
+
+
+def has_prediction(task: dict, model_version: str) -> bool:
+    """Whether a task, as Label Studio lists it, holds a prediction of `model_version`."""
+    for prediction in task.get("predictions") or ():
+        if isinstance(prediction, dict) and prediction.get("model_version") == model_version:
+            return True
+    versions = task.get("predictions_model_versions")
+    if isinstance(versions, str):
+        versions = [v.strip() for v in versions.split(",")]
+    return model_version in (versions or ())
+
+
+class LabelStudioProject:
+    """The bulk job's calls to one Label Studio project, on label_studio_sdk's client, each retried with backoff
+    when Label Studio is unreachable or answers 5xx."""
+
+    def __init__(self, client, project: int, retries: int = 5, backoff: float = 1.0):
+        self.client, self.project, self.retries, self.backoff = client, project, retries, backoff
+
+    def _call(self, what: str, call: Callable):
+        from label_studio_sdk.core.api_error import ApiError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except ApiError as e:
+                status = e.status_code or 0
+                if status in (401, 403):
+                    raise LabelStudioRefused(f"Label Studio refused the key ({what}: HTTP {status}): use a legacy "
+                                             "token or personal access token of a user of the project") from None
+                if status == 404:
+                    raise LabelStudioNotFound(f"{what}: Label Studio answered 404 (no such project or view for "
+                                              "this key)") from None
+                if status < 500:
+                    raise LabelStudioError(f"{what}: Label Studio answered HTTP {status}: {str(e.body)[:300]}"
+                                           ) from None
+                problem = f"HTTP {status}"
+            except OSError as e:  # httpx's transport errors are OSErrors underneath, and the SDK lets them out
+                problem = f"{type(e).__name__}: {e}"
+            except Exception as e:
+                if type(e).__module__.split(".")[0] != "httpx":
+                    raise
+                problem = f"{type(e).__name__}: {e}"
+            if attempt == self.retries:
+                raise LabelStudioUnavailable(f"{what}: Label Studio unavailable after {self.retries + 1} attempts "
+                                             f"({problem})")
+            delay = min(self.backoff * 2**attempt, 60)
+            logger.warning("%s: %s; retrying in %.0f s", what, problem, delay)
+            time.sleep(delay)
+
+    def label_config(self) -> str:
+        return self._call(f"project {self.project}", lambda: self.client.projects.get(id=self.project)).label_config
+
+    def tasks(self, selection: Selection) -> Iterator[dict]:
+        """The selected tasks as Label Studio lists them (data and predictions), a page at a time."""
+        if selection.task_ids:
+            ids = list(selection.task_ids)
+            for start in range(0, len(ids), ID_QUERY_SIZE):
+                query = json.dumps({"selectedItems": {"all": False, "included": ids[start:start + ID_QUERY_SIZE]}})
+                yield from self._pages(query=query)
+        else:
+            yield from self._pages(view=selection.view)
+
+    def _pages(self, **filters) -> Iterator[dict]:
+        def page(number: int):
+            return self.client.tasks.list(project=self.project, page=number, page_size=PAGE_SIZE, fields="all",
+                                          **{k: v for k, v in filters.items() if v is not None})
+
+        number = 1
+        while True:
+            try:
+                pager = self._call(f"project {self.project}: tasks page {number}", lambda n=number: page(n))
+            except LabelStudioNotFound:
+                if number == 1:
+                    raise
+                return  # Label Studio answers 404 for the page after the last
+            items = list(pager.items or ())
+            for task in items:
+                yield task.dict() if hasattr(task, "dict") else dict(task)
+            if len(items) < PAGE_SIZE:
+                return
+            number += 1
+
+    def total(self, selection: Selection) -> int | None:
+        """How many tasks the selection holds (Label Studio's count for a view or the project)."""
+        if selection.task_ids:
+            return len(selection.task_ids)
+        pager = self._call(f"project {self.project}: task count", lambda: self.client.tasks.list(
+            project=self.project, page=1, page_size=1, fields="task_only",
+            **({"view": selection.view} if selection.view is not None else {})))
+        return getattr(pager.response, "total", None)
+
+    def predicted(self, task_ids: Iterable[int], model_version: str, since: float) -> set[int]:
+        """Which tasks hold a prediction of `model_version` created at or after `since` (unix time)."""
+        found = set()
+        for task_id in task_ids:
+            predictions = self._call(f"predictions of task {task_id}",
+                                     lambda t=task_id: self.client.predictions.list(task=t))
+            for p in predictions:
+                created = getattr(p, "created_at", None)
+                stamp = created.timestamp() if isinstance(created, datetime) else 0.0
+                if p.model_version == model_version and stamp >= since - 1.0:
+                    found.add(task_id)
+        return found
+
+    def import_predictions(self, predictions: list[dict]) -> int:
+        """predictions: {"task", "result", "score", "model_version"} each; returns how many Label Studio created."""
+        from label_studio_sdk import PredictionRequest
+
+        request = [PredictionRequest(**p) for p in predictions]
+        answer = self._call(f"project {self.project}: import of {len(predictions)} prediction(s)",
+                            lambda: self.client.projects.import_predictions(id=self.project, request=request))
+        return int(getattr(answer, "created", len(predictions)) or 0)

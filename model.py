@@ -15,7 +15,8 @@ from functools import cached_property
 from config import Settings
 from errors import InteractiveError, LabelConfigError, ParamsError
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner, Selection
+from jobs import Foreground, JobParams, JobRunner
+from ls_client import Selection
 from labeling import LabelingConfig, parse_label_config
 from loader import ModelLoader
 from mlbase import LabelStudioMLBase

@@ -6,8 +6,8 @@ the small random-weight test models, and the driver's memory against a loopback 
                     holds a prediction: how many clicks and how long, against ONE click plus the background job,
                     both under the same PREDICT_TIME_BUDGET
   clicks            a smart click's latency while a job runs against an idle click (target <= 2x + one model pass)
-  listing memory    peak RSS of a process paging through 10,000 and 100,000 tasks with LabelStudioProject.tasks
-                    (streamed), against collecting the same listing into a list first
+  listing memory    peak RSS of a process paging through 10,000 and 100,000 tasks (LabelStudioProject.tasks,
+                    streamed), against collecting the same listing into a list first
   Ray               tasks per second of the same job in-process (one worker, two torch threads) and on a local Ray
                     cluster with two single-threaded actors, and Ray's overhead per task (against the imitation)
 
@@ -79,8 +79,7 @@ import sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from fake_label_studio import FakeLabelStudio
 from config import Settings
-from jobs import LabelStudioProject, Selection
-from ls_client import Connection, LabelStudioClient
+from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
 def source(page, size):
     first = (page - 1) * size + 1
     return [{{"id": i, "data": {{"image": f"/data/upload/1/{{i:08d}}-picture.png", "caption": "x" * 200}},
@@ -110,10 +109,10 @@ def ray_figures(count: int, work: Path) -> None:
 
     from config import Settings
     from images import ImageLoader
-    from jobs import BulkJob, JobParams, LabelStudioProject, Selection
+    from jobs import BulkJob, JobParams
     from labeling import parse_label_config
     from loader import build_models
-    from ls_client import Connection, LabelStudioClient
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
     from pipeline import DetectionParams, Pipeline, TextQuery
     from prompts import require_phrases
     from ray_executor import RayExecutor, RayOptions

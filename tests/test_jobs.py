@@ -13,16 +13,8 @@ from test_labeling import GUIDE_CONFIG
 
 from config import Settings
 from errors import LabelStudioNotFound, LabelStudioRefused, ParamsError
-from jobs import (
-    BulkJob,
-    Foreground,
-    JobParams,
-    LabelStudioProject,
-    Selection,
-    job_status,
-    parse_task_ranges,
-)
-from ls_client import Connection, LabelStudioClient
+from jobs import BulkJob, Foreground, JobParams, job_status, parse_task_ranges
+from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
 from pipeline import DetectionParams, TaskFailure, TaskOutcome
 from store import JobStore
 

@@ -187,8 +187,8 @@ def test_ray_actors_give_the_in_process_regions_and_survive_a_killed_actor(
     import threading
 
     from config import Settings
-    from jobs import BulkJob, JobParams, LabelStudioProject, Selection
-    from ls_client import Connection, LabelStudioClient
+    from jobs import BulkJob, JobParams
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
     from pipeline import DetectionParams
     from ray_executor import RayExecutor, RayOptions
     from store import JobStore
