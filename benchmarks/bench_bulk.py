@@ -47,6 +47,8 @@ from model_factory import make_groundingdino, make_image, make_mobile_sam, make_
 from test_e2e_gunicorn import encode  # noqa: E402
 from test_label_studio import SMART_CONFIG, smart_keypoint  # noqa: E402
 
+from logs import silence_third_party_warnings  # noqa: E402
+
 PROMPT = "round thing_cats. box_house"
 
 
@@ -169,14 +171,14 @@ def main() -> None:
     parser.add_argument("--skip-label-studio", action="store_true", help="no Label Studio part")
     parser.add_argument("--skip-ray", action="store_true", help="no Ray part")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
-    if not args.skip_ray:
-        ray_figures(args.ray_tasks, work)
-
+    silence_third_party_warnings()
     print("listing memory (peak RSS of the listing process, MiB):")
     for count in (10_000, 100_000):
         streamed, collected = listing_rss(count, False), listing_rss(count, True)
         print(f"  {count:>7,} tasks: streamed {streamed:7.1f}   collected first {collected:7.1f}")
+    work = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
+    if not args.skip_ray:
+        ray_figures(args.ray_tasks, work)
     if args.skip_label_studio:
         return
 
