@@ -39,7 +39,7 @@ import pytest
 import requests
 from label_studio_sdk.converter import brush
 from model_factory import make_image
-from test_e2e_gunicorn import encode, free_port
+from test_e2e_gunicorn import assert_cats_regions, encode, free_port
 
 pytestmark = pytest.mark.docker
 
@@ -524,21 +524,7 @@ def test_2_setup_and_predict_a_text_prompt(stack):
         "tasks": tasks, "project": "1.1700000000", "label_config": config,
         "params": {"login": None, "password": None, "context": context}})
     assert response.status_code == 200, response.text
-    results = response.json()["results"]
-    assert len(results) == 2
-    for result, (width, height) in zip(results, [(320, 40), (240, 40)], strict=True):
-        regions = result["result"]
-        rects = [r for r in regions if r["type"] == "rectanglelabels"]
-        brushes = [r for r in regions if r["type"] == "brushlabels"]
-        assert 1 <= len(rects) <= 5 and 1 <= len(brushes) <= len(rects), regions
-        assert all(r["value"]["rectanglelabels"] == ["cats"] and r["from_name"] == "label" for r in rects)
-        assert all(r["value"]["brushlabels"] == ["cats"] and r["from_name"] == "label2" for r in brushes)
-        for region in brushes:
-            assert (region["original_width"], region["original_height"]) == (width, height)
-            decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
-            assert decoded.size == width * height * 4
-            assert decoded.reshape(height, width, 4)[:, :, 3].any()
-        assert result["model_version"] == MODEL_VERSION
+    assert_cats_regions(response.json()["results"], [(320, 40), (240, 40)], MODEL_VERSION)
 
 
 def test_3_runs_as_uid_1000_and_writes_only_data_and_local_models(stack):

@@ -34,6 +34,26 @@ def encode(image: np.ndarray, fmt: str, orientation: int | None = None) -> bytes
     return out.getvalue()
 
 
+def assert_cats_regions(results: list[dict], sizes: list[tuple[int, int]],
+                        model_version: str = "groundingdino_tiny+mobile_sam") -> None:
+    """One prediction per image of `sizes` ((width, height) each): 1-5 boxes and as many masks or fewer, all labeled
+    `cats` by the README config's controls, each mask's RLE decoding at its image's size and not empty."""
+    assert len(results) == len(sizes)
+    for result, (width, height) in zip(results, sizes, strict=True):
+        regions = result["result"]
+        rects = [r for r in regions if r["type"] == "rectanglelabels"]
+        brushes = [r for r in regions if r["type"] == "brushlabels"]
+        assert 1 <= len(rects) <= 5 and 1 <= len(brushes) <= len(rects), regions
+        assert all(r["value"]["rectanglelabels"] == ["cats"] and r["from_name"] == "label" for r in rects)
+        assert all(r["value"]["brushlabels"] == ["cats"] and r["from_name"] == "label2" for r in brushes)
+        for region in brushes:
+            assert (region["original_width"], region["original_height"]) == (width, height)
+            decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
+            assert decoded.size == width * height * 4
+            assert decoded.reshape(height, width, 4)[:, :, 3].any()
+        assert result["model_version"] == model_version
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,20 +177,6 @@ def test_text_prompt_gives_labeled_boxes_and_masks_while_health_answers(service)
 
     response = answer["r"]
     assert response.status_code == 200, response.text
-    results = response.json()["results"]
-    assert len(results) == 2
-    for result, (width, height) in zip(results, [(320, 40), (240, 40)], strict=True):
-        regions = result["result"]
-        rects = [r for r in regions if r["type"] == "rectanglelabels"]
-        brushes = [r for r in regions if r["type"] == "brushlabels"]
-        assert 1 <= len(rects) <= 5 and 1 <= len(brushes) <= len(rects)
-        assert all(r["value"]["rectanglelabels"] == ["cats"] and r["from_name"] == "label" for r in rects)
-        assert all(r["value"]["brushlabels"] == ["cats"] and r["from_name"] == "label2" for r in brushes)
-        for region in brushes:
-            assert (region["original_width"], region["original_height"]) == (width, height)
-            decoded = np.asarray(brush.decode_rle(region["value"]["rle"]))
-            assert decoded.size == width * height * 4
-            assert decoded.reshape(height, width, 4)[:, :, 3].any()
-        assert result["model_version"] == "groundingdino_tiny+mobile_sam"
+    assert_cats_regions(response.json()["results"], [(320, 40), (240, 40)])
     log.seek(0)
     assert "e2e-token" not in log.read()
