@@ -186,6 +186,7 @@ def main() -> None:
     files = make_groundingdino(work / "gd", text_encoder_dir=bert)
     mobile = make_mobile_sam(work / "mobile_sam.pt")
     pictures = StaticServer({f"/bulk/{i}.png": encode(make_image(96, 32, seed=i), "PNG") for i in range(args.tasks)})
+    (work / "ls").mkdir()
     ls = start_label_studio(work / "ls")
     budget = {"PREDICT_TIME_BUDGET": str(args.budget)}
     sync = start_backend("bench-sync", files, mobile, ls.url, LS_TOKEN, work / "sync", BACKGROUND_PREDICTIONS="false",
