@@ -395,10 +395,11 @@ def image_id(engine: Engine, image: str) -> str:
 @pytest.fixture(scope="module")
 def backend_image(request, engine, base_image, mirror) -> str:
     """`docker compose build` of the backend with WEIGHTS="" (README: the same build a user runs, here on the
-    stand-in base and the host network)."""
+    stand-in base and the host network), and WITH_RAY=true (so it is also a Ray node)."""
     started = time.perf_counter()
     with mirror:
-        result = compose(engine, "build", env=compose_env(GS_TEST_BASE_IMAGE=base_image, WEIGHTS=""), timeout=2400)
+        result = compose(engine, "build", env=compose_env(GS_TEST_BASE_IMAGE=base_image, WEIGHTS="", WITH_RAY="true"),
+                         timeout=2400)
     timings["backend_build_s"] = time.perf_counter() - started
     prune(engine)
     timings["backend_image_bytes"] = image_size(engine, BACKEND_IMAGE)
@@ -481,7 +482,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(request, engine, backend_image, base_image, test_files):
     env = compose_env(GS_TEST_BASE_IMAGE=base_image, GS_TEST_PORT=str(free_port()), GS_TEST_FILES=str(test_files),
-                      WEIGHTS="")
+                      WEIGHTS="", WITH_RAY="true")
     stack = Stack(engine, env, int(env["GS_TEST_PORT"]))
     started = time.perf_counter()
     stack.compose("up", "-d")
@@ -500,6 +501,12 @@ def test_empty_weights_bakes_in_no_model_file(engine, backend_image):
     files = run(["docker", "run", "--rm", "--network", "none", backend_image, "find", "/models"],
                 env=engine.env).stdout.split()
     assert files == ["/models", "/models/local"]
+
+
+def test_with_ray_the_image_is_a_ray_node(engine, backend_image):
+    """WITH_RAY=true: the `ray` command of README "Many GPUs" (ray start --head / --address) is in the image."""
+    done = run(["docker", "run", "--rm", "--network", "none", backend_image, "ray", "--version"], env=engine.env)
+    assert "2.60.0" in done.stdout
 
 
 def test_1_healthcheck_turns_healthy_and_models_are_ready(request, stack):
@@ -651,7 +658,7 @@ def test_with_label_studio_profile_answers_a_text_prompt_through_label_studio(
     # of that instance (here the first user's legacy token, set through the stand-in's environment).
     env = compose_env(GS_TEST_BASE_IMAGE=base_image, GS_TEST_PORT=str(free_port()), GS_TEST_FILES=str(test_files),
                       GS_TEST_LS_PORT=str(free_port()), GS_TEST_LS_USER=LS_USER, GS_TEST_LS_PASSWORD=LS_PASSWORD,
-                      GS_TEST_LS_TOKEN=LS_TOKEN, WEIGHTS="", LABEL_STUDIO_URL="http://label-studio:8080",
+                      GS_TEST_LS_TOKEN=LS_TOKEN, WEIGHTS="", WITH_RAY="true", LABEL_STUDIO_URL="http://label-studio:8080",
                       LABEL_STUDIO_API_KEY=LS_TOKEN, ML_TIMEOUT_PREDICT="300")
     stack = Stack(engine, env, int(env["GS_TEST_PORT"]))
     ls = LabelStudioAPI(f"http://127.0.0.1:{env['GS_TEST_LS_PORT']}")

@@ -329,3 +329,26 @@ def test_without_a_key_retrieve_predictions_behaves_as_before(tmp_path, caplog):
     assert results[0]["result"] and results[1:] == [[], []]
     assert "no Label Studio URL and key" in caplog.text
     assert app.test_client().get("/jobs").json["jobs"] == []
+
+
+def test_with_basic_auth_jobs_need_it_and_the_key_comes_in_its_own_header(tmp_path):
+    import base64
+
+    from fakes import FakeLoader
+
+    from _wsgi import create_backend_app
+
+    with FakeLabelStudio(GUIDE_CONFIG, {1: {"image": "x"}}) as ls:
+        app = create_backend_app({"DATA_DIR": str(tmp_path), "LABEL_STUDIO_URL": ls.url, "BASIC_AUTH_USER": "ml",
+                                  "BASIC_AUTH_PASS": "secret"}, loader=FakeLoader())
+        client = app.test_client()
+        body = {"project": 1, "prompt": "cats", "all": True}
+        basic = {"Authorization": "Basic " + base64.b64encode(b"ml:secret").decode()}
+        assert client.post("/jobs", json=body, headers={"Authorization": f"Token {ls.token}"}).status_code == 401
+        assert client.get("/jobs").status_code == 401
+        no_key = client.post("/jobs", json=body, headers=basic)
+        assert no_key.status_code == 401 and "X-Label-Studio-Key" in no_key.json["error"]
+        ok = client.post("/jobs", json=body, headers={**basic, "X-Label-Studio-Key": ls.token})
+        assert ok.status_code == 201, ok.json
+        assert client.delete(f"/jobs/{ok.json['id']}", headers={**basic, "X-Label-Studio-Key": ls.token}
+                             ).status_code == 200
