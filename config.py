@@ -120,6 +120,17 @@ class Settings:
     max_detections: int = 50
     nms_iou: float = 0.7
     polygon_tolerance: float = 1.0
+    # Mask clean-up (masks.py): holes / islands under this many image pixels filled / dropped; smoothing radius
+    mask_min_area: int = 100
+    mask_smooth: int = 0
+    # Segment everything (everything.py): SamAutomaticMaskGenerator's main arguments, and the label overlap
+    everything_points_per_side: int = 32
+    everything_points_per_batch: int = 64
+    everything_pred_iou_thresh: float = 0.88
+    everything_stability_score_thresh: float = 0.95
+    everything_box_nms_thresh: float = 0.7
+    everything_crop_n_layers: int = 0
+    everything_min_overlap: float = 0.5
     # None: prompt with the config's label names; "": no prediction without a prompt.
     default_prompt: str | None = None
     # Label Studio access (for /data/upload/... task images)
@@ -204,6 +215,22 @@ class Settings:
             max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),
             nms_iou=_number(env, "NMS_IOU", cls.nms_iou, float, 0.0, 1.0),
             polygon_tolerance=_number(env, "POLYGON_TOLERANCE", cls.polygon_tolerance, float, 0.0, 1000.0),
+            mask_min_area=_number(env, "MASK_MIN_AREA", cls.mask_min_area, int, 0, 10**8),
+            mask_smooth=_number(env, "MASK_SMOOTH", cls.mask_smooth, int, 0, 100),
+            everything_points_per_side=_number(env, "EVERYTHING_POINTS_PER_SIDE", cls.everything_points_per_side,
+                                               int, 1, 256),
+            everything_points_per_batch=_number(env, "EVERYTHING_POINTS_PER_BATCH", cls.everything_points_per_batch,
+                                                int, 1, 4096),
+            everything_pred_iou_thresh=_number(env, "EVERYTHING_PRED_IOU_THRESH", cls.everything_pred_iou_thresh,
+                                               float, 0.0, 1.0),
+            everything_stability_score_thresh=_number(env, "EVERYTHING_STABILITY_SCORE_THRESH",
+                                                      cls.everything_stability_score_thresh, float, 0.0, 1.0),
+            everything_box_nms_thresh=_number(env, "EVERYTHING_BOX_NMS_THRESH", cls.everything_box_nms_thresh,
+                                              float, 0.0, 1.0),
+            everything_crop_n_layers=_number(env, "EVERYTHING_CROP_N_LAYERS", cls.everything_crop_n_layers,
+                                             int, 0, 4),
+            everything_min_overlap=_number(env, "EVERYTHING_MIN_OVERLAP", cls.everything_min_overlap,
+                                           float, 0.0, 1.0),
             default_prompt=env.get("DEFAULT_PROMPT"),
             label_studio_url=_str(env, "LABEL_STUDIO_URL", _str(env, "LABEL_STUDIO_HOST", "")).rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY", _str(env, "LABEL_STUDIO_ACCESS_TOKEN", "")),

@@ -14,13 +14,15 @@ from functools import cached_property
 
 from config import Settings
 from errors import InteractiveError, LabelConfigError, ParamsError
+from everything import EverythingParams, everything_params
 from images import ImageLoader
 from jobs import Foreground, JobParams, JobRunner
-from ls_client import Selection
 from labeling import LabelingConfig, parse_label_config
 from loader import ModelLoader
+from ls_client import Selection
+from masks import CleanupParams, cleanup_params
 from mlbase import LabelStudioMLBase
-from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery, detection_params
+from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery, detection_params, everything_defaults
 from prompts import match_label, require_phrases
 from regions import prediction
 from store import JobStore
@@ -34,11 +36,15 @@ class ProjectParams:
 
     prompt: str | None
     detection: DetectionParams
+    cleanup: CleanupParams | None = None
+    everything: EverythingParams | None = None
 
 
 def project_params(extra: dict, settings: Settings) -> ProjectParams:
-    """Validate a project's extra params ({"prompt", "box_threshold", "text_threshold", "max_detections"})."""
-    allowed = {"prompt", "box_threshold", "text_threshold", "max_detections"}
+    """Validate a project's extra params ({"prompt", "box_threshold", "text_threshold", "max_detections",
+    "mask_min_area", "mask_smooth", "everything": {SamAutomaticMaskGenerator arguments}})."""
+    allowed = {"prompt", "box_threshold", "text_threshold", "max_detections", "mask_min_area", "mask_smooth",
+               "everything"}
     unknown = sorted(set(extra) - allowed)
     if unknown:
         raise ParamsError(f"extra_params: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -46,7 +52,9 @@ def project_params(extra: dict, settings: Settings) -> ProjectParams:
     prompt = extra.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ParamsError(f"extra_params.prompt must be a string, got {type(prompt).__name__}")
-    return ProjectParams(prompt, detection_params(extra, settings, "extra_params."))
+    return ProjectParams(prompt, detection_params(extra, settings, "extra_params."),
+                         cleanup_params(extra, settings.mask_min_area, settings.mask_smooth, "extra_params."),
+                         everything_params(extra.get("everything"), everything_defaults(settings)))
 
 
 def _context_regions(context: dict | None) -> list:
@@ -182,7 +190,7 @@ class GroundedSAM(LabelStudioMLBase):
             if label is None:
                 raise InteractiveError(f"clicked label {clicks.label!r} has no BrushLabels or PolygonLabels label of "
                                        f"the same name (their labels: {', '.join(config.mask_labels) or 'none'})")
-            return replace(clicks, label=label)
+            return replace(clicks, label=label, cleanup=self.params.cleanup)
         regions = _context_regions(context)
         if regions and context_prompt(context, config) is None:
             # An interactive request with nothing usable must not silently become a text detection of the default.
@@ -197,7 +205,7 @@ class GroundedSAM(LabelStudioMLBase):
         plan = require_phrases(prompt, config.labels, config.predicted_values)
         for phrase, reason in plan.skipped:
             logger.warning("prompt phrase %r ignored: %s", phrase, reason)
-        return TextQuery(plan.phrases, self.params.detection)
+        return TextQuery(plan.phrases, self.params.detection, self.params.cleanup, self.params.everything)
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
         """One entry per task: its prediction (empty when its image can't be used), or [] (no prediction in this
@@ -216,7 +224,9 @@ class GroundedSAM(LabelStudioMLBase):
         if claimed:
             logger.info("%d task(s) are queued in a bulk job already: no prediction for them in this answer",
                         len(claimed))
-        pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version)
+        deadline = time.monotonic() + budget - (time.perf_counter() - self._started) if (
+            budget := self.settings.predict_time_budget) else None
+        pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version, deadline=deadline)
         pipeline.check(query)
         hostname, token = self.get("hostname"), self.get("access_token")  # /setup's, read once a request
         results: list[dict | list] = []

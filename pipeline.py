@@ -4,6 +4,8 @@
       image  (H, W, 3) uint8 RGB, displayed orientation   <- Pipeline.load_image (task URL, cached)
       boxes  dino.GroundingDino.detect                    -> Detections (xyxy image pixels, scores, labels)
       masks  sam_wrapper.Segmenter                        -> Detections.masks (N, H, W) bool
+             (or everything.segment_everything for a `*` phrase: SAM's automatic masks)
+      clean  masks.clean_mask, each mask as it is read    -> holes filled, islands dropped, smoothed
       JSON   regions.build_regions                        -> RectangleLabels / BrushLabels / PolygonLabels
 
 `Pipeline.detect` does one image (array + identity -> Detections); `Pipeline.predict_task` does one Label Studio
@@ -25,11 +27,13 @@ import numpy as np
 from cache import image_digest
 from config import Settings
 from detections import Detections
-from errors import InteractiveError, ParamsError
+from errors import InteractiveError, ParamsError, PromptError
+from everything import EverythingParams, segment_everything
 from images import ImageError, ImageLoader
 from labeling import LabelingConfig
 from loader import Models
-from prompts import Phrase
+from masks import CleanupParams, ConcatMasks, clean_mask, cleaned, mask_box
+from prompts import EVERYTHING, Phrase
 from regions import build_regions, prediction
 
 logger = logging.getLogger(__name__)
@@ -63,12 +67,31 @@ def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> D
     )
 
 
+def cleanup_defaults(settings: Settings) -> CleanupParams:
+    """The mask clean-up of the environment: MASK_MIN_AREA, MASK_SMOOTH."""
+    return CleanupParams(settings.mask_min_area, settings.mask_smooth)
+
+
+def everything_defaults(settings: Settings) -> EverythingParams:
+    """Segment everything's parameters from the environment (EVERYTHING_*), SamAutomaticMaskGenerator's for
+    the rest."""
+    return EverythingParams(
+        points_per_side=settings.everything_points_per_side, points_per_batch=settings.everything_points_per_batch,
+        pred_iou_thresh=settings.everything_pred_iou_thresh,
+        stability_score_thresh=settings.everything_stability_score_thresh,
+        box_nms_thresh=settings.everything_box_nms_thresh, crop_n_layers=settings.everything_crop_n_layers)
+
+
 @dataclass(frozen=True)
 class TextQuery:
-    """Detect each phrase; its regions carry the phrase's label."""
+    """Detect each phrase; its regions carry the phrase's label. A phrase of text prompts.EVERYTHING ("*") asks
+    for SAM's automatic masks: all labeled with its label, or (label "") each with the label of the detected box
+    of the other phrases it overlaps most. cleanup, everything: the project's (None: the environment's)."""
 
     phrases: tuple[Phrase, ...]
     params: DetectionParams
+    cleanup: CleanupParams | None = None
+    everything: EverythingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,7 @@ class ClickQuery:
     point_labels: tuple[int, ...]  # 1 = positive click, 0 = negative (Alt-click)
     box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 of a smart rectangle
     label: str  # the label the mask carries: a brush or polygon label of the config
+    cleanup: CleanupParams | None = None  # the project's mask clean-up (None: the environment's)
 
 
 Query = TextQuery | ClickQuery
@@ -108,11 +132,13 @@ class Pipeline:
     instance may serve every thread (the models serialise themselves)."""
 
     def __init__(self, models: Models, settings: Settings, images: ImageLoader, model_version: str | None = None,
-                 before_model_pass: Callable[[], None] | None = None):
-        """before_model_pass: called before each model pass (a background job waits there for labelers)."""
+                 before_model_pass: Callable[[], None] | None = None, deadline: float | None = None):
+        """before_model_pass: called before each model pass (a background job waits there for labelers).
+        deadline: a time.monotonic() past which segment everything starts no further batch of points."""
         self.models, self.settings, self.images = models, settings, images
         self.model_version = model_version or settings.model_version
         self._turn = before_model_pass or (lambda: None)
+        self.deadline = deadline
 
     def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None
                    ) -> tuple[np.ndarray, str]:
@@ -130,18 +156,58 @@ class Pipeline:
         """One image: (H, W, 3) uint8 RGB and its identity (cache.image_digest) -> Detections in its pixels.
 
         A text query runs Grounding DINO, then (when `wants_masks` and a segmenter is loaded) SAM on every box in
-        one decoder call; a click query runs SAM alone, its box being the mask's bounding box."""
+        one decoder call; a click query runs SAM alone, its box being the mask's bounding box. A `*` phrase adds
+        SAM's automatic masks (TextQuery). Every mask is cleaned (masks.clean_mask) as it is read."""
         if isinstance(query, ClickQuery):
             return self._clicked(image, image_id, query)
         p = query.params
-        self._turn()
-        detections = self.models.detector.detect(image, query.phrases, p.box_threshold, p.text_threshold,
-                                                 p.max_detections, self.settings.nms_iou, image_id=image_id)
-        if self.models.segmenter is not None and wants_masks and len(detections):
+        star = next((ph for ph in query.phrases if ph.text == EVERYTHING), None)
+        phrases = tuple(ph for ph in query.phrases if ph.text != EVERYTHING)
+        segmenter = self.models.segmenter if wants_masks else None
+        detections = Detections.empty()
+        if phrases:
             self._turn()
-            masks, _ = self.models.segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
-            detections = detections.with_masks(masks)
-        return detections
+            detections = self.models.detector.detect(image, phrases, p.box_threshold, p.text_threshold,
+                                                     p.max_detections, self.settings.nms_iou, image_id=image_id)
+        if star is None or segmenter is None:
+            if segmenter is not None and len(detections):
+                self._turn()
+                masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+                detections = detections.with_masks(cleaned(masks, self._cleanup(query)))
+            return detections
+        found = segment_everything(segmenter, image, query.everything or everything_defaults(self.settings),
+                                   image_id, self._turn, self.deadline)
+        if star.label:  # `*_label`: every mask; the other phrases' boxes get their own masks as usual
+            everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks)
+            if len(detections):
+                self._turn()
+                masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+                masks = ConcatMasks([masks, found.masks])
+                everything = Detections(np.concatenate([detections.xyxy, found.boxes]),
+                                        np.concatenate([detections.scores, found.predicted_iou]),
+                                        detections.labels + everything.labels, masks)
+        else:  # bare `*`: each mask takes the label of the box it overlaps most; the boxes themselves only label
+            labels, keep = self._box_labels(found.boxes, detections)
+            everything = Detections(found.boxes[keep], found.predicted_iou[keep], labels,
+                                    found.masks.select(keep))
+        return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
+
+    def _box_labels(self, boxes: np.ndarray, detections: Detections) -> tuple[list[str], np.ndarray]:
+        """Each of `boxes` (N, 4) xyxy image pixels -> the label of the detection whose box it overlaps most,
+        by box IoU, when that is at least EVERYTHING_MIN_OVERLAP. Returns (labels, kept indices (K,))."""
+        if not len(boxes) or not len(detections):
+            return [], np.zeros(0, np.int64)
+        a, b = boxes[:, None, :], detections.xyxy[None, :, :]
+        inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+                 * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
+        area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+        iou = inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+        best = iou.argmax(axis=1)
+        keep = np.flatnonzero(iou[np.arange(len(boxes)), best] >= self.settings.everything_min_overlap)
+        return [detections.labels[best[i]] for i in keep], keep
+
+    def _cleanup(self, query: Query) -> CleanupParams:
+        return query.cleanup or cleanup_defaults(self.settings)
 
     def _clicked(self, image: np.ndarray, image_id: str, query: ClickQuery) -> Detections:
         height, width = image.shape[:2]
@@ -151,9 +217,8 @@ class Pipeline:
         self._turn()
         mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
                                                            box, image_id=image_id)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        xyxy = [[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]] if len(rows) else [[0, 0, 0, 0]]
-        return Detections(np.array(xyxy, np.float32), [score], [query.label], mask[None])
+        mask = clean_mask(mask, self._cleanup(query))  # the box follows the cleaned mask
+        return Detections(np.array([mask_box(mask)], np.float32), [score], [query.label], mask[None])
 
     def regions(self, detections: Detections, config: LabelingConfig, query: Query, width: int, height: int
                 ) -> list[dict]:
@@ -173,6 +238,9 @@ class Pipeline:
         """Raise InteractiveError when the loaded models can't answer `query` (clicks need a segmenter)."""
         if isinstance(query, ClickQuery) and self.models.segmenter is None:
             raise InteractiveError("clicks need a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true")
+        if (isinstance(query, TextQuery) and self.models.segmenter is None
+                and any(p.text == EVERYTHING for p in query.phrases)):
+            raise PromptError("'*' (segment everything) needs a segmenter: set USE_MOBILE_SAM=true or USE_SAM=true")
 
     def predict_task(self, task: dict, config: LabelingConfig, query: Query, hostname: str | None = None,
                      access_token: str | None = None) -> TaskOutcome:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from errors import PromptError
 
 _SEPARATORS = re.compile(r"[.,;\n\r]+")
+# The phrase text of "segment everything" (SAM's automatic masks): `*_label` labels every mask `label`; a bare `*`
+# next to other phrases gives each mask the label of the detected box it overlaps most (pipeline.py).
+EVERYTHING = "*"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ def require_phrases(prompt: str, labels: Sequence[str],
     if not plan.phrases:
         reasons = "; ".join(f"{p!r}: {why}" for p, why in plan.skipped) or "it has no phrase"
         raise PromptError(f"prompt {prompt!r} gives nothing to detect: {reasons}")
+    if [(p.text, p.label) for p in plan.phrases] == [(EVERYTHING, "")]:
+        raise PromptError(f"prompt {prompt!r}: a bare '*' takes its labels from the boxes of other phrases "
+                          "('* . cat . house'); alone, write '*_<label>'")
     return plan
 
 
@@ -127,6 +133,8 @@ def prompt_labels(prompt: str) -> tuple[str, ...]:
     underscore of a `phrase_label` phrase, else the phrase itself ('brown cat_cats. house' -> cats, house)."""
     labels = []
     for raw in split_prompt(prompt):
+        if raw.strip() == EVERYTHING:
+            continue  # names no label
         text, _, label = raw.partition("_")
         name = " ".join((label if label.strip() and text.strip() else raw.replace("_", " ")).split())
         if name:
@@ -136,6 +144,8 @@ def prompt_labels(prompt: str) -> tuple[str, ...]:
 
 def _parse_phrase(raw: str, labels: Sequence[str], predicted_values: Mapping[str, Sequence[str]]) -> Phrase | str:
     """A Phrase, or the reason (str) why `raw` yields none."""
+    if raw.strip().startswith(EVERYTHING):
+        return _everything_phrase(raw, labels, predicted_values)
     whole = _normalise(raw)
     if not whole:
         return "it is empty"
@@ -162,3 +172,16 @@ def _parse_phrase(raw: str, labels: Sequence[str], predicted_values: Mapping[str
         f"it names no label of the labeling config (labels: {', '.join(labels) or 'none'}); "
         f"write it as '{whole}_<label>'"
     )
+
+
+def _everything_phrase(raw: str, labels: Sequence[str], predicted_values: Mapping[str, Sequence[str]]) -> Phrase | str:
+    """`*` -> Phrase("*", "") (labels from the detected boxes); `*_label` -> Phrase("*", label); else a reason."""
+    rest = raw.strip()[len(EVERYTHING):].strip()
+    if not rest:
+        return Phrase(EVERYTHING, "")
+    if not rest.startswith("_") or not _normalise(rest[1:]):
+        return f"segment everything is written '*' or '*_<label>', got {raw.strip()!r}"
+    label = _label_named(_normalise(rest[1:]), labels, predicted_values)
+    if label is None:
+        return f"label {rest[1:].strip()!r} is not in the labeling config (labels: {', '.join(labels) or 'none'})"
+    return Phrase(EVERYTHING, label)

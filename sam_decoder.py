@@ -87,6 +87,29 @@ class PromptDecoder:
         Returns low-resolution mask logits (B, C, 256, 256) and predicted IoUs (B, C), C = 3 if
         multimask else 1, as MaskDecoder.forward.
         """
+        hs, keys = self._transformer(image, sparse)
+        keep = slice(1, None) if multimask else slice(0, 1)
+        return self._masks(image, hs, keys)[:, keep], self.model.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, keep]
+
+    @torch.no_grad()
+    def decode_above(self, image: DecoderInput, sparse: torch.Tensor, multimask: bool,
+                     iou_thresh: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decode, but the masks only of the prompts with a predicted IoU above `iou_thresh` (the IoUs need the
+        transformer alone; the upscaling convolutions and the mask products are skipped for the others).
+
+        Returns IoUs (B, C) of every prompt, the indices (K,) of the prompts with masks, and their logits
+        (K, C, 256, 256), each the same as decode's."""
+        hs, keys = self._transformer(image, sparse)
+        out = slice(1, None) if multimask else slice(0, 1)
+        iou = self.model.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, out]
+        selected = torch.nonzero((iou > iou_thresh).any(dim=1)).flatten()
+        if len(selected) == len(iou):
+            return iou, selected, self._masks(image, hs, keys)[:, out]
+        return iou, selected, self._masks(image, hs[selected], keys[selected])[:, out]
+
+    def _transformer(self, image: DecoderInput, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer: (B, P, 256) prompt embeddings -> output tokens hs (B, T, 256) and image
+        tokens (B, 4096, 256)."""
         decoder = self.model.mask_decoder
         transformer = decoder.transformer
         batch = sparse.shape[0]
@@ -99,18 +122,19 @@ class PromptDecoder:
         for layer in transformer.layers[1:]:
             queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=image_pe)
         attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + image_pe, v=keys)
-        hs = transformer.norm_final_attn(queries + attn_out)
+        return transformer.norm_final_attn(queries + attn_out), keys
 
+    def _masks(self, image: DecoderInput, hs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Output tokens (B, T, 256) and image tokens (B, 4096, 256) -> every mask token's logits (B, 4, 256, 256)."""
+        decoder = self.model.mask_decoder
+        batch = hs.shape[0]
         _, c, h, w = image.src.shape
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(batch, c, h, w))
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(batch, c, h, w))
         mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
                                dim=1)
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        iou = decoder.iou_prediction_head(hs[:, 0, :])
-        keep = slice(1, None) if multimask else slice(0, 1)
-        return masks[:, keep], iou[:, keep]
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
 
     def _first_layer(self, image: DecoderInput, tokens: torch.Tensor,
                      keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

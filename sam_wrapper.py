@@ -161,6 +161,23 @@ class Segmenter:
             sparse, _ = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
             return self.decoder.decode(embedding.decoder_input, sparse, multimask)
 
+    @torch.no_grad()
+    def decode_input_points(self, embedding: ImageEmbedding, coords: torch.Tensor, labels: torch.Tensor,
+                            multimask: bool = True, iou_thresh: float = float("-inf")
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Point prompts already in the input frame, as SamPredictor.predict_torch takes them: coords (B, P, 2)
+        (any float dtype: the prompt encoder gets them as they are), labels (B, P). Returns the predicted IoUs
+        (B, C) of every prompt, the indices (K,) of the prompts with an IoU above `iou_thresh`, and their logits
+        (K, C, 256, 256), as `decode` gives them (sam_decoder.PromptDecoder.decode_above; everything.py)."""
+        with self._lock:
+            sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            return self.decoder.decode_above(embedding.decoder_input, sparse, multimask, iou_thresh)
+
+    @torch.no_grad()
+    def upscale_logits(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
+        """(B, 256, 256) mask logits -> (B, H, W) float logits in image pixels (Sam.postprocess_masks)."""
+        return self.model.postprocess_masks(low_res[:, None], embedding.input_size, embedding.original_size)[:, 0]
+
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> UpscaledMasks:
         """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""
         return UpscaledMasks(low_res, embedding, self.model)

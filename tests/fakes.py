@@ -67,3 +67,19 @@ class FakeLoader:
 
     def get(self, timeout=None):
         return self.models
+
+
+class LoadedModels:
+    """A loader that already holds `models` (real ones, from loader.build_models): the app serves them as is."""
+
+    def __init__(self, models: Models, model_version: str):
+        self.models, self.model_version = models, model_version
+
+    def start(self):
+        pass
+
+    def state(self):
+        return {}
+
+    def get(self, timeout=None):
+        return self.models

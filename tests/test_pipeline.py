@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import LoadedModels
 from label_studio_sdk.converter import brush
 from model_factory import make_image, service_env
 from servers import ImageServer
@@ -99,20 +100,10 @@ def test_a_task_is_predicted_as_through_the_http_layer(pipeline, models, env, se
     for region in (r for r in regions if r["type"] == "brushlabels"):
         assert len(brush.decode_rle(region["value"]["rle"])) == 96 * 64 * 4
 
-    class Loaded:  # the same loaded models behind the service's app
-        model_version = Settings.from_env(env).model_version
-
-        def start(self):
-            pass
-
-        def state(self):
-            return {}
-
-        def get(self, timeout=None):
-            return models
-
+    # The same loaded models behind the service's app.
     app = create_backend_app({**env, "DATA_DIR": str(tmp_path), "LABEL_STUDIO_URL": server.url,
-                              "LABEL_STUDIO_API_KEY": "pipe-token"}, loader=Loaded())
+                              "LABEL_STUDIO_API_KEY": "pipe-token"},
+                             loader=LoadedModels(models, Settings.from_env(env).model_version))
     context = {"result": [{"from_name": "prompt", "type": "textarea",
                            "value": {"text": ["shape_cats. round thing_house"]}}]}
     answer = app.test_client().post("/predict", json={"tasks": [task], "label_config": GUIDE_CONFIG,

@@ -1,0 +1,296 @@
+"""Segment everything: SAM's automatic mask generation on our Segmenter.
+
+The steps and their order are segment_anything's `SamAutomaticMaskGenerator.generate` (MobileSAM's is the same
+code), so on the same model, image and parameters the masks are the same, in the same order
+(tests/test_everything.py): a grid of `points_per_side`**2 single-point prompts per crop (crop layer 0 is the
+whole image; `crop_n_layers` adds 4, 16, ... overlapping crops), three masks per point, the predicted-IoU filter,
+the stability-score filter, masks touching a crop's inner edge dropped, box NMS within a crop, then between crops.
+
+What differs is where the work goes:
+- the image embedding comes from the segmenter's shared cache (a click or a text prompt on the image encoded it
+  already, or a later one reuses it), and the points go through the segmenter's prepared mask decoder
+  (sam_decoder.PromptDecoder: the image-only part of the first layer is done once per image, not per point), in
+  batches of `points_per_batch`, under the segmenter's lock; no second copy of the model exists;
+- the predicted IoUs need only the decoder's transformer: the points none of whose three masks passes the IoU
+  filter skip the decoder's upscaling convolutions and mask products, and only masks that pass it are upscaled
+  to the image, a few at a time, for the stability score and the box;
+- no RLE round trip: a kept mask stays as its 256x256 logits and is upscaled again, bit-identically, when the
+  region builder reads it (`EverythingMasks`), so memory holds low-resolution logits, not full-size masks.
+
+`min_mask_region_area` is not a parameter here: masks.clean_mask (MASK_MIN_AREA) does the same clean-up to every
+mask of every mode.
+
+Frames: points and boxes are in pixels of the image ((H, W), displayed orientation); a crop's own masks are in its
+pixels and are padded into the image's frame when read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+)
+from torchvision.ops.boxes import batched_nms, box_area
+
+from errors import ParamsError
+
+logger = logging.getLogger(__name__)
+
+# Upscale about this many float32 logit pixels at once (as sam_wrapper does for box masks).
+_UPSCALE_CHUNK_PIXELS = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class EverythingParams:
+    """SamAutomaticMaskGenerator's arguments, with its names and its defaults (but min_mask_region_area, which is
+    masks.py's MASK_MIN_AREA here, and point_grids / output_mode)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+
+
+# key -> (kind, lowest, highest)
+_RANGES = {
+    "points_per_side": (int, 1, 256),
+    "points_per_batch": (int, 1, 4096),
+    "pred_iou_thresh": (float, 0.0, 1.0),
+    "stability_score_thresh": (float, 0.0, 1.0),
+    "stability_score_offset": (float, 0.0, 100.0),
+    "box_nms_thresh": (float, 0.0, 1.0),
+    "crop_n_layers": (int, 0, 4),
+    "crop_nms_thresh": (float, 0.0, 1.0),
+    "crop_overlap_ratio": (float, 0.0, 0.99),
+    "crop_n_points_downscale_factor": (int, 1, 16),
+}
+
+
+def everything_params(values, defaults: EverythingParams, prefix: str = "extra_params.everything.") -> EverythingParams:
+    """EverythingParams from `values` (a mapping of SamAutomaticMaskGenerator argument names, each optional) over
+    `defaults`. ParamsError names the key (after `prefix`) and what it must be."""
+    if values is None:
+        return defaults
+    if not isinstance(values, Mapping):
+        raise ParamsError(f"{prefix.rstrip('.')} must be an object of SamAutomaticMaskGenerator arguments, got "
+                          f"{type(values).__name__}")
+    if "min_mask_region_area" in values:
+        raise ParamsError(f"{prefix}min_mask_region_area is not used here: set extra_params.mask_min_area (the "
+                          "clean-up every mask gets, the same holes-and-islands step)")
+    unknown = sorted(set(values) - set(_RANGES))
+    if unknown:
+        raise ParamsError(f"{prefix.rstrip('.')}: unknown key(s) {unknown}; allowed: {sorted(_RANGES)}")
+    out = {}
+    for field in fields(EverythingParams):
+        value = values.get(field.name, getattr(defaults, field.name))
+        kind, lo, hi = _RANGES[field.name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ParamsError(f"{prefix}{field.name} must be a number between {lo:g} and {hi:g}, got {value!r}")
+        if kind is int and value != int(value):
+            raise ParamsError(f"{prefix}{field.name} must be a whole number, got {value!r}")
+        out[field.name] = kind(value)
+    return EverythingParams(**out)
+
+
+class EverythingMasks:
+    """N masks (H, W) bool in image pixels, upscaled from their 256x256 logits when read (bit for bit what
+    Sam.postprocess_masks gives, padded from their crop into the image). Read in order, one crop's run of masks
+    a few at a time; np.asarray() gives the whole (N, H, W) array."""
+
+    def __init__(self, low_res: list[torch.Tensor], crops: list[int], embeddings: list, crop_boxes: list,
+                 segmenter, size: tuple[int, int]):
+        self.low_res, self.crops, self.embeddings, self.crop_boxes = low_res, crops, embeddings, crop_boxes
+        self.segmenter, self.size = segmenter, size
+        self.shape, self.ndim, self.dtype = (len(low_res), *size), 3, np.dtype(bool)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return next(self._read(index, index + 1))
+
+    def __iter__(self):
+        return self._read(0, len(self))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, bool)
+        for i, mask in enumerate(self):
+            out[i] = mask
+        return out if dtype is None else out.astype(dtype)
+
+    def select(self, indices) -> EverythingMasks:
+        """The masks at `indices` (K,), in that order, still lazy."""
+        indices = [int(i) for i in indices]
+        return EverythingMasks([self.low_res[i] for i in indices], [self.crops[i] for i in indices],
+                               self.embeddings, self.crop_boxes, self.segmenter, self.size)
+
+    def _read(self, start: int, stop: int):
+        height, width = self.size
+        step = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
+        i = start
+        while i < stop:
+            crop = self.crops[i]
+            j = i
+            while j < stop and j - i < step and self.crops[j] == crop:
+                j += 1
+            embedding = self.embeddings[crop]
+            logits = self.segmenter.upscale_logits(torch.stack(self.low_res[i:j]), embedding)
+            masks = (logits > self.segmenter.model.mask_threshold).cpu().numpy()
+            x0, y0, x1, y1 = self.crop_boxes[crop]
+            for mask in masks:
+                if (x0, y0, x1, y1) == (0, 0, width, height):
+                    yield mask
+                else:
+                    full = np.zeros(self.size, bool)
+                    full[y0:y1, x0:x1] = mask
+                    yield full
+            i = j
+
+
+@dataclass(frozen=True)
+class Everything:
+    """What segment everything found, best first (SamAutomaticMaskGenerator.generate's order).
+
+    masks: (N, H, W) bool, lazy (EverythingMasks). boxes: (N, 4) float32 x0, y0, x1, y1 image pixels, the
+    mask's bounding box with x1 / y1 exclusive (SamAutomaticMaskGenerator's "bbox" has them inclusive).
+    predicted_iou, stability_score: (N,) float32. points: (N, 2) float64 x, y image pixels of each mask's point.
+    crop_boxes: (N, 4) int x0, y0, x1, y1 of the crop each mask came from. complete: False when a deadline cut
+    the point grid short (the masks are those of the points done).
+    """
+
+    masks: EverythingMasks
+    boxes: np.ndarray
+    predicted_iou: np.ndarray
+    stability_score: np.ndarray
+    points: np.ndarray
+    crop_boxes: np.ndarray
+    complete: bool = True
+
+
+def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, image_id: str | None = None,
+                       before_batch: Callable[[], None] | None = None, deadline: float | None = None) -> Everything:
+    """Every mask SAM finds in `image` ((H, W, 3) uint8 RGB) with SamAutomaticMaskGenerator's algorithm.
+
+    segmenter: a sam_wrapper.Segmenter (its cache serves the embedding when `image_id` is given).
+    before_batch: called before each model pass (a bulk job yields to labelers there). deadline: a
+    time.monotonic() after which no further batch starts (the answer then holds the masks found so far).
+    """
+    height, width = image.shape[:2]
+    crop_boxes, layer_idxs = generate_crop_boxes((height, width), params.crop_n_layers, params.crop_overlap_ratio)
+    grids = build_all_layer_point_grids(params.points_per_side, params.crop_n_layers,
+                                        params.crop_n_points_downscale_factor)
+    turn = before_batch or (lambda: None)
+    embeddings, low_res, crops = [], [], []
+    per_crop_boxes, ious, stabilities, points_out, crop_of = [], [], [], [], []
+    complete = True
+    for crop_box, layer in zip(crop_boxes, layer_idxs, strict=True):
+        x0, y0, x1, y1 = crop_box
+        whole = crop_box == [0, 0, width, height]
+        crop_image = image if whole else image[y0:y1, x0:x1, :]
+        crop_id = image_id if whole or image_id is None else f"{image_id}:crop{x0},{y0},{x1},{y1}"
+        if deadline is not None and time.monotonic() > deadline:
+            complete = False
+            break
+        turn()
+        embedding = segmenter.embedding_for(crop_image, crop_id)
+        embeddings.append(embedding)
+        crop_size = crop_image.shape[:2]
+        grid = grids[layer] * np.array(crop_size)[None, ::-1]
+        found = []  # per batch: (low_res (K, 256, 256), iou (K,), stability (K,), boxes (K, 4), points (K, 2))
+        for start in range(0, len(grid), params.points_per_batch):
+            if deadline is not None and time.monotonic() > deadline:
+                complete = False
+                break
+            turn()
+            found.append(_batch(segmenter, embedding, grid[start:start + params.points_per_batch], params,
+                                crop_box, (height, width)))
+        if not found:
+            continue
+        batch_low_res = [m for f in found for m in f[0]]
+        boxes = torch.cat([f[3] for f in found])
+        iou = torch.cat([f[1] for f in found])
+        keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), iou_threshold=params.box_nms_thresh)
+        offset = torch.tensor([[x0, y0, x0, y0]])
+        for k in keep.tolist():
+            low_res.append(batch_low_res[k])
+            crops.append(len(embeddings) - 1)
+            crop_of.append(crop_box)
+        per_crop_boxes.append(boxes[keep] + offset)
+        ious.append(iou[keep])
+        stabilities.append(torch.cat([f[2] for f in found])[keep])
+        points_out.append(np.concatenate([f[4] for f in found])[keep.numpy()] + [x0, y0])
+        if not complete:
+            break
+    if not complete:
+        logger.warning("segment everything: the deadline (PREDICT_TIME_BUDGET) cut the point grid short; the "
+                       "answer holds the masks found so far")
+    boxes = torch.cat(per_crop_boxes) if per_crop_boxes else torch.zeros((0, 4))
+    iou = torch.cat(ious) if ious else torch.zeros(0)
+    stability = torch.cat(stabilities) if stabilities else torch.zeros(0)
+    points = np.concatenate(points_out) if points_out else np.zeros((0, 2))
+    crop_array = torch.tensor(crop_of, dtype=torch.int64).reshape(-1, 4)
+    if len(crop_boxes) > 1 and len(boxes):
+        # Between crops, prefer the masks of smaller crops (SamAutomaticMaskGenerator._generate_masks).
+        keep = batched_nms(boxes.float(), 1 / box_area(crop_array), torch.zeros(len(boxes)),
+                           iou_threshold=params.crop_nms_thresh)
+        order = keep.tolist()
+        low_res, crops = [low_res[k] for k in order], [crops[k] for k in order]
+        boxes, iou, stability = boxes[keep], iou[keep], stability[keep]
+        points, crop_array = points[keep.numpy()], crop_array[keep]
+    masks = EverythingMasks(low_res, crops, embeddings, crop_boxes[:len(embeddings)], segmenter, (height, width))
+    exclusive = boxes.numpy().astype(np.float32) + np.array([0, 0, 1, 1], np.float32)
+    return Everything(masks, exclusive.reshape(-1, 4), iou.numpy().astype(np.float32),
+                      stability.numpy().astype(np.float32), points.reshape(-1, 2), crop_array.numpy(), complete)
+
+
+def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, crop_box: list[int],
+           size: tuple[int, int]):
+    """One batch of grid points (K, 2) in crop pixels -> what passes the IoU, stability and crop-edge filters:
+    (low_res list of (256, 256) logits, iou (M,), stability (M,), boxes (M, 4) crop pixels inclusive, points (M, 2)),
+    in SamAutomaticMaskGenerator._process_batch's order (point by point, its three masks in turn)."""
+    height, width = size
+    # The points reach the prompt encoder as SamPredictor.predict_torch gets them from the generator: float64.
+    coords = torch.as_tensor(segmenter.transform.apply_coords(points, embedding.original_size),
+                             device=segmenter.device)
+    labels = torch.ones(coords.shape[0], dtype=torch.int, device=segmenter.device)
+    # Only the points with a mask above the IoU threshold get their masks computed (the IoUs need no upscaling).
+    iou_thresh = params.pred_iou_thresh if params.pred_iou_thresh > 0.0 else float("-inf")
+    iou, selected, logits = segmenter.decode_input_points(embedding, coords[:, None, :], labels[:, None],
+                                                          multimask=True, iou_thresh=iou_thresh)
+    iou, logits = iou[selected].flatten(0, 1), logits.flatten(0, 1)
+    point_of = points[selected.cpu().numpy()].repeat(3, axis=0)
+    keep = iou > iou_thresh
+    logits, iou, point_of = logits[keep], iou[keep], point_of[keep.cpu().numpy()]
+    crop_h, crop_w = embedding.original_size
+    step = max(1, _UPSCALE_CHUNK_PIXELS // (crop_h * crop_w))
+    stability, boxes = [], []
+    for start in range(0, len(logits), step):
+        full = segmenter.upscale_logits(logits[start:start + step], embedding)
+        stability.append(calculate_stability_score(full, segmenter.model.mask_threshold,
+                                                   params.stability_score_offset))
+        boxes.append(batched_mask_to_box(full > segmenter.model.mask_threshold))
+        del full
+    stability = torch.cat(stability) if stability else torch.zeros(0)
+    boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4), dtype=torch.int64)
+    keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0.0 else \
+        torch.ones(len(stability), dtype=torch.bool)
+    keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
+    kept = keep.cpu()
+    return ([m.clone() for m in logits[keep]], iou[keep].cpu(), stability[keep].cpu(), boxes[keep].cpu(),
+            point_of[kept.numpy()])
