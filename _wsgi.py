@@ -16,13 +16,11 @@ from api import create_app
 from config import ServerSettings, Settings
 from images import ImageLoader
 from jobs import Foreground, JobParams, JobRunner, JobService
-from labeling import parse_label_config
 from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject, normalise_base
 from model import GroundedSAM
-from pipeline import Pipeline, TextQuery
-from prompts import require_phrases
+from pipeline import Pipeline
 from store import JobStore
 
 
@@ -40,9 +38,7 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
 
     def predictor_for(params: JobParams, connection: Connection):
         """How this worker predicts a bulk job's tasks: the loaded models, after every labeler's request."""
-        config = parse_label_config(params.label_config)
-        plan = require_phrases(params.prompt, config.labels, config.predicted_values)
-        query = TextQuery(plan.phrases, params.detection)
+        config, query = params.query()
         pipelines: list[Pipeline] = []
 
         def predict(task: dict):

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -213,16 +214,13 @@ def annotate(args: argparse.Namespace) -> int:
             params = JobParams(args.project, args.prompt, _detection_params(args, settings), selection,
                                args.only_missing, settings.model_version, "", args.chunk_size)
         project = LabelStudioProject(client, params.project)
-        label_config = params.label_config or project.label_config()
-        config = parse_label_config(label_config)
-        plan = require_phrases(params.prompt, config.labels, config.predicted_values)
+        if not params.label_config:
+            params = replace(params, label_config=project.label_config())
+        config, query = params.query()
         total = project.total(params.selection)
     except ServiceError as e:
         raise CommandError(str(e)) from None
     if not args.resume:
-        from dataclasses import replace
-
-        params = replace(params, label_config=label_config)
         job_id = BulkJob.create(store, params, project=project, predict=None).job_id
     print(f"job {job_id}: project {params.project}, {params.selection.describe()}"
           f"{f' ({total} tasks)' if total is not None else ''}, prompt {params.prompt!r}, model {params.model_version}",
@@ -230,7 +228,7 @@ def annotate(args: argparse.Namespace) -> int:
 
     from images import ImageLoader
     from loader import build_models
-    from pipeline import Pipeline, TextQuery
+    from pipeline import Pipeline
 
     pipeline = None
     if not (args.ray or settings.ray_address):  # on Ray, the actors load the models
@@ -239,7 +237,6 @@ def annotate(args: argparse.Namespace) -> int:
                 pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
         except ServiceError as e:
             raise CommandError(str(e)) from None
-    query = TextQuery(plan.phrases, params.detection)
     stop = threading.Event()
     ray_address = args.ray or settings.ray_address
     executor = None

@@ -30,8 +30,12 @@ from errors import (
     NotFound,
     ParamsError,
 )
+from everything import EverythingParams
+from labeling import LabelingConfig, parse_label_config
 from ls_client import PAGE_SIZE, LabelStudioProject, Selection, has_prediction
-from pipeline import DetectionParams, TaskOutcome, detection_params
+from masks import CleanupParams
+from pipeline import DetectionParams, TaskOutcome, TextQuery, detection_params
+from prompts import require_phrases
 from store import FINAL, JobStore
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ class JobParams:
     model_version: str = ""
     label_config: str = ""  # the project's, read from Label Studio when the job is created
     chunk_size: int = 50
+    cleanup: CleanupParams | None = None  # the project's mask clean-up (None: the environment's)
+    everything: EverythingParams | None = None  # the project's segment-everything parameters (None: ditto)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -75,7 +81,16 @@ class JobParams:
         data["detection"] = DetectionParams(**data["detection"])
         selection = data.get("selection") or {}
         data["selection"] = Selection(tuple(selection.get("task_ids") or ()), selection.get("view"))
+        data["cleanup"] = CleanupParams(**data["cleanup"]) if data.get("cleanup") else None
+        data["everything"] = EverythingParams(**data["everything"]) if data.get("everything") else None
         return cls(**data)
+
+    def query(self) -> tuple[LabelingConfig, TextQuery]:
+        """The labeling config and the pipeline query the job predicts each task with (PromptError, LabelConfigError
+        when they can't be served)."""
+        config = parse_label_config(self.label_config)
+        plan = require_phrases(self.prompt, config.labels, config.predicted_values)
+        return config, TextQuery(plan.phrases, self.detection, self.cleanup, self.everything)
 
 
 class Foreground:
@@ -342,9 +357,6 @@ class JobService:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
         "text_threshold", "max_detections", "label_studio_url"}. Checks the project and the key with Label Studio
         before anything is queued."""
-        from labeling import parse_label_config
-        from prompts import require_phrases
-
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, int) or project < 1:
             raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")

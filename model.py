@@ -271,7 +271,7 @@ class GroundedSAM(LabelStudioMLBase):
         ids = _task_ids(tasks)
         params = JobParams(int(self.project_id), self.prompt or "", query.params, Selection(task_ids=tuple(ids)),
                            model_version=self.model_version, label_config=self.label_config or self.get("label_config"),
-                           chunk_size=self.settings.job_chunk_size)
+                           chunk_size=self.settings.job_chunk_size, cleanup=query.cleanup, everything=query.everything)
         return self.jobs.submit(params, connection, queued=ids, tasks=tasks)
 
 

@@ -55,18 +55,14 @@ class _Predictor:
         import torch
 
         from images import ImageLoader
-        from labeling import parse_label_config
         from loader import build_models
-        from pipeline import Pipeline, TextQuery
-        from prompts import require_phrases
+        from pipeline import Pipeline
 
         if settings.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(threads)
         with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
             self.pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
-        self.config = parse_label_config(params.label_config)
-        plan = require_phrases(params.prompt, self.config.labels, self.config.predicted_values)
-        self.query = TextQuery(plan.phrases, params.detection)
+        self.config, self.query = params.query()
         self.connection = connection
 
     def predict(self, tasks: list[dict]) -> list[TaskOutcome]:

@@ -4,6 +4,7 @@ is down, the jobs routes. The real Label Studio runs these paths in tests/test_l
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -352,3 +353,16 @@ def test_with_basic_auth_jobs_need_it_and_the_key_comes_in_its_own_header(tmp_pa
         assert ok.status_code == 201, ok.json
         assert client.delete(f"/jobs/{ok.json['id']}", headers={**basic, "X-Label-Studio-Key": ls.token}
                              ).status_code == 200
+
+
+def test_job_params_keep_the_projects_cleanup_and_everything_across_a_resume():
+    from everything import EverythingParams
+    from masks import CleanupParams
+
+    p = params(cleanup=CleanupParams(min_area=40, smooth=2), everything=EverythingParams(points_per_side=8),
+               prompt="*_cats")
+    again = JobParams.from_json(json.loads(json.dumps(p.to_json())))
+    assert again == p
+    config, query = again.query()
+    assert query.cleanup == CleanupParams(40, 2) and query.everything.points_per_side == 8
+    assert [ph.label for ph in query.phrases] == ["cats"]
