@@ -15,7 +15,8 @@ class Detections:
     scores: (N,) float32 in [0, 1], the detector's confidence.
     labels: N config label names (the label each region will carry).
     masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size. An array,
-            or a lazy sequence with the same len/shape/dtype (sam_wrapper.UpscaledMasks).
+            or a lazy sequence with the same len/shape/dtype (sam_wrapper.UpscaledMasks,
+            everything.EverythingMasks, masks.CleanedMasks / ConcatMasks): read them in order.
     """
 
     xyxy: np.ndarray
