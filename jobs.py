@@ -144,6 +144,12 @@ class BulkJob:
         self.executor = executor or (lambda tasks: ((task, predict(task)) for task in tasks))
         self.progress = progress or (lambda counts: None)
         self.stop = stop or threading.Event()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """End after the task in flight and its chunk's import, for good (a stop, by contrast, is resumed)."""
+        self.cancelled = True
+        self.stop.set()
 
     @classmethod
     def create(cls, store: JobStore, params: JobParams, queued: Iterable[int] = (), **kwargs) -> BulkJob:
@@ -184,8 +190,9 @@ class BulkJob:
         except BaseException as e:
             store.set_state(self.job_id, "failed" if isinstance(e, Exception) else "paused", f"{type(e).__name__}: {e}")
             raise
-        # Stopped (Ctrl-C, a cancel): resumable; JobRunner.cancel makes a cancelled job final.
-        store.set_state(self.job_id, "stopped" if self.stop.is_set() else "done")
+        # Stopped (Ctrl-C): resumable; cancelled (DELETE /jobs/{id}): final.
+        state = "done" if not self.stop.is_set() else "cancelled" if self.cancelled else "stopped"
+        store.set_state(self.job_id, state)
         self.progress(store.counts(self.job_id))
         return self.report(time.perf_counter() - started)
 
@@ -290,8 +297,6 @@ class JobRunner:
         self._current: BulkJob | None = None
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cancelled: set[str] = set()
-        self.finished = {"done": 0, "cancelled": 0, "paused": 0, "failed": 0}
 
     def submit(self, params: JobParams, connection, queued: Iterable[int] = (), tasks: list | None = None) -> str:
         """A new job; runs after those already queued. tasks: the task dicts when the caller has them."""
@@ -314,8 +319,7 @@ class JobRunner:
                     self.store.set_state(job_id, "cancelled")
                     return True
             if self._current is not None and self._current.job_id == job_id:
-                self._cancelled.add(job_id)
-                self._current.stop.set()
+                self._current.cancel()
                 return True
         return False
 
@@ -330,13 +334,8 @@ class JobRunner:
                 self._current = job
             try:
                 report = job.run(tasks)
-                if job.job_id in self._cancelled:
-                    self.store.set_state(job.job_id, "cancelled")
-                    report.state = "cancelled"
-                self.finished[report.state] = self.finished.get(report.state, 0) + 1
                 logger.info("job %s %s: %s", job.job_id, report.state, report.counts)
             except Exception:
-                self.finished["failed"] += 1
                 logger.exception("job %s failed", job.job_id)
             finally:
                 with self._lock:
