@@ -18,7 +18,7 @@ from images import ImageLoader
 from jobs import Foreground, JobParams, JobRunner, JobService
 from loader import ModelLoader
 from logs import configure_logging
-from ls_client import Connection, LabelStudioProject, normalise_base
+from ls_client import Connection, LabelStudioProject
 from model import GroundedSAM
 from pipeline import Pipeline
 from store import JobStore
@@ -52,8 +52,7 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     runner = JobRunner(store, predictor_for,
                        lambda params, connection: LabelStudioProject(images.label_studio.sdk(connection),
                                                                      params.project))
-    jobs = JobService(runner, settings, lambda url, key: Connection(normalise_base(url), key),
-                      images.label_studio.sdk, loader.model_version)
+    jobs = JobService(runner, settings, images.label_studio, loader.model_version)
 
     def factory(project, label_config) -> GroundedSAM:
         return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings,

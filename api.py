@@ -43,7 +43,7 @@ class RequestError(ServiceError):
     """A request body this layer can't parse (not JSON, missing fields): 400."""
 
 
-# The one place domain errors become HTTP statuses (most specific class first; ServiceError catches the rest).
+# The one place domain errors become HTTP statuses: an error takes its nearest class's (ServiceError: the rest).
 ERROR_STATUS: dict[type[ServiceError], int] = {
     RequestError: 400,
     ParamsError: 400,

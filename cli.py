@@ -281,13 +281,11 @@ def annotate(args: argparse.Namespace) -> int:
 
 
 def _detection_params(args: argparse.Namespace, settings: Settings):
-    from pipeline import DetectionParams
+    """The command line's thresholds over the environment's (the options are range-checked by argparse)."""
+    from pipeline import detection_params
 
-    return DetectionParams(
-        box_threshold=settings.box_threshold if args.box_threshold is None else args.box_threshold,
-        text_threshold=settings.text_threshold if args.text_threshold is None else args.text_threshold,
-        max_detections=settings.max_detections if args.max_detections is None else args.max_detections,
-    )
+    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections")}
+    return detection_params({k: v for k, v in given.items() if v is not None}, settings)
 
 
 def _write(path: str, write) -> None:

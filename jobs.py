@@ -32,7 +32,15 @@ from errors import (
 )
 from everything import EverythingParams
 from labeling import LabelingConfig, parse_label_config
-from ls_client import PAGE_SIZE, LabelStudioProject, Selection, has_prediction
+from ls_client import (
+    PAGE_SIZE,
+    Connection,
+    LabelStudioClient,
+    LabelStudioProject,
+    Selection,
+    has_prediction,
+    normalise_base,
+)
 from masks import CleanupParams
 from pipeline import DetectionParams, TaskOutcome, TextQuery, detection_params
 from prompts import require_phrases
@@ -343,14 +351,16 @@ class JobRunner:
 
 
 class JobService:
-    """The jobs route's logic: a job from a request body and the caller's Label Studio key; status; cancel.
+    """The jobs route's logic: a job from a request body and the caller's Label Studio key; status; cancel."""
 
-    make_connection(url, key) -> ls_client.Connection; label_studio(connection) -> the SDK client."""
-
-    def __init__(self, runner: JobRunner, settings, make_connection: Callable, label_studio: Callable,
-                 model_version: str):
+    def __init__(self, runner: JobRunner, settings, label_studio: LabelStudioClient, model_version: str):
         self.runner, self.settings, self.store = runner, settings, runner.store
-        self.make_connection, self.label_studio, self.model_version = make_connection, label_studio, model_version
+        self.label_studio, self.model_version = label_studio, model_version
+
+    def _project(self, url: str, key: str, project: int) -> tuple[Connection, LabelStudioProject]:
+        """The caller's connection and the project's calls on it (one attempt: a bad key or id answers at once)."""
+        connection = Connection(normalise_base(url), key)
+        return connection, LabelStudioProject(self.label_studio.sdk(connection), project, retries=1)
 
     def create(self, body: dict, key: str) -> dict:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
@@ -365,8 +375,7 @@ class JobService:
                                                                                                 "hostname")
         if not isinstance(url, str) or not url:
             raise ParamsError("the Label Studio URL is unknown: send 'label_studio_url' or set LABEL_STUDIO_URL")
-        connection = self.make_connection(url, key)
-        label_project = LabelStudioProject(self.label_studio(connection), project, retries=1)
+        connection, label_project = self._project(url, key, project)
         label_config = label_project.label_config()
         config = parse_label_config(label_config)
         prompt = body.get("prompt")
@@ -428,8 +437,7 @@ class JobService:
         """Cancel after the chunk in flight; the key must be one Label Studio accepts for the job's project."""
         status = self.status(job_id)
         url = self.settings.label_studio_url or self.store.get(str(status["project"]), "hostname") or ""
-        LabelStudioProject(self.label_studio(self.make_connection(url, key)), status["project"], retries=1
-                           ).label_config()
+        self._project(url, key, status["project"])[1].label_config()
         if not self.runner.cancel(job_id) and status["state"] in ("queued", "running", "paused", "interrupted"):
             self.store.set_state(job_id, "cancelled")
         return self.status(job_id)
