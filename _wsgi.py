@@ -15,7 +15,7 @@ from flask import Flask
 from api import create_app
 from config import ServerSettings, Settings
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner, JobService
+from jobs import Foreground, JobParams, JobRunner, JobService, in_batches
 from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject
@@ -36,20 +36,21 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     images = ImageLoader(settings)
     foreground = Foreground()
 
-    def predictor_for(params: JobParams, connection: Connection):
-        """How this worker predicts a bulk job's tasks: the loaded models, after every labeler's request."""
+    def executor_for(params: JobParams, connection: Connection):
+        """How this worker predicts a bulk job's tasks: the loaded models, BATCH_SIZE tasks at a time, after every
+        labeler's request."""
         config, query = params.query()
         pipelines: list[Pipeline] = []
 
-        def predict(task: dict):
+        def predict(tasks: list[dict]):
             if not pipelines:  # the job may be queued while the models still load
                 pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
                                           before_model_pass=foreground.wait_turn))
-            return pipelines[0].predict_task(task, config, query, connection.url, connection.key)
+            return pipelines[0].predict_tasks(tasks, config, query, connection.url, connection.key)
 
-        return predict
+        return in_batches(predict, settings.batch_size)
 
-    runner = JobRunner(store, predictor_for,
+    runner = JobRunner(store, executor_for,
                        lambda params, connection: LabelStudioProject(images.label_studio.sdk(connection),
                                                                      params.project))
     jobs = JobService(runner, settings, images.label_studio, loader.model_version)

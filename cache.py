@@ -92,6 +92,14 @@ class EmbeddingCache:
         pending.set_result(value)
         return value
 
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store `value` under `key` (replacing what was there), if it fits: what a batch computed for each of
+        its images, read by `get` later."""
+        with self._lock:
+            if key in self._entries:
+                self._remove(key)
+            self._insert(key, value)
+
     def _insert(self, key: Hashable, value: Any) -> None:
         size = nbytes(value)
         if self.max_entries < 1 or size > self.max_bytes:

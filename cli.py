@@ -183,7 +183,7 @@ class _Progress:
 
 
 def annotate(args: argparse.Namespace) -> int:
-    from jobs import BulkJob, JobParams, parse_task_ranges
+    from jobs import BulkJob, JobParams, in_batches, parse_task_ranges
     from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
     from store import JobStore
 
@@ -239,7 +239,8 @@ def annotate(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
     stop = threading.Event()
     ray_address = args.ray or settings.ray_address
-    executor = None
+    executor = None if pipeline is None else in_batches(
+        lambda tasks: pipeline.predict_tasks(tasks, config, query, connection.url, connection.key), settings.batch_size)
     if ray_address:
         from ray_executor import RayExecutor, RayOptions
 
@@ -260,9 +261,7 @@ def annotate(args: argparse.Namespace) -> int:
     counts = store.counts(job_id)
     progress = _Progress(total, counts["done"] + counts["failed"] + counts["skipped"])
     try:
-        job = BulkJob(job_id, params, store, project,
-                      lambda task: pipeline.predict_task(task, config, query, connection.url, connection.key),
-                      progress, stop, executor)
+        job = BulkJob(job_id, params, store, project, progress=progress, stop=stop, executor=executor)
         report = job.run()
     finally:
         progress.close()

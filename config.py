@@ -36,6 +36,10 @@ SEGMENTERS = {
     }),
     "mobile_sam": SegmenterKind("mobile_sam", "MOBILESAM_CHECKPOINT", {"vit_t": "mobile_sam.pt"}),
 }
+# PRECISION: auto = bfloat16 on CUDA (float16 where the GPU has no bfloat16), float32 on CPU (device.py).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# COMPILE: what torch.compile compiles (README "GPU"): nothing, SAM's image encoder, or that and Grounding DINO's.
+COMPILES = ("false", "segmenter", "true")
 GROUNDINGDINO_CHECKPOINT_NAME = "groundingdino_swint_ogc.pth"
 # Found without importing groundingdino (which imports torch): importing config must stay cheap.
 GROUNDINGDINO_PACKAGED_CONFIG = str(
@@ -90,6 +94,13 @@ def _number(env: Mapping[str, str], name: str, default, kind=float, lo=None, hi=
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name)
     return default if raw is None or raw.strip() == "" else raw.strip()
@@ -110,6 +121,10 @@ class Settings:
     sam_checkpoint: str = "models/sam_vit_h_4b8939.pth"
     mobilesam_checkpoint: str = "models/mobile_sam.pt"
     device: str = "auto"
+    # GPU speed (README "GPU"): the encoders' autocast precision, torch.compile, images per encoder pass
+    precision: str = "auto"
+    compile: str = "false"  # COMPILES: false, segmenter (SAM's image encoder), true (and Grounding DINO's backbone)
+    batch_size: int = 4
     # Per-image model state (SAM embeddings, Grounding DINO features) kept for repeated prompts
     embedding_cache_size: int = 64
     embedding_cache_mb: float = 1024.0
@@ -207,6 +222,9 @@ class Settings:
             mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT",
                                       os.path.join(model_dir, SEGMENTERS["mobile_sam"].files["vit_t"])),
             device=device,
+            precision=_choice(env, "PRECISION", cls.precision, PRECISIONS),
+            compile=_choice(env, "COMPILE", cls.compile, COMPILES),
+            batch_size=_number(env, "BATCH_SIZE", cls.batch_size, int, 1, 64),
             embedding_cache_size=_number(env, "EMBEDDING_CACHE_SIZE", cls.embedding_cache_size, int, 0),
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", cls.embedding_cache_mb, float, 0.0),
             image_cache_seconds=_number(env, "IMAGE_CACHE_SECONDS", cls.image_cache_seconds, float, 0.0),

@@ -15,7 +15,7 @@ from torchvision.ops import batched_nms, box_convert
 from cache import EmbeddingCache
 from config import require_file
 from detections import Detections
-from device import resolve_device
+from device import Autocast, resolve_device
 from errors import ModelLoadError
 from prompts import Phrase
 
@@ -40,17 +40,38 @@ def caption_and_spans(phrases: Sequence[Phrase], tokenizer) -> tuple[str, list[l
     return caption, spans
 
 
+def deformable_attention_kernel(device: str) -> str:
+    """Which multi-scale deformable attention Grounding DINO runs on `device`: "cuda op" (the compiled kernel of
+    IDEA's groundingdino, `groundingdino._C`, used for CUDA tensors) or "pytorch" (grid_sample per feature level).
+    The rf-groundingdino package we install has no compiled op, so it is "pytorch" on every device."""
+    import importlib.util
+
+    from groundingdino.models.GroundingDINO import ms_deform_attn
+
+    compiled = (hasattr(ms_deform_attn, "MultiScaleDeformableAttnFunction")
+                and importlib.util.find_spec("groundingdino._C") is not None)
+    return "cuda op" if compiled and torch.device(device).type == "cuda" else "pytorch"
+
+
 class GroundingDino:
     """Owns one Grounding DINO model. `detect` is safe to call from several threads: the
     model keeps per-call image features on itself, so calls are serialised by a lock.
 
     With a cache, an image's backbone features are computed once (the text-independent part of
-    the model), and the raw outputs for one image and caption once (a repeated prompt)."""
+    the model), and the raw outputs for one image and caption once (a repeated prompt); `encode_batch`
+    computes both for several images in one pass. dtype: the autocast dtype (None: float32) of the image
+    backbone (Swin) and the text encoder (BERT); the transformer that fuses them, selects queries and refines
+    boxes stays float32 (README "GPU" says why), and every output is float32."""
 
-    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None):
+    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None,
+                 dtype: torch.dtype | None = None):
         self.model = model.eval().to(device)
         self.device = device
         self.cache = cache
+        self.dtype = dtype
+        if dtype is not None:
+            self.model.backbone = Autocast(self.model.backbone, device, dtype)
+            self.model.bert = Autocast(self.model.bert, device, dtype)
         self.max_text_len = int(getattr(model, "max_text_len", 256))
         self._lock = threading.Lock()
         # Imported here: groundingdino's transforms are the reference preprocessing.
@@ -66,7 +87,7 @@ class GroundingDino:
 
     @classmethod
     def load(cls, config_path: str, checkpoint_path: str, text_encoder: str, device: str,
-             cache: EmbeddingCache | None = None) -> GroundingDino:
+             cache: EmbeddingCache | None = None, dtype: torch.dtype | None = None) -> GroundingDino:
         """Build from a config .py and a published-format checkpoint ({"model": state_dict}).
 
         text_encoder: a local BERT directory (nothing is fetched) or a hub id such as bert-base-uncased.
@@ -86,7 +107,17 @@ class GroundingDino:
             raise ModelLoadError(f"GROUNDINGDINO_TEXT_ENCODER={text_encoder}: {e}") from e
         except Exception as e:
             raise ModelLoadError(f"GROUNDINGDINO_CHECKPOINT={checkpoint_path}: could not load: {e}") from e
-        return cls(model, device, cache)
+        return cls(model, device, cache, dtype)
+
+    def compile(self) -> None:
+        """torch.compile the Swin backbone and warm it up on a 4:3 image, so the first request doesn't pay for
+        compilation. An image of another aspect ratio compiles once more, with its sizes dynamic from then on
+        (torch.compile's automatic dynamic shapes)."""
+        backbone = self.model.backbone  # a Joiner (Swin, position embedding), maybe inside an Autocast
+        backbone = getattr(backbone, "module", backbone)
+        backbone[0] = torch.compile(backbone[0])
+        with self._lock, torch.no_grad():
+            self._backbone(torch.zeros(1, 3, 800, 1066, device=self.device))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, h, w) float tensor, short side 800 (long side <= 1333), normalised."""
@@ -147,6 +178,36 @@ class GroundingDino:
         features, poss = self.model.features, self.model.poss
         self.model.unset_image_tensor()
         return features, poss
+
+    def encode_batch(self, images: Sequence[np.ndarray], image_ids: Sequence[str], phrases: Sequence[Phrase]
+                     ) -> None:
+        """Run the model on several images for one prompt, leaving each image's backbone features and outputs
+        in the cache, where `detect` then finds them. Images of one preprocessed size share a forward pass;
+        others get their own, since padding them to a common size would change their results. Needs a cache.
+
+        images: (H, W, 3) uint8 RGB each; image_ids: their cache.image_digest."""
+        if self.cache is None or not phrases:
+            return
+        caption, _ = caption_and_spans(phrases, self.model.tokenizer)
+        groups: dict[tuple, list[tuple[torch.Tensor, str]]] = {}
+        for image, image_id in zip(images, image_ids, strict=True):
+            if ("groundingdino-outputs", id(self), image_id, caption) not in self.cache:
+                tensor = self.preprocess(image)
+                groups.setdefault(tuple(tensor.shape), []).append((tensor, image_id))
+        from groundingdino.util.misc import NestedTensor
+
+        for members in groups.values():
+            batch = torch.stack([tensor for tensor, _ in members]).to(self.device)
+            with self._lock, torch.no_grad():
+                features, poss = self._backbone(batch)
+                self.model.set_image_features(list(features), list(poss))
+                outputs = self.model(batch, captions=[caption] * len(members))
+            logits, boxes = outputs["pred_logits"].cpu().sigmoid(), outputs["pred_boxes"].cpu()
+            for i, (_, image_id) in enumerate(members):
+                one = slice(i, i + 1)
+                self.cache.put(("groundingdino-backbone", id(self), image_id),
+                               ([NestedTensor(f.tensors[one], f.mask[one]) for f in features], [p[one] for p in poss]))
+                self.cache.put(("groundingdino-outputs", id(self), image_id, caption), (logits[i], boxes[i]))
 
     @staticmethod
     def _select(logits, boxes, spans, usable, phrases, size, box_threshold, text_threshold, max_detections, nms_iou):

@@ -269,6 +269,17 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def in_batches(predict: Callable[[list[dict]], list[TaskOutcome]], size: int) -> Executor:
+    """An Executor that predicts `size` tasks at a time in this process: predict(tasks) -> their outcomes, in
+    order (Pipeline.predict_tasks, which encodes them in batches)."""
+
+    def run(tasks: Iterator[dict]) -> Iterator[tuple[dict, TaskOutcome]]:
+        for batch in batched(tasks, size):
+            yield from zip(batch, predict(batch), strict=True)
+
+    return run
+
+
 def job_status(store: JobStore, job_id: str) -> dict | None:
     """A job as GET /jobs/{id} shows it: state, counts, rate (tasks/s), ETA, recent failures."""
     job = store.job(job_id)
@@ -295,11 +306,11 @@ def job_status(store: JobStore, job_id: str) -> dict | None:
 class JobRunner:
     """Runs bulk jobs one at a time, in order, in a background thread of this process (a service worker).
 
-    predictor_for(params, connection) -> predict(task) -> TaskOutcome: how this process predicts a job's tasks.
+    executor_for(params, connection) -> an Executor (`in_batches`): how this process predicts a job's tasks.
     project_for(params, connection) -> LabelStudioProject."""
 
-    def __init__(self, store: JobStore, predictor_for: Callable, project_for: Callable):
-        self.store, self.predictor_for, self.project_for = store, predictor_for, project_for
+    def __init__(self, store: JobStore, executor_for: Callable, project_for: Callable):
+        self.store, self.executor_for, self.project_for = store, executor_for, project_for
         self._lock = threading.Lock()
         self._queue: list[tuple[BulkJob, list | None]] = []
         self._current: BulkJob | None = None
@@ -309,7 +320,7 @@ class JobRunner:
     def submit(self, params: JobParams, connection, queued: Iterable[int] = (), tasks: list | None = None) -> str:
         """A new job; runs after those already queued. tasks: the task dicts when the caller has them."""
         job = BulkJob.create(self.store, params, queued, project=self.project_for(params, connection),
-                             predict=self.predictor_for(params, connection))
+                             executor=self.executor_for(params, connection))
         with self._lock:
             self._queue.append((job, tasks))
             if self._thread is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cache import EmbeddingCache
@@ -28,6 +28,8 @@ class Models:
     detector: GroundingDino
     segmenter: Segmenter | None
     cache: EmbeddingCache  # shared by both: one bound on the memory per-image state takes
+    # How they run, for /health: device, precision, compiled, deformable_attention.
+    runtime: dict = field(default_factory=dict)
 
 
 def build_models(settings: Settings) -> Models:
@@ -36,21 +38,36 @@ def build_models(settings: Settings) -> Models:
     Raises ModelLoadError naming the variable and the file. Takes seconds to minutes (checkpoints are large)."""
     # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
     # /health as soon as it starts.
-    from device import resolve_device
-    from dino import GroundingDino
+    from device import allow_tf32, compute_dtype, dtype_name, resolve_device
+    from dino import GroundingDino, deformable_attention_kernel
     from sam_wrapper import Segmenter
 
     s = settings
     device = resolve_device(s.device)
-    logger.info("loading models on %s", device)
+    dtype = compute_dtype(s.precision, device)
+    allow_tf32(s.precision, device)
+    logger.info("loading models on %s (%s)", device, dtype_name(dtype))
     cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
     detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint, s.groundingdino_text_encoder,
-                                  device, cache)
+                                  device, cache, dtype)
     segmenter = None
     if s.segmenter is not None:
         checkpoint = s.checkpoints()[1]
-        segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache)
-    return Models(detector, segmenter, cache)
+        segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache, dtype)
+    compiled = []
+    for name, model in (("segmenter", segmenter), ("detector", detector)):
+        if model is not None and (s.compile == "true" or s.compile == name):
+            started = time.perf_counter()
+            if model is segmenter:
+                segmenter.compile((1, s.batch_size))  # the batch sizes it will see
+            else:
+                detector.compile()
+            logger.info("torch.compile: the %s's encoder compiled and warmed up in %.1f s", name,
+                        time.perf_counter() - started)
+            compiled.append(name)
+    runtime = {"device": device, "precision": dtype_name(dtype), "compiled": compiled,
+               "deformable_attention": deformable_attention_kernel(device)}
+    return Models(detector, segmenter, cache, runtime)
 
 
 class ModelLoader:
@@ -99,7 +116,7 @@ class ModelLoader:
         if self._error:
             return {"models": "failed", "error": self._error, "model_version": self.model_version}
         return {"models": "ready", "load_seconds": round(self._seconds or 0, 1), "model_version": self.model_version,
-                "embedding_cache": self._models.cache.stats()}
+                **self._models.runtime, "embedding_cache": self._models.cache.stats()}
 
     def get(self, timeout: float | None = None) -> Models:
         """The loaded models; waits for loading up to `timeout` (default MODEL_LOAD_WAIT) seconds.

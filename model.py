@@ -229,34 +229,32 @@ class GroundedSAM(LabelStudioMLBase):
         pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version, deadline=deadline)
         pipeline.check(query)
         hostname, token = self.get("hostname"), self.get("access_token")  # /setup's, read once a request
-        results: list[dict | list] = []
-        budget, loop_started = self.settings.predict_time_budget, time.perf_counter()
-        for done, task in enumerate(tasks):
-            if task.get("id") in claimed:
-                results.append([])
-                continue
-            now = time.perf_counter()
-            # Once the next task would likely end past the budget (at the mean time per task so far), the others
+        results: dict[int, dict | list] = {}  # by the task's index; [] for the tasks left out
+        todo = [i for i, task in enumerate(tasks) if task.get("id") not in claimed]
+        budget, loop_started, size = self.settings.predict_time_budget, time.perf_counter(), pipeline.batch_size
+        for start in range(0, len(todo), size):
+            chunk, now = todo[start : start + size], time.perf_counter()
+            # Once the next batch would likely end past the budget (at the mean time per task so far), the others
             # get []: Label Studio stores nothing for them, rather than losing every task's prediction when its
             # ML_TIMEOUT_PREDICT cuts the answer off. A bulk job then predicts and imports them.
-            if budget and done and now - self._started + (now - loop_started) / done > budget:
-                rest = [t for t in tasks[done:] if t.get("id") not in claimed]
+            if budget and start and now - self._started + (now - loop_started) / start * len(chunk) > budget:
+                rest = [tasks[i] for i in todo[start:]]
                 handed = batch and self._hand_off(rest, query)
                 logger.warning("%d of %d task(s) predicted in %.1f s; the next would end past PREDICT_TIME_BUDGET="
-                               "%g s, so the other %d get no prediction in this answer (%s)", done, len(tasks),
+                               "%g s, so the other %d get no prediction in this answer (%s)", start, len(tasks),
                                now - self._started, budget, len(rest),
                                f"bulk job {handed} predicts and imports them" if handed
                                else "Retrieve Predictions again continues with them")
-                results.extend([] for _ in tasks[done:])
                 break
-            outcome = pipeline.predict_task(task, self.config, query, hostname, token)
-            if outcome.failure is not None:
-                logger.warning("task %s: no prediction (%s): %s", outcome.task_id, outcome.failure.kind,
-                               outcome.failure.reason)
-                results.append(prediction([], self.model_version))
-            else:
-                results.append(outcome.prediction)
-        return results
+            outcomes = pipeline.predict_tasks([tasks[i] for i in chunk], self.config, query, hostname, token)
+            for i, outcome in zip(chunk, outcomes, strict=True):
+                if outcome.failure is not None:
+                    logger.warning("task %s: no prediction (%s): %s", outcome.task_id, outcome.failure.kind,
+                                   outcome.failure.reason)
+                    results[i] = prediction([], self.model_version)
+                else:
+                    results[i] = outcome.prediction
+        return [results.get(i, []) for i in range(len(tasks))]
 
     def _hand_off(self, tasks: list[dict], query: Query) -> str | None:
         """Queue the tasks as a bulk job of this project (predicted and imported in the background); the job id,

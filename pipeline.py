@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -167,8 +168,7 @@ class Pipeline:
         detections = Detections.empty()
         if phrases:
             self._turn()
-            detections = self.models.detector.detect(image, phrases, p.box_threshold, p.text_threshold,
-                                                     p.max_detections, self.settings.nms_iou, image_id=image_id)
+            detections = self._find(image, image_id, phrases, p)
         if star is None or segmenter is None:
             if segmenter is not None and len(detections):
                 self._turn()
@@ -191,6 +191,10 @@ class Pipeline:
             everything = Detections(found.boxes[keep], found.predicted_iou[keep], labels,
                                     found.masks.select(keep))
         return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
+
+    def _find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:
+        return self.models.detector.detect(image, phrases, p.box_threshold, p.text_threshold, p.max_detections,
+                                           self.settings.nms_iou, image_id=image_id)
 
     def _box_labels(self, boxes: np.ndarray, detections: Detections) -> tuple[list[str], np.ndarray]:
         """Each of `boxes` (N, 4) xyxy image pixels -> the label of the detection whose box it overlaps most,
@@ -246,20 +250,73 @@ class Pipeline:
                      access_token: str | None = None) -> TaskOutcome:
         """One Label Studio task (its JSON as Label Studio sends it) -> its outcome. A task whose data has no image
         URL, or whose image can't be fetched or decoded, is a failure outcome; nothing else is caught."""
+        return self.predict_tasks([task], config, query, hostname, access_token)[0]
+
+    def predict_tasks(self, tasks: Sequence[dict], config: LabelingConfig, query: Query, hostname: str | None = None,
+                      access_token: str | None = None) -> list[TaskOutcome]:
+        """Several tasks -> their outcomes, in order, each what `predict_task` gives it alone: the images are
+        fetched in parallel, then encoded BATCH_SIZE at a time (`encode`). A task's seconds: its share of the
+        fetching and encoding, plus its own passes."""
         started = time.perf_counter()
-        task_id = task.get("id")
         self.check(query)
+        if len(tasks) > 1:
+            with ThreadPoolExecutor(min(len(tasks), 8), thread_name_prefix="fetch") as pool:
+                loaded = list(pool.map(lambda t: self._load_task(t, config, hostname, access_token), tasks))
+        else:
+            loaded = [self._load_task(task, config, hostname, access_token) for task in tasks]
+        self.encode([item for item in loaded if not isinstance(item, TaskFailure)], query, config.wants_masks)
+        share = (time.perf_counter() - started) / max(len(tasks), 1)
+        outcomes = []
+        for task, item in zip(tasks, loaded, strict=True):
+            task_id = task.get("id")
+            if isinstance(item, TaskFailure):
+                outcomes.append(TaskOutcome(task_id, failure=item, seconds=share))
+                continue
+            own = time.perf_counter()
+            image, image_id = item
+            result = self.predict_image(image, image_id, config, query)
+            seconds = share + time.perf_counter() - own
+            logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task_id, image.shape[1], image.shape[0],
+                        len(result["result"]), seconds)
+            outcomes.append(TaskOutcome(task_id, prediction=result, seconds=seconds))
+        return outcomes
+
+    def _load_task(self, task: dict, config: LabelingConfig, hostname: str | None, access_token: str | None
+                   ) -> tuple[np.ndarray, str] | TaskFailure:
         data = task.get("data")
         url = data.get(config.image_key) if isinstance(data, dict) else None
         if not isinstance(url, str) or not url:
-            return TaskOutcome(task_id, failure=TaskFailure(
-                "no_image_url", f"task data has no image URL under {config.image_key!r}"))
+            return TaskFailure("no_image_url", f"task data has no image URL under {config.image_key!r}")
         try:
-            image, image_id = self.load_image(url, hostname, access_token)
+            return self.load_image(url, hostname, access_token)
         except ImageError as e:
-            return TaskOutcome(task_id, failure=TaskFailure(e.kind, str(e)), seconds=time.perf_counter() - started)
-        result = self.predict_image(image, image_id, config, query)
-        seconds = time.perf_counter() - started
-        logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task_id, image.shape[1], image.shape[0],
-                    len(result["result"]), seconds)
-        return TaskOutcome(task_id, prediction=result, seconds=seconds)
+            return TaskFailure(e.kind, str(e))
+
+    @property
+    def batch_size(self) -> int:
+        """Images per encoder pass: BATCH_SIZE, or fewer when the cache can't hold that many images' state (each
+        takes up to 4 entries: the image, Grounding DINO's features and outputs, the SAM embedding)."""
+        return max(1, min(self.settings.batch_size, self.models.cache.max_entries // 4))
+
+    def encode(self, images: Sequence[tuple[np.ndarray, str]], query: Query, wants_masks: bool = True) -> None:
+        """Run the model passes that `detect` would run image by image, `batch_size` images at a time: Grounding
+        DINO for the prompt, then SAM's image encoder on the images with a detection (all of them, for a `*`
+        phrase). Their results wait in the shared cache, where `detect` finds them.
+
+        images: (image (H, W, 3) uint8 RGB, its cache.image_digest) pairs. Click queries are left to `detect`."""
+        if not isinstance(query, TextQuery) or len(images) < 2 or self.batch_size < 2:
+            return
+        phrases = tuple(ph for ph in query.phrases if ph.text != EVERYTHING)
+        star = len(phrases) < len(query.phrases)
+        segmenter = self.models.segmenter if wants_masks else None
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            if phrases:
+                self._turn()
+                self.models.detector.encode_batch([image for image, _ in chunk], [i for _, i in chunk], phrases)
+            if segmenter is None:
+                continue
+            wanted = [(image, i) for image, i in chunk if star or len(self._find(image, i, phrases, query.params))]
+            if len(wanted) > 1:
+                self._turn()
+                segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])

@@ -66,8 +66,7 @@ class _Predictor:
         self.connection = connection
 
     def predict(self, tasks: list[dict]) -> list[TaskOutcome]:
-        return [self.pipeline.predict_task(task, self.config, self.query, self.connection.url, self.connection.key)
-                for task in tasks]
+        return self.pipeline.predict_tasks(tasks, self.config, self.query, self.connection.url, self.connection.key)
 
     def pid(self) -> int:
         return os.getpid()

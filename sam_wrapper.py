@@ -17,7 +17,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cache import EmbeddingCache
 from config import SEGMENTERS, require_file
-from device import resolve_device
+from device import autocast, resolve_device
 from errors import ModelLoadError
 from sam_decoder import DecoderInput, PromptDecoder
 
@@ -87,20 +87,24 @@ class Segmenter:
 
     Every call takes the image embedding it works on as an argument, so threads never share a
     "current image" (SamPredictor's set_image state); the model itself is used under a lock.
-    With a cache, each image is encoded once for all the text prompts and clicks on it.
+    With a cache, each image is encoded once for all the text prompts and clicks on it; `embed_batch`
+    encodes several at once. dtype: the image encoder's autocast dtype (None: float32); the prompt encoder
+    and mask decoder always run in float32, on float32 features, so a click's numerics don't change.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None):
+    def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None,
+                 dtype: torch.dtype | None = None):
         self.model = model.eval().to(device)
         self.device = device
         self.cache = cache
+        self.dtype = dtype
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.decoder = PromptDecoder(self.model)
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h",
-             cache: EmbeddingCache | None = None) -> Segmenter:
+             cache: EmbeddingCache | None = None, dtype: torch.dtype | None = None) -> Segmenter:
         """kind: a key of config.SEGMENTERS: "sam" (model_type vit_h | vit_l | vit_b) or "mobile_sam" (vit_t)."""
         spec = SEGMENTERS[kind]
         require_file(spec.variable, checkpoint)
@@ -112,19 +116,50 @@ class Segmenter:
         except Exception as e:  # a truncated file, or weights of another model type
             hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if len(spec.files) > 1 else ""
             raise ModelLoadError(f"{spec.variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
-        return cls(model, resolve_device(device), cache)
+        return cls(model, resolve_device(device), cache, dtype)
 
-    @torch.no_grad()
     def embed(self, image: np.ndarray) -> ImageEmbedding:
         """(H, W, 3) uint8 RGB -> its embedding (the expensive step: one image encoder pass)."""
-        if self.model.image_format != "RGB":
-            image = image[..., ::-1]
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        return self._embed([image])[0]
+
+    def embed_batch(self, images: list[np.ndarray], image_ids: list[str]) -> None:
+        """Encode the images not in the cache yet in one image encoder pass, and cache their embeddings, where
+        `embedding_for` then finds them. Every image enters the encoder padded to the same square, so each
+        one's embedding is the one `embed` gives it. Needs a cache."""
+        if self.cache is None:
+            return
+        todo = [(image, image_id) for image, image_id in zip(images, image_ids, strict=True)
+                if ("sam-embedding", id(self), image_id) not in self.cache]
+        if todo:
+            for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
+                self.cache.put(("sam-embedding", id(self), image_id), embedding)
+
+    def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """torch.compile the image encoder (its input is always 1024x1024: static shapes) and warm it up at each
+        batch size a caller will use, so no request pays for compilation."""
+        self.model.image_encoder = torch.compile(self.model.image_encoder, dynamic=False)
+        size = self.model.image_encoder.img_size
+        for batch in sorted(set(batch_sizes)):
+            with self._lock, torch.no_grad(), autocast(self.device, self.dtype):
+                self.model.image_encoder(torch.zeros(batch, 3, size, size, device=self.device))
+
+    @torch.no_grad()
+    def _embed(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        inputs, sizes = [], []
+        for image in images:
+            if self.model.image_format != "RGB":
+                image = image[..., ::-1]
+            resized = self.transform.apply_image(image)
+            tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+            sizes.append((tuple(tensor.shape[-2:]), tuple(image.shape[:2])))
+            inputs.append(self.model.preprocess(tensor))  # normalised, padded to (3, 1024, 1024)
         with self._lock:
-            features = self.model.image_encoder(self.model.preprocess(tensor))
-            decoder_input = self.decoder.prepare(features)
-        return ImageEmbedding(decoder_input, tuple(tensor.shape[-2:]), tuple(image.shape[:2]))
+            with autocast(self.device, self.dtype):
+                features = self.model.image_encoder(torch.stack(inputs))
+            features = features.float()  # (B, 256, 64, 64)
+            prepared = [self.decoder.prepare(features[i : i + 1]) for i in range(len(images))]
+        return [ImageEmbedding(d, input_size, original_size) for d, (input_size, original_size)
+                in zip(prepared, sizes, strict=True)]
 
     def embedding_for(self, image: np.ndarray, image_id: str | None = None) -> ImageEmbedding:
         """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""

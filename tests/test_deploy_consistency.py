@@ -53,8 +53,10 @@ def config_variables() -> set[str]:
         if not isinstance(node, ast.Call) or not node.args:
             continue
         func = node.func
-        if isinstance(func, ast.Name) and func.id in ("_str", "_bool", "_number") and len(node.args) >= 2:
+        if isinstance(func, ast.Name) and func.id in ("_str", "_bool", "_number", "_choice") and len(node.args) >= 2:
             key = node.args[1]
+            if isinstance(key, ast.Name) and key.id == "name":
+                continue  # _choice calling _str
         elif (isinstance(func, ast.Attribute) and func.attr == "get" and isinstance(func.value, ast.Name)
               and func.value.id == "env"):
             key = node.args[0]

@@ -1,0 +1,246 @@
+"""The GPU path, measured: the service's own model code (build_models, Pipeline) on random-weight checkpoints of the
+published sizes, generated here (nothing is downloaded). Built to run on one lent GPU in one command of about
+8 minutes; `--device cpu --quick` runs the same code on CPU with the small test models (tests/test_bench_gpu.py).
+
+For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, true) it prints the median over
+--iterations, after warm-up, of:
+
+  dino          one Grounding DINO Swin-T forward pass (backbone, BERT, transformer) on a fresh image
+  vit_h, vit_b, mobile_sam    one image encoder pass
+  answer        the whole text -> regions answer for one fresh image (Pipeline.predict_image: boxes, masks, RLE)
+                with Grounding DINO + SAM ViT-H, and + MobileSAM
+  peak GB       torch.cuda.max_memory_allocated of each model set while it answered
+
+then bulk pre-annotation with MobileSAM (Pipeline.encode + predict_image, what the bulk job runs per batch) in
+images per second at BATCH_SIZE 1, 4 and 8, and the share of a Grounding DINO pass spent in its deformable
+attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel). The straightforward way (fp32,
+eager, one image at a time) is the first row and batch 1.
+
+    .venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--iterations 20] [--models DIR] [--json FILE]
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from model_factory import (  # noqa: E402
+    make_groundingdino,
+    make_image,
+    make_mobile_sam,
+    make_real_size_groundingdino,
+    make_sam,
+)
+
+from config import SEGMENTERS, Settings  # noqa: E402
+from labeling import parse_label_config  # noqa: E402
+from loader import build_models  # noqa: E402
+from logs import silence_third_party_warnings  # noqa: E402
+from pipeline import DetectionParams, Pipeline, TextQuery  # noqa: E402
+from prompts import Phrase  # noqa: E402
+
+CONFIG = parse_label_config("""<View><Image name="image" value="$image"/>
+<RectangleLabels name="box" toName="image"><Label value="cats"/><Label value="house"/></RectangleLabels>
+<BrushLabels name="mask" toName="image"><Label value="cats"/><Label value="house"/></BrushLabels></View>""")
+QUERY = TextQuery((Phrase("shape", "cats"), Phrase("round thing", "house")), DetectionParams(0.3, 0.25, 20))
+CAPTION = "shape . round thing ."
+
+
+def generate(directory: Path, quick: bool) -> dict[str, str]:
+    """Random-weight checkpoints in `directory` (real sizes; --quick: the test suite's small Grounding DINO, MobileSAM
+    only) -> the service's environment variables for Grounding DINO and MobileSAM (segmenter_env: for SAM)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    make = make_groundingdino if quick else make_real_size_groundingdino
+    marker = directory / ("quick" if quick else "full")
+    if not marker.exists():
+        config, checkpoint, bert = make(directory / "groundingdino")
+        make_mobile_sam(directory / SEGMENTERS["mobile_sam"].files["vit_t"])
+        if not quick:
+            for kind in ("vit_b", "vit_h"):
+                make_sam(directory / SEGMENTERS["sam"].files[kind], kind)
+        marker.write_text(json.dumps([str(config), str(checkpoint), str(bert)]))
+        print(f"checkpoints generated in {time.perf_counter() - started:.0f} s under {directory}", flush=True)
+    config, checkpoint, bert = json.loads(marker.read_text())
+    return {"GROUNDINGDINO_CONFIG": config, "GROUNDINGDINO_CHECKPOINT": checkpoint, "GROUNDINGDINO_TEXT_ENCODER": bert,
+            "MOBILESAM_CHECKPOINT": str(directory / SEGMENTERS["mobile_sam"].files["vit_t"]),
+            "MODEL_DIR": str(directory)}
+
+
+def segmenter_env(env: dict, kind: str) -> dict:
+    """The environment with `kind` (vit_h, vit_b or mobile_sam) as the segmenter; SAM's checkpoint is found under
+    MODEL_DIR by its published name, as the service finds it."""
+    if kind == "mobile_sam":
+        return {**env, "USE_SAM": "false", "USE_MOBILE_SAM": "true"}
+    return {**env, "USE_SAM": "true", "SAM_MODEL_TYPE": kind}
+
+
+class Clock:
+    """Wall time of a call, the device's queue drained before and after."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def median_ms(self, fn, iterations: int, warmup: int) -> float:
+        for _ in range(warmup):
+            self(fn)
+        return 1000 * statistics.median(self(fn) for _ in range(iterations))
+
+
+def fresh_ids():
+    """A new image identity per call: the cache never answers, every pass runs."""
+    counter = iter(range(10**9))
+    return lambda: f"bench-{next(counter)}"
+
+
+def measure(env: dict, kinds: list[str], image: np.ndarray, args, clock: Clock) -> dict:
+    """One precision/compile setting: per segmenter kind, its encoder and answer times and peak memory; the DINO
+    time once."""
+    row = {}
+    for kind in kinds:
+        row.update(measure_set(segmenter_env(env, kind), kind, image, args, clock, with_dino="dino" not in row))
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def measure_set(env: dict, kind: str, image: np.ndarray, args, clock: Clock, with_dino: bool) -> dict:
+    settings = Settings.from_env(env)
+    with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
+        models = build_models(settings)
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    pipeline, new_id, row = Pipeline(models, settings, None), fresh_ids(), {}
+    if with_dino:
+        row["dino"] = clock.median_ms(lambda: models.detector._forward(image, CAPTION, None), args.iterations,
+                                      args.warmup)
+    row[kind] = clock.median_ms(lambda: models.segmenter.embed(image), args.iterations, args.warmup)
+    row[f"answer {kind}"] = clock.median_ms(lambda: pipeline.predict_image(image, new_id(), CONFIG, QUERY),
+                                            args.iterations, args.warmup)
+    if clock.cuda:
+        row[f"peak GB {kind}"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def bulk(env: dict, image_count: int, batch_sizes: list[int], clock: Clock, precision: str) -> dict[int, float]:
+    """Images per second of the bulk job's model work with MobileSAM at each BATCH_SIZE (images already decoded)."""
+    images = [make_image(1280, 960, seed=s) for s in range(min(image_count, 8))]
+    env = {**segmenter_env(env, "mobile_sam"), "PRECISION": precision}
+    return {size: bulk_rate({**env, "BATCH_SIZE": str(size)}, images, image_count, clock) for size in batch_sizes}
+
+
+def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Clock) -> float:
+    settings = Settings.from_env(env)
+    with contextlib.redirect_stdout(sys.stderr):
+        models = build_models(settings)
+    pipeline, new_id, size = Pipeline(models, settings, None), fresh_ids(), settings.batch_size
+
+    def run(count):
+        pairs = [(images[i % len(images)], new_id()) for i in range(count)]
+        for start in range(0, count, size):
+            chunk = pairs[start : start + size]
+            pipeline.encode(chunk, QUERY)
+            for picture, image_id in chunk:
+                pipeline.predict_image(picture, image_id, CONFIG, QUERY)
+
+    clock(lambda: run(size))  # warm-up
+    return image_count / clock(lambda: run(image_count))
+
+
+def deformable_share(env: dict, image: np.ndarray, device: str) -> float:
+    """Share of one Grounding DINO forward pass's device (or CPU) time spent in grid_sampler_2d."""
+    from torch.profiler import ProfilerActivity, profile
+
+    settings = Settings.from_env(segmenter_env(env, "mobile_sam"))
+    with contextlib.redirect_stdout(sys.stderr):
+        models = build_models(settings)
+    models.detector._forward(image, CAPTION, None)
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        models.detector._forward(image, CAPTION, None)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    grid = sum(getattr(e, attr) for e in events if "grid_sampler" in e.key)
+    return grid / total if total else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true",
+                        help="small test models, MobileSAM only, 2 iterations, eager only, bulk at batch 1 and 2")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--models", type=Path, help="where the checkpoints are generated (reused if there)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the COMPILE=true row")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    silence_third_party_warnings()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA device visible (use --device cpu --quick on a machine without one)")
+    if args.quick:
+        args.iterations = min(args.iterations, 2)
+    args.warmup = 1 if args.quick else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        env = generate(args.models or Path(tmp), args.quick)
+        env = {**env, "DEVICE": args.device, "MAX_DETECTIONS": "20"}
+        image = make_image(320, 240, seed=1) if args.quick else make_image(1280, 960, seed=1)
+        kinds = ["mobile_sam"] if args.quick else ["vit_h", "vit_b", "mobile_sam"]
+        settings_rows = [("fp32", "false"), ("bf16", "false")]
+        if not (args.quick or args.no_compile):
+            settings_rows.append(("bf16", "true"))
+        clock = Clock(args.device)
+        device_name = torch.cuda.get_device_name() if clock.cuda else "CPU"
+        print(f"device: {device_name}; image {image.shape[1]}x{image.shape[0]}; median of {args.iterations} after "
+              f"{args.warmup} warm-up; milliseconds", flush=True)
+        rows = {}
+        for precision, compiled in settings_rows:
+            started = time.perf_counter()
+            rows[f"{precision}, compile={compiled}"] = measure(
+                {**env, "PRECISION": precision, "COMPILE": compiled}, kinds, image, args, clock)
+            print(f"  ({precision}, compile={compiled} measured in {time.perf_counter() - started:.0f} s)",
+                  flush=True)
+        columns = list(next(iter(rows.values())))
+        print("| setting | " + " | ".join(columns) + " |")
+        print("|---" * (len(columns) + 1) + "|")
+        for name, row in rows.items():
+            print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if "GB" not in c else f"{row[c]:.2f}"
+                                              for c in columns) + " |")
+        image_count, sizes = (4, [1, 2]) if args.quick else (64, [1, 4, 8])
+        rates = {p: bulk(env, image_count, sizes, clock, p) for p in ("fp32", "bf16")}
+        print(f"bulk, Grounding DINO + MobileSAM, {image_count} images, images/s: " + "; ".join(
+            f"{p}: " + ", ".join(f"batch {b} {r:.2f}" for b, r in rate.items()) for p, rate in rates.items()))
+        share = deformable_share(env, image, args.device)
+        print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass")
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates,
+                                             "deformable_share": share}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The GPU path's settings, on CPU with the real random-weight models: PRECISION (bf16 autocast) against float32 on
+the same models, batched encoding (BATCH_SIZE) against one image at a time, and what /health says of how the models
+run. The GPU figures themselves come from benchmarks/bench_gpu.py (README "GPU")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_factory import make_image, service_env
+from servers import ImageServer
+from test_e2e_gunicorn import encode
+from test_labeling import GUIDE_CONFIG
+
+from cache import image_digest
+from config import ConfigError, Settings
+from device import compute_dtype
+from images import ImageLoader
+from labeling import parse_label_config
+from loader import ModelLoader, build_models
+from pipeline import DetectionParams, Pipeline, TextQuery
+from prompts import Phrase
+
+CONFIG = parse_label_config(GUIDE_CONFIG)
+PHRASES = (Phrase("shape", "cats"), Phrase("round thing", "house"))
+QUERY = TextQuery(PHRASES, DetectionParams(0.05, 0.05, 20))
+IMAGE = make_image(320, 240, seed=5)
+# Stated tolerances of bf16 against float32 (measured on these models: mask IoU >= 0.969, predicted IoU within
+# 0.0006, backbone features within 1.0 %).
+MIN_MASK_IOU = 0.95
+MAX_PREDICTED_IOU_ERROR = 0.01
+MAX_FEATURE_ERROR = 0.02  # relative, ||bf16 - fp32|| / ||fp32||
+
+
+@pytest.fixture(scope="module")
+def env(groundingdino_files, mobile_sam_checkpoint):
+    return service_env(groundingdino_files, mobile_sam_checkpoint, MAX_DETECTIONS="20")
+
+
+@pytest.fixture(scope="module")
+def fp32(env):
+    return build_models(Settings.from_env({**env, "PRECISION": "fp32"}))
+
+
+@pytest.fixture(scope="module")
+def bf16(env):
+    return build_models(Settings.from_env({**env, "PRECISION": "bf16"}))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
+def test_precision_setting_and_its_dtypes():
+    assert Settings.from_env({}).precision == "auto"
+    with pytest.raises(ConfigError, match="PRECISION must be one of auto, fp32, bf16, fp16, got 'half'"):
+        Settings.from_env({"PRECISION": "half"})
+    assert compute_dtype("auto", "cpu") is None  # CPU keeps float32 by default
+    assert compute_dtype("fp32", "cuda") is None
+    assert compute_dtype("bf16", "cpu") is torch.bfloat16
+    assert compute_dtype("fp16", "cuda:1") is torch.float16
+
+
+def test_bf16_sam_masks_match_fp32_on_the_same_boxes(fp32, bf16):
+    """The image encoder in bf16; the prompt encoder and mask decoder in float32 on float32 features."""
+    boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120], [0, 0, 320, 240], [200, 150, 260, 230]], np.float32)
+    masks32, iou32 = fp32.segmenter.segment_boxes(IMAGE, boxes)
+    masks16, iou16 = bf16.segmenter.segment_boxes(IMAGE, boxes)
+    masks32, masks16 = np.asarray(masks32), np.asarray(masks16)
+    ious = [(a & b).sum() / max((a | b).sum(), 1) for a, b in zip(masks32, masks16, strict=True)]
+    assert all(np.asarray(m).any() for m in masks32)
+    assert min(ious) >= MIN_MASK_IOU, ious
+    assert np.abs(iou32 - iou16).max() <= MAX_PREDICTED_IOU_ERROR
+    embedding = bf16.segmenter.embed(IMAGE)
+    assert embedding.decoder_input.src.dtype == torch.float32  # what the decoder sees
+    assert relative_error(fp32.segmenter.embed(IMAGE).decoder_input.src, embedding.decoder_input.src) > 0  # bf16 ran
+
+
+def test_bf16_grounding_dino_encoders_match_fp32(fp32, bf16):
+    """Grounding DINO's image backbone and text encoder run in bf16 and hand float32 to its float32 transformer. Its
+    detections themselves are not compared: this random-weight transformer turns a 0.1 % change of its input
+    features into boxes moved by up to 300 px (README "GPU"), so no closeness of them could be shown here."""
+    tensor = fp32.detector.preprocess(IMAGE)[None]
+    with torch.no_grad():
+        features32, poss32 = fp32.detector._backbone(tensor)
+        features16, poss16 = bf16.detector._backbone(tensor)
+    for a, b in zip(features32, features16, strict=True):
+        assert b.tensors.dtype == torch.float32
+        assert 0 < relative_error(a.tensors, b.tensors) <= MAX_FEATURE_ERROR
+    tokens = fp32.detector.model.tokenizer(["shape . round thing ."], return_tensors="pt")
+    with torch.no_grad():
+        text32 = fp32.detector.model.bert(**tokens)["last_hidden_state"]
+        text16 = bf16.detector.model.bert(**tokens)["last_hidden_state"]
+    assert text16.dtype == torch.float32
+    assert 0 < relative_error(text32, text16) <= MAX_FEATURE_ERROR
+    found = bf16.detector.detect(IMAGE, PHRASES, 0.05, 0.05, 20)
+    assert len(found) and found.scores.dtype == np.float32 and set(found.labels) <= {"cats", "house"}
+
+
+def test_health_says_how_the_models_run(env):
+    loader = ModelLoader(Settings.from_env({**env, "PRECISION": "bf16"}))
+    loader.start()
+    loader.get(timeout=600)
+    state = loader.state()
+    assert state["models"] == "ready"
+    assert state["device"] == "cpu" and state["precision"] == "bf16" and state["compiled"] == []
+    # rf-groundingdino ships no compiled deformable attention op: grid_sample in PyTorch on every device.
+    assert state["deformable_attention"] == "pytorch"
+    assert ModelLoader(Settings.from_env(env)).state()["models"] == "not started"
+
+
+def test_compile_warms_the_segmenter_up_before_the_models_are_ready(env, fp32, caplog):
+    """COMPILE=segmenter: SAM's image encoder compiled (inductor, on CPU here) and run at batch 1 and BATCH_SIZE while
+    loading, so /health says ready only after that, and no request compiles again. (COMPILE=true also compiles
+    Grounding DINO's Swin backbone: over 8 minutes on this 2-core machine, so it is measured by bench_gpu.py.)"""
+    import torch._dynamo.utils
+
+    caplog.set_level("INFO", logger="loader")
+    loader = ModelLoader(Settings.from_env({**env, "COMPILE": "segmenter", "BATCH_SIZE": "2"}))
+    loader.start()
+    models = loader.get(timeout=900)
+    assert loader.state()["compiled"] == ["segmenter"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "loader"]
+    compiled = next(i for i, m in enumerate(messages) if m.startswith("torch.compile: the segmenter's encoder"))
+    assert compiled < next(i for i, m in enumerate(messages) if m.startswith("models ready"))
+    assert " warmed up in " in messages[compiled] and messages[compiled].endswith(" s")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120]], np.float32)
+    masks, _ = models.segmenter.segment_boxes(IMAGE, boxes)
+    models.segmenter.embed_batch([make_image(64, 48, seed=1), make_image(48, 64, seed=2)], ["a", "b"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled on a request
+    eager, _ = fp32.segmenter.segment_boxes(IMAGE, boxes)
+    for a, b in zip(np.asarray(masks), np.asarray(eager), strict=True):
+        assert (a & b).sum() / (a | b).sum() >= 0.99
+
+
+@pytest.fixture
+def passes(request, env):
+    """Models of BATCH_SIZE=4 (one set for the module: every test uses images of its own), and the batch size of
+    each pass through the SAM image encoder and the Grounding DINO backbone while the test runs."""
+    models = request.getfixturevalue("batched")
+    calls = {"sam": [], "dino": []}
+    hooks = [models.segmenter.model.image_encoder.register_forward_hook(
+                 lambda m, i, o: calls["sam"].append(len(i[0]))),
+             models.detector.model.backbone.register_forward_hook(
+                 lambda m, i, o: calls["dino"].append(len(i[0].tensors)))]
+    yield models, calls
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.fixture(scope="module")
+def batched(env):
+    return build_models(Settings.from_env({**env, "PRECISION": "fp32", "BATCH_SIZE": "4"}))
+
+
+def test_batched_encoding_gives_what_one_at_a_time_gives(env, fp32, passes):
+    """Two 320x240 images share one Grounding DINO pass, a 240x320 one gets its own (another preprocessed size), and
+    all three share one SAM encoder pass. Every image's detections are the ones it gets alone."""
+    images = [make_image(320, 240, seed=s) for s in (1, 2)] + [make_image(240, 320, seed=4)]
+    ids = [image_digest(image) for image in images]
+    settings = Settings.from_env({**env, "BATCH_SIZE": "4"})
+    reference = [Pipeline(fp32, settings, None).detect(image, i, QUERY) for image, i in zip(images, ids, strict=True)]
+    batched, calls = passes
+    pipeline = Pipeline(batched, settings, None)
+    assert pipeline.batch_size == 4
+    pipeline.encode(list(zip(images, ids, strict=True)), QUERY)
+    assert sorted(calls["dino"]) == [1, 2] and calls["sam"] == [3]
+    results = [pipeline.detect(image, i, QUERY) for image, i in zip(images, ids, strict=True)]
+    assert sorted(calls["dino"]) == [1, 2] and calls["sam"] == [3]  # detect read the batch's results
+    for ref, got in zip(reference, results, strict=True):
+        assert len(ref) == len(got) > 0 and ref.labels == got.labels
+        assert np.abs(ref.xyxy - got.xyxy).max() <= 1e-3  # pixels (measured: 2e-5)
+        assert np.abs(ref.scores - got.scores).max() <= 1e-5  # (measured: 4e-7)
+        assert all((a == b).all() for a, b in zip(ref.masks, got.masks, strict=True))
+
+
+def test_predict_tasks_batches_and_keeps_each_tasks_outcome(env, fp32, passes):
+    """Retrieve Predictions and the bulk job: tasks in, outcomes out in order, the bad one a failure in its place."""
+    pictures = {f"/data/upload/1/{n}.png": encode(make_image(160, 120, seed=n), "PNG") for n in range(2)}
+    with ImageServer({**pictures, "/data/upload/1/bad.png": b"not an image"}, token="t") as server:
+        settings = Settings.from_env({**env, "BATCH_SIZE": "4", "LABEL_STUDIO_URL": server.url,
+                                      "LABEL_STUDIO_API_KEY": "t"})
+        tasks = [{"id": n, "data": {"image": f"/data/upload/1/{n}.png"}} for n in range(2)]
+        tasks.insert(1, {"id": 9, "data": {"image": "/data/upload/1/bad.png"}})
+        models, calls = passes
+        outcomes = Pipeline(models, settings, ImageLoader(settings)).predict_tasks(tasks, CONFIG, QUERY)
+        assert calls["dino"] == [2] and calls["sam"] == [2]  # the two good images in one pass each
+        one_by_one = [Pipeline(fp32, settings, ImageLoader(settings)).predict_task(t, CONFIG, QUERY) for t in tasks]
+    assert [o.task_id for o in outcomes] == [0, 9, 1]
+    assert outcomes[1].failure.kind == "undecodable" and outcomes[1].prediction is None
+    for got, ref in zip(outcomes, one_by_one, strict=True):
+        if ref.failure is None:
+            assert got.prediction["result"] and labels(got.prediction) == labels(ref.prediction)
+            assert [r["value"].get("rle") for r in got.prediction["result"]] == [
+                r["value"].get("rle") for r in ref.prediction["result"]]
+            assert got.seconds > 0
+
+
+def labels(prediction: dict) -> list:
+    return [(r["type"], r["value"].get(r["type"])) for r in prediction["result"]]
+
+
+def test_bench_gpu_runs_on_cpu(tmp_path):
+    """benchmarks/bench_gpu.py --device cpu --quick: the GPU benchmark's own code paths, on the small models."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "figures.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick",
+                          "--models", str(tmp_path / "models"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert list(figures["rows"]) == ["fp32, compile=false", "bf16, compile=false"]
+    for row in figures["rows"].values():
+        assert set(row) == {"dino", "mobile_sam", "answer mobile_sam"} and all(v > 0 for v in row.values())
+    assert set(figures["bulk"]) == {"fp32", "bf16"} and all(r > 0 for b in figures["bulk"].values() for r in b.values())
+    assert 0 < figures["deformable_share"] < 1
+    assert "| fp32, compile=false |" in run.stdout and "images/s" in run.stdout
