@@ -239,8 +239,8 @@ def annotate(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
     stop = threading.Event()
     ray_address = args.ray or settings.ray_address
-    executor = None if pipeline is None else in_batches(
-        lambda tasks: pipeline.predict_tasks(tasks, config, query, connection.url, connection.key), settings.batch_size)
+    executor = in_batches(lambda tasks: pipeline.predict_tasks(tasks, config, query, connection.url, connection.key),
+                          settings.batch_size)
     if ray_address:
         from ray_executor import RayExecutor, RayOptions
 
@@ -266,7 +266,7 @@ def annotate(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous)
-        if executor is not None:
+        if ray_address:
             executor.__exit__(None, None, None)
     counts = report.counts
     print(f"job {job_id} {report.state} in {report.seconds:.1f} s: {counts['done']} done, {counts['failed']} failed, "
