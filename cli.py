@@ -284,7 +284,8 @@ def _detection_params(args: argparse.Namespace, settings: Settings):
     """The command line's thresholds over the environment's (the options are range-checked by argparse)."""
     from pipeline import detection_params
 
-    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections")}
+    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections",
+                                           "sam3_score_threshold")}
     return detection_params({k: v for k, v in given.items() if v is not None}, settings)
 
 
@@ -322,6 +323,7 @@ def parser() -> argparse.ArgumentParser:
                                     "prompt's labels")
     p.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
     p.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
+    p.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     p.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
     p.add_argument("--out", help="write the prediction JSON here instead of printing it")
     p.add_argument("--overlay", help="also write the image with the boxes, masks and labels drawn (PNG, JPEG)")
@@ -341,6 +343,7 @@ def parser() -> argparse.ArgumentParser:
                    help="skip tasks that already hold a prediction of this model version")
     a.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
     a.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
+    a.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
     a.add_argument("--chunk-size", type=_detections, default=50, help="predictions per import (default 50)")
     a.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")

@@ -364,7 +364,7 @@ class JobService:
 
     def create(self, body: dict, key: str) -> dict:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
-        "text_threshold", "max_detections", "label_studio_url"}. Checks the project and the key with Label Studio
+        "text_threshold", "max_detections", "sam3_score_threshold", "label_studio_url"}. Checks the project and the key with Label Studio
         before anything is queued."""
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, int) or project < 1:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache import EmbeddingCache
-from config import Settings
+from config import SEGMENTERS, Settings
 from errors import ModelLoadError, ModelsNotReady
 
 if TYPE_CHECKING:
     from dino import GroundingDino
+    from sam3_engine import Sam3Engine
     from sam_wrapper import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -25,13 +26,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Models:
-    detector: GroundingDino
-    segmenter: Segmenter | None
+    detector: GroundingDino | Sam3Engine  # text phrases -> Detections (SAM 3's carry their masks)
+    segmenter: Segmenter | None  # boxes -> masks for Grounding DINO; clicks and `*` for either engine
     cache: EmbeddingCache  # shared by both: one bound on the memory per-image state takes
+    engine: str = "grounded_sam"  # Settings.engine
 
 
 def build_models(settings: Settings) -> Models:
-    """Load Grounding DINO and the segmenter the settings name, sharing one embedding cache.
+    """Load the engine's detector (Grounding DINO, or SAM 3) and the segmenter the settings name, sharing one
+    embedding cache.
 
     Raises ModelLoadError naming the variable and the file. Takes seconds to minutes (checkpoints are large)."""
     # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
@@ -44,13 +47,18 @@ def build_models(settings: Settings) -> Models:
     device = resolve_device(s.device)
     logger.info("loading models on %s", device)
     cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
-    detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint, s.groundingdino_text_encoder,
-                                  device, cache)
+    if s.engine == "sam3":
+        from sam3_engine import Sam3Engine
+
+        detector = Sam3Engine.load(s.sam3_checkpoint, s.sam3_tokenizer, device, cache)
+    else:
+        detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,
+                                      s.groundingdino_text_encoder, device, cache)
     segmenter = None
     if s.segmenter is not None:
-        checkpoint = s.checkpoints()[1]
+        checkpoint = s.checkpoint(SEGMENTERS[s.segmenter].variable)
         segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache)
-    return Models(detector, segmenter, cache)
+    return Models(detector, segmenter, cache, s.engine)
 
 
 class ModelLoader:
