@@ -49,9 +49,8 @@ ENGINES = ("grounded_sam", "sam3")
 SAM3_CHECKPOINT_NAME = "sam3.pt"
 SAM3_TOKENIZER_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _OPEN_CLIP = importlib.util.find_spec("open_clip")
-SAM3_PACKAGED_TOKENIZER = (
-    str(Path(_OPEN_CLIP.origin).parent / SAM3_TOKENIZER_NAME) if _OPEN_CLIP else os.path.join("models", SAM3_TOKENIZER_NAME)
-)
+SAM3_PACKAGED_TOKENIZER = (str(Path(_OPEN_CLIP.origin).parent / SAM3_TOKENIZER_NAME) if _OPEN_CLIP
+                           else os.path.join("models", SAM3_TOKENIZER_NAME))
 
 
 class ConfigError(ValueError):

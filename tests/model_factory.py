@@ -409,11 +409,12 @@ def tiny_sam3(seed: int = 0) -> torch.nn.Module:
     scorer, segmentation head and neck) but with a small vision trunk (ViT embed_dim 64, depth 2, 2 heads, one
     window and one global block, input SAM3_TINY_RESOLUTION), a small text encoder (width 64, 1 layer, 2 heads;
     the real CLIP tokenizer and 49408-token vocabulary) and 1-layer transformer encoder and decoder (200 queries,
-    presence token, as published). About 20 M parameters (most in the 49408-token embedding and the builder's geometry encoder and heads). Deterministic for a
-    seed; eval mode. Built inside sam3_engine.cuda_redirected("cpu") (the builder's parts ask for CUDA).
+    presence token, as published). About 20 M parameters (most in the 49408-token embedding and the builder's
+    geometry encoder and heads). Deterministic for a seed; eval mode. Built inside
+    sam3_engine.cuda_redirected("cpu") (the builder's parts ask for CUDA).
 
-    With random init the presence and class logits are near 0, so scores sit around 0.25 (sigmoid(0)^2); the
-    tests pick thresholds from the scores they get."""
+    With random init the scores (sigmoid(logit) * sigmoid(presence)) spread over ~0.25-0.5 (on make_image(160,
+    120, 5): "cat" 0.31-0.47, "house" 0.31-0.49); the tests pick thresholds inside that range."""
     from sam3 import model_builder as mb
     from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
     from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
