@@ -2,7 +2,7 @@
 
     python cli.py predict IMAGE_OR_URL --prompt "brown cat_cats. house" [--config label.xml]
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
-                  [--out prediction.json] [--overlay overlay.png]
+                  [--sam3-score-threshold 0.5] [--out prediction.json] [--overlay overlay.png]
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
                   [--only-missing] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
     python cli.py annotate --resume JOB_ID
