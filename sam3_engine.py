@@ -10,8 +10,8 @@ The computation is the package's reference inference, `sam3.model.sam3_image_pro
 the image's backbone features go into the shared EmbeddingCache (no per-object "current image"), the masks are
 upscaled to image pixels lazily, a few at a time, and the detections are cut to the `max_detections` best.
 
-sam3 0.1.4 hard-codes CUDA in places that a CPU-only machine reaches (see `cuda_redirected`); on a device that
-is not CUDA the model is built and run inside that mode, which only moves those tensors to the model's device.
+sam3 0.1.4 hard-codes CUDA in places that a CPU-only machine reaches (see `cuda_redirected`): the model is built,
+and off CUDA also run, inside that mode, which only moves those tensors to the model's device.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class cuda_redirected(TorchFunctionMode):  # noqa: N801 (used as a context manag
     - `TransformerDecoder.__init__` precomputes its box-relative position coordinates with `device="cuda"`;
     - `SequenceGeometryEncoder._encode_boxes` calls `pin_memory()` on the boxes' scale (every text query goes
       through it, with zero boxes).
-    Other torch calls pass through unchanged. Not needed (and not used) on a CUDA device."""
+    Other torch calls pass through unchanged. The model is built inside it on every device (so "cuda" means the
+    model's device, cuda:N included, not cuda:0) and run inside it off CUDA only."""
 
     def __init__(self, device: str | torch.device):
         super().__init__()
@@ -65,6 +66,16 @@ class cuda_redirected(TorchFunctionMode):  # noqa: N801 (used as a context manag
         if requested is not None and torch.device(requested).type == "cuda":
             kwargs = {**kwargs, "device": self.device}
         return func(*args, **kwargs)
+
+
+def _import_sam3() -> None:
+    """Import the sam3 package, undoing what its import does to global state: sam3.model_builder turns on TF32
+    matmuls and convolutions for the whole process when a CUDA device of compute capability >= 8 is present. The
+    service's numeric precision is its own settings' business, not a side effect of loading SAM 3."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    import sam3.model_builder  # noqa: F401
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class Sam3Engine:
                  resolution: int = RESOLUTION):
         """model: a Sam3Image, e.g. `sam3.model_builder.build_sam3_image_model`'s (or a smaller one built from
         the package's parts); resolution: its input square's side."""
+        _import_sam3()
         from sam3.model.data_misc import FindStage
         from torchvision.transforms import v2
 
@@ -169,11 +181,11 @@ class Sam3Engine:
         if any(k.startswith("detector.") for k in state):
             state = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
         device = resolve_device(device)
+        _import_sam3()
         from sam3.model_builder import build_sam3_image_model
 
-        mode = cuda_redirected(device) if torch.device(device).type != "cuda" else _no_mode()
-        try:
-            with mode:
+        try:  # the builder's "cuda" tensors are made on `device` (on cuda:N too, where "cuda" would be cuda:0)
+            with cuda_redirected(device):
                 model = build_sam3_image_model(bpe_path=tokenizer, device="cpu", checkpoint_path=None,
                                                load_from_HF=False, enable_segmentation=True,
                                                enable_inst_interactivity=False)

@@ -415,6 +415,9 @@ def tiny_sam3(seed: int = 0) -> torch.nn.Module:
 
     With random init the scores (sigmoid(logit) * sigmoid(presence)) spread over ~0.25-0.5 (on make_image(160,
     120, 5): "cat" 0.31-0.47, "house" 0.31-0.49); the tests pick thresholds inside that range."""
+    from sam3_engine import _import_sam3, cuda_redirected
+
+    _import_sam3()  # first: sam3's own import would switch TF32 on for the whole test process on a recent GPU
     from sam3 import model_builder as mb
     from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
     from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
@@ -422,8 +425,6 @@ def tiny_sam3(seed: int = 0) -> torch.nn.Module:
     from sam3.model.text_encoder_ve import VETextEncoder
     from sam3.model.tokenizer_ve import SimpleTokenizer
     from sam3.model.vitdet import ViT
-
-    from sam3_engine import cuda_redirected
 
     res = SAM3_TINY_RESOLUTION
     with torch.random.fork_rng(devices=[]), cuda_redirected("cpu"):
@@ -484,9 +485,10 @@ def sam3_checkpoint_state(model: torch.nn.Module) -> dict:
 def make_real_size_sam3(path: Path, seed: int = 0) -> Path:
     """The published SAM 3 image model (``build_sam3_image_model``, ~841 M parameters) with random weights, saved
     in sam3.pt's layout (3.4 GB; about 10 s to build and 10-20 s to write). Deterministic for a seed."""
-    from sam3.model_builder import build_sam3_image_model
+    from sam3_engine import _import_sam3, cuda_redirected
 
-    from sam3_engine import cuda_redirected
+    _import_sam3()
+    from sam3.model_builder import build_sam3_image_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

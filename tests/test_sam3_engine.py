@@ -2,10 +2,10 @@
 workaround, the cache, the pipeline path, and the loading code's errors.
 
 Most tests use model_factory.tiny_sam3 (the package's parts, shrunk: ~20 M parameters, 224x224 input, ~4 s to
-build once per module, 1-2 s per text query: the builder's full-width heads). test_real_size_sam3_loads_through_build_models_and_matches
-_the_reference builds the published architecture (841 M parameters) with random weights, writes it as sam3.pt
-(3.4 GB) and loads it through build_models: about 3 minutes on 2 idle cores, most of it two 1008x1008 image
-encodings (marked real_size).
+build once per module, 1-2 s per text query: the builder's full-width heads); about 65 s in all on 2 cores.
+test_real_size_sam3_loads_through_build_models_and_matches_the_reference (marked real_size) builds the published
+architecture (841 M parameters) with random weights, writes it as sam3.pt (3.4 GB) and loads it through
+build_models: about 3 minutes on 2 idle cores, most of it two 1008x1008 image encodings.
 """
 
 from __future__ import annotations
