@@ -127,8 +127,8 @@ class Sam3Masks:
 
 class Sam3Engine:
     """Owns one SAM 3 image model (`sam3.model.sam3_image.Sam3Image`). `detect` is safe to call from several
-    threads (the model runs under a lock); with a cache, each image is encoded once for all its phrases and
-    prompts (the backbone is ~all of the cost: ~45 s on 2 CPU cores at 1008x1008, a query ~1-2 s)."""
+    threads (the model runs under a lock). With a cache, each image is encoded once for all its phrases and
+    prompts (~45 s on 2 CPU cores at 1008x1008), and each (image, phrase) query runs once (~6 s there)."""
 
     def __init__(self, model: torch.nn.Module, device: str, cache: EmbeddingCache | None = None,
                  resolution: int = RESOLUTION):
@@ -219,28 +219,41 @@ class Sam3Engine:
         return self.cache.get(("sam3-features", id(self), image_id), lambda: self.encode(image))
 
     @torch.inference_mode()
-    def query(self, features: ImageFeatures, text: str, score_threshold: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One text query, as Sam3Processor.set_text_prompt runs it (confidence_threshold = score_threshold).
-
-        Returns, for the queries whose score (sigmoid(logit) * sigmoid(presence)) is > score_threshold, in the
-        model's query order: boxes (K, 4) float32 xyxy image pixels, scores (K,), mask logits (K, h, w)."""
+    def grounding(self, features: ImageFeatures, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One text query on an encoded image, all of SAM 3's queries (Q = 200 for the published model): scores
+        (Q,) = sigmoid(logit) * sigmoid(presence), boxes (Q, 4) cxcywh normalised to the input square, mask logits
+        (Q, h, w) (h = w = resolution / 3.5: 288 at 1008), as Sam3Processor._forward_grounding reads them."""
         with self._lock, self._mode():
             text_out = self.model.backbone.forward_text([text], device=self.device)
             backbone_out = {**features.backbone_out, **text_out}
             outputs = self.model.forward_grounding(backbone_out=backbone_out, find_input=self._find_stage,
                                                    geometric_prompt=self.model._get_dummy_prompt(),
                                                    find_target=None)
-        from sam3.model import box_ops
-
         probs = outputs["pred_logits"].sigmoid()
         presence = outputs["presence_logit_dec"].sigmoid().unsqueeze(1)
-        probs = (probs * presence).squeeze(-1)
-        keep = probs > score_threshold
+        return (probs * presence).squeeze(-1)[0], outputs["pred_boxes"][0], outputs["pred_masks"][0]
+
+    @torch.inference_mode()
+    def query(self, features: ImageFeatures, text: str, score_threshold: float, image_id: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One text query, as Sam3Processor.set_text_prompt runs it (confidence_threshold = score_threshold).
+        With `image_id`, the query's outputs are cached (~66 MB at 1008: the 200 mask logits), so the same
+        phrase on the same image again (another threshold, Retrieve Predictions again) runs no model.
+
+        Returns, for the queries whose score is > score_threshold, in the model's query order: boxes (K, 4)
+        float32 xyxy image pixels, scores (K,), mask logits (K, h, w)."""
+        if self.cache is None or image_id is None:
+            scores, boxes, masks = self.grounding(features, text)
+        else:
+            key = ("sam3-query", id(self), image_id, text)
+            scores, boxes, masks = self.cache.get(key, lambda: self.grounding(features, text))
+        from sam3.model import box_ops
+
+        keep = scores > score_threshold
         height, width = features.original_size
-        boxes = box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][keep])
-        boxes = boxes * torch.tensor([width, height, width, height]).to(self.device)[None, :]
-        return boxes, probs[keep], outputs["pred_masks"][keep]
+        xyxy = box_ops.box_cxcywh_to_xyxy(boxes[keep]) * torch.tensor([width, height, width, height]).to(
+            self.device)[None, :]
+        return xyxy, scores[keep], masks[keep]
 
     def detect(self, image: np.ndarray, phrases: Sequence[Phrase], score_threshold: float,
                max_detections: int = 50, nms_iou: float = 0.7, image_id: str | None = None) -> Detections:
@@ -255,7 +268,7 @@ class Sam3Engine:
         if not phrases:
             return Detections.empty()
         features = self.features_for(image, image_id)
-        found = [(phrase, *self.query(features, phrase.text, score_threshold)) for phrase in phrases]
+        found = [(phrase, *self.query(features, phrase.text, score_threshold, image_id)) for phrase in phrases]
         boxes = torch.cat([f[1] for f in found]).float().cpu()
         scores = torch.cat([f[2] for f in found]).float().cpu()
         masks = torch.cat([f[3] for f in found])

@@ -8,14 +8,15 @@ engine, on --repeats fresh 1024x768 images, it prints the medians of:
 
   first       a two-phrase prompt on an image not seen before (every model encodes the image)
   repeat      the same prompt again (Grounding DINO: cached outputs and SAM embedding; SAM 3: cached image
-              features, its two text queries run again)
-  other       another prompt on the same image (cached image features / embeddings)
+              features and query outputs: only thresholds, clean-up and regions run)
+  other       another prompt (one phrase) on the same image (cached image features / embeddings)
 
 the size of the loaded weights, and the process's resident memory after the engine's runs (cumulative: the
 engines run one after another in one process). Thresholds 0 and MAX_DETECTIONS 10, so every
-engine returns 10 masks (random weights score arbitrarily). About 15 minutes on 2 cores; --quick: one image.
+engine returns 10 masks (random weights score arbitrarily). About 15 minutes on 2 cores; --quick: one image;
+--only sam3 (or mobile_sam, sam_vit_b): one engine.
 
-    .venv/bin/python benchmarks/bench_sam3.py [--repeats 2] [--quick]
+    .venv/bin/python benchmarks/bench_sam3.py [--repeats 2] [--quick] [--only sam3]
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one image per engine")
+    parser.add_argument("--only", choices=("mobile_sam", "sam_vit_b", "sam3"), help="one engine only")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {WIDTH}x{HEIGHT}, prompt {PROMPT!r}, "
@@ -108,16 +110,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        config, checkpoint, bert = make_real_size_groundingdino(tmp / "gdino")
+        config, checkpoint, bert = (make_real_size_groundingdino(tmp / "gdino") if args.only != "sam3"
+                                    else ("", "", ""))
         common = {"GROUNDINGDINO_CONFIG": str(config), "GROUNDINGDINO_CHECKPOINT": str(checkpoint),
                   "GROUNDINGDINO_TEXT_ENCODER": str(bert), "DEVICE": "cpu", "MASK_MIN_AREA": "100"}
-        engines = [
-            ("Grounding DINO + MobileSAM", {**common, "MOBILESAM_CHECKPOINT": str(make_mobile_sam(tmp / "m.pt"))}),
-            ("Grounding DINO + SAM ViT-B", {**common, "USE_SAM": "true", "SAM_MODEL_TYPE": "vit_b",
-                                            "SAM_CHECKPOINT": str(make_sam(tmp / "sam_vit_b.pth", "vit_b"))}),
-            ("SAM 3", {"ENGINE": "sam3", "USE_MOBILE_SAM": "false", "DEVICE": "cpu", "MASK_MIN_AREA": "100",
-                       "SAM3_CHECKPOINT": str(make_real_size_sam3(tmp / "sam3.pt"))}),
-        ]
+        engines = []
+        if args.only in (None, "mobile_sam"):
+            engines.append(("Grounding DINO + MobileSAM",
+                            {**common, "MOBILESAM_CHECKPOINT": str(make_mobile_sam(tmp / "m.pt"))}))
+        if args.only in (None, "sam_vit_b"):
+            engines.append(("Grounding DINO + SAM ViT-B", {**common, "USE_SAM": "true", "SAM_MODEL_TYPE": "vit_b",
+                                                           "SAM_CHECKPOINT": str(make_sam(tmp / "b.pth", "vit_b"))}))
+        if args.only in (None, "sam3"):
+            sam3_checkpoint = str(make_real_size_sam3(tmp / "sam3.pt"))
+            engines.append(("SAM 3", {"ENGINE": "sam3", "USE_MOBILE_SAM": "false", "DEVICE": "cpu",
+                                      "MASK_MIN_AREA": "100", "SAM3_CHECKPOINT": sam3_checkpoint}))
         print(f"random-weight checkpoints written in {time.perf_counter() - t:.0f} s", flush=True)
         results = [run(name, env, repeats) for name, env in engines]
     print()

@@ -88,16 +88,25 @@ def test_masks_read_one_by_one_equal_the_whole_array(engine):
     assert np.array_equal(found.masks[3], whole[3])
 
 
-def test_the_image_is_encoded_once_for_every_phrase_and_repeat(engine):
+def test_the_image_is_encoded_once_and_each_phrase_queried_once(model, engine, monkeypatch):
     image_id = image_digest(IMAGE)
     phrases = [Phrase("cat", "cats"), Phrase("house", "house")]
     first = engine.detect(IMAGE, phrases, 0.4, max_detections=900, nms_iou=1.0, image_id=image_id)
+    assert engine.cache.stats()["misses"] == 3 and len(engine.cache) == 3  # the features, then one per phrase
+    calls = []
+    monkeypatch.setattr(model.backbone, "forward_image", lambda *a: calls.append("image"))
+    monkeypatch.setattr(model, "forward_grounding", lambda **k: calls.append("query"))
     again = engine.detect(IMAGE, phrases, 0.4, max_detections=900, nms_iou=1.0, image_id=image_id)
-    assert engine.cache.stats()["misses"] == 1 and engine.cache.stats()["hits"] == 1
+    stricter = engine.detect(IMAGE, phrases[:1], 0.43, max_detections=900, nms_iou=1.0, image_id=image_id)
+    assert calls == [] and engine.cache.stats()["hits"] == 5
     assert np.array_equal(first.xyxy, again.xyxy) and np.array_equal(np.asarray(first.masks),
                                                                       np.asarray(again.masks))
+    monkeypatch.undo()
+    expected = reference(model, IMAGE, "cat", 0.43)  # another threshold on the cached outputs: still the reference
+    assert np.array_equal(stricter.scores, expected["scores"]) and np.array_equal(stricter.xyxy, expected["boxes"])
+    assert np.array_equal(np.asarray(stricter.masks), expected["masks"])
     uncached = engine.detect(IMAGE, phrases, 0.4, max_detections=900, nms_iou=1.0)
-    assert np.array_equal(first.scores, uncached.scores)
+    assert np.array_equal(first.scores, uncached.scores) and engine.cache.stats()["misses"] == 3
 
 
 def test_each_phrase_is_one_query_with_its_label_then_the_best_are_kept(model, engine):
