@@ -10,6 +10,8 @@ build_models: about 3 minutes on 2 idle cores, most of it two 1008x1008 image en
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,7 @@ from images import ImageLoader
 from labeling import parse_label_config
 from loader import Models, build_models
 from masks import CleanupParams, clean_mask
-from pipeline import ClickQuery, DetectionParams, Pipeline, TextQuery
+from pipeline import ClickQuery, DetectionParams, Pipeline, TextQuery, everything_defaults
 from prompts import Phrase, parse_prompt
 from sam3_engine import Sam3Engine, cuda_redirected
 from sam_wrapper import Segmenter
@@ -224,6 +226,22 @@ def test_the_pipeline_uses_sam3_masks_cleaned_and_labeled(model, mobile_sam):
                                                                                                       "house"}
     boxes_only = pipeline.detect(IMAGE, image_digest(IMAGE), text_query(), wants_masks=False)
     assert boxes_only.masks is None and np.array_equal(boxes_only.xyxy, found.xyxy)
+
+
+def test_a_labeled_star_keeps_sam3_masks_for_the_phrases(model, mobile_sam, monkeypatch):
+    """`cat_cats. *_house`: the phrase's detections keep SAM 3's masks (the segmenter is not asked for them), and
+    segment everything's masks (MobileSAM's) follow, labeled with the star's label."""
+    pipeline = sam3_pipeline(model, mobile_sam)
+    monkeypatch.setattr(mobile_sam, "segment_boxes", lambda *a, **k: pytest.fail("SAM 3's masks were replaced"))
+    query = replace(text_query("cat_cats. *_house", max_detections=4),
+                    everything=replace(everything_defaults(pipeline.settings), points_per_side=4, pred_iou_thresh=0.0,
+                                       stability_score_thresh=0.0))
+    found = pipeline.detect(IMAGE, image_digest(IMAGE), query)
+    raw = pipeline.models.detector.detect(IMAGE, [Phrase("cat", "cats")], 0.4, 4, pipeline.settings.nms_iou)
+    assert found.labels[:4] == ("cats",) * 4 and len(found) > 4 and set(found.labels[4:]) == {"house"}
+    masks = list(found.masks)
+    assert len(masks) == len(found)
+    assert all(np.array_equal(masks[i], clean_mask(m, CleanupParams(100, 0))) for i, m in enumerate(raw.masks))
 
 
 def test_the_project_threshold_and_cap_reach_sam3(model):
