@@ -2,7 +2,7 @@
 
     python cli.py predict IMAGE_OR_URL --prompt "brown cat_cats. house" [--config label.xml]
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
-                  [--out prediction.json] [--overlay overlay.png]
+                  [--sam3-score-threshold 0.5] [--out prediction.json] [--overlay overlay.png]
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
                   [--only-missing] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
     python cli.py annotate --resume JOB_ID
@@ -283,7 +283,8 @@ def _detection_params(args: argparse.Namespace, settings: Settings):
     """The command line's thresholds over the environment's (the options are range-checked by argparse)."""
     from pipeline import detection_params
 
-    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections")}
+    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections",
+                                           "sam3_score_threshold")}
     return detection_params({k: v for k, v in given.items() if v is not None}, settings)
 
 
@@ -321,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
                                     "prompt's labels")
     p.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
     p.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
+    p.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     p.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
     p.add_argument("--out", help="write the prediction JSON here instead of printing it")
     p.add_argument("--overlay", help="also write the image with the boxes, masks and labels drawn (PNG, JPEG)")
@@ -340,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
                    help="skip tasks that already hold a prediction of this model version")
     a.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
     a.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
+    a.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
     a.add_argument("--chunk-size", type=_detections, default=50, help="predictions per import (default 50)")
     a.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")

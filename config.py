@@ -47,6 +47,16 @@ GROUNDINGDINO_PACKAGED_CONFIG = str(
 )
 
 
+# SAM 3 (ENGINE=sam3): the checkpoint as published (facebook/sam3 on the model hub, gated), and its tokenizer's
+# file, the CLIP BPE vocabulary that the sam3 wheel lacks; open_clip_torch ships the same file (weights.py).
+ENGINES = ("grounded_sam", "sam3")
+SAM3_CHECKPOINT_NAME = "sam3.pt"
+SAM3_TOKENIZER_NAME = "bpe_simple_vocab_16e6.txt.gz"
+_OPEN_CLIP = importlib.util.find_spec("open_clip")
+SAM3_PACKAGED_TOKENIZER = (str(Path(_OPEN_CLIP.origin).parent / SAM3_TOKENIZER_NAME) if _OPEN_CLIP
+                           else os.path.join("models", SAM3_TOKENIZER_NAME))
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
@@ -111,6 +121,7 @@ class Settings:
     """Service settings; see README "Environment variables" for each one."""
 
     # Models
+    engine: str = "grounded_sam"  # or "sam3": SAM 3 finds the phrases' boxes and masks; the segmenter does clicks
     model_dir: str = "models"
     groundingdino_config: str = GROUNDINGDINO_PACKAGED_CONFIG
     groundingdino_checkpoint: str = "models/groundingdino_swint_ogc.pth"
@@ -120,6 +131,8 @@ class Settings:
     sam_model_type: str = "vit_h"
     sam_checkpoint: str = "models/sam_vit_h_4b8939.pth"
     mobilesam_checkpoint: str = "models/mobile_sam.pt"
+    sam3_checkpoint: str = "models/sam3.pt"
+    sam3_tokenizer: str = SAM3_PACKAGED_TOKENIZER
     device: str = "auto"
     # GPU speed (README "GPU"): the encoders' autocast precision, torch.compile, images per encoder pass
     precision: str = "auto"
@@ -132,6 +145,7 @@ class Settings:
     # Detection
     box_threshold: float = 0.3
     text_threshold: float = 0.25
+    sam3_score_threshold: float = 0.5  # Sam3Processor's confidence_threshold
     max_detections: int = 50
     nms_iou: float = 0.7
     polygon_tolerance: float = 1.0
@@ -183,18 +197,30 @@ class Settings:
         return self.sam_model_type if self.segmenter == "sam" else next(iter(SEGMENTERS[self.segmenter].files))
 
     def checkpoints(self) -> list[Checkpoint]:
-        """The checkpoint files these settings load: Grounding DINO's, then the segmenter's (if any)."""
-        needed = [Checkpoint("GROUNDINGDINO_CHECKPOINT", self.groundingdino_checkpoint, GROUNDINGDINO_CHECKPOINT_NAME)]
+        """The model files these settings load: the detector's (Grounding DINO's, or SAM 3's checkpoint and
+        tokenizer file), then the segmenter's (if any)."""
+        if self.engine == "sam3":
+            needed = [Checkpoint("SAM3_CHECKPOINT", self.sam3_checkpoint, SAM3_CHECKPOINT_NAME),
+                      Checkpoint("SAM3_TOKENIZER", self.sam3_tokenizer, SAM3_TOKENIZER_NAME)]
+        else:
+            needed = [Checkpoint("GROUNDINGDINO_CHECKPOINT", self.groundingdino_checkpoint,
+                                 GROUNDINGDINO_CHECKPOINT_NAME)]
         if self.segmenter is not None:
             kind = SEGMENTERS[self.segmenter]
             path = self.sam_checkpoint if self.segmenter == "sam" else self.mobilesam_checkpoint
             needed.append(Checkpoint(kind.variable, path, kind.files[self.segmenter_model_type]))
         return needed
 
+    def checkpoint(self, variable: str) -> Checkpoint | None:
+        """The model file of `checkpoints()` that `variable` names, or None when these settings load none."""
+        return next((c for c in self.checkpoints() if c.variable == variable), None)
+
     @property
     def model_version(self) -> str:
-        """Names the models in use by their checkpoint files, e.g. groundingdino_swint_ogc+mobile_sam."""
-        return "+".join(os.path.splitext(os.path.basename(c.path))[0] for c in self.checkpoints())
+        """Names the models in use by their checkpoint files, e.g. groundingdino_swint_ogc+mobile_sam, or
+        sam3+mobile_sam (the tokenizer file is not a model)."""
+        return "+".join(os.path.splitext(os.path.basename(c.path))[0] for c in self.checkpoints()
+                        if c.variable != "SAM3_TOKENIZER")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -203,10 +229,14 @@ class Settings:
         sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
         if sam_type not in SEGMENTERS["sam"].files:
             raise ConfigError(f"SAM_MODEL_TYPE must be one of vit_h, vit_l, vit_b, got {sam_type!r}")
+        engine = _str(env, "ENGINE", cls.engine).lower()
+        if engine not in ENGINES:
+            raise ConfigError(f"ENGINE must be one of {', '.join(ENGINES)}, got {engine!r}")
         device = _str(env, "DEVICE", cls.device).lower()
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
         return cls(
+            engine=engine,
             model_dir=model_dir,
             groundingdino_config=_str(env, "GROUNDINGDINO_CONFIG", GROUNDINGDINO_PACKAGED_CONFIG),
             groundingdino_checkpoint=_str(
@@ -221,6 +251,8 @@ class Settings:
             sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SEGMENTERS["sam"].files[sam_type])),
             mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT",
                                       os.path.join(model_dir, SEGMENTERS["mobile_sam"].files["vit_t"])),
+            sam3_checkpoint=_str(env, "SAM3_CHECKPOINT", os.path.join(model_dir, SAM3_CHECKPOINT_NAME)),
+            sam3_tokenizer=_str(env, "SAM3_TOKENIZER", SAM3_PACKAGED_TOKENIZER),
             device=device,
             precision=_choice(env, "PRECISION", cls.precision, PRECISIONS),
             compile=_choice(env, "COMPILE", cls.compile, COMPILES),
@@ -230,6 +262,7 @@ class Settings:
             image_cache_seconds=_number(env, "IMAGE_CACHE_SECONDS", cls.image_cache_seconds, float, 0.0),
             box_threshold=_number(env, "BOX_THRESHOLD", cls.box_threshold, float, 0.0, 1.0),
             text_threshold=_number(env, "TEXT_THRESHOLD", cls.text_threshold, float, 0.0, 1.0),
+            sam3_score_threshold=_number(env, "SAM3_SCORE_THRESHOLD", cls.sam3_score_threshold, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", cls.max_detections, int, 1, 900),
             nms_iou=_number(env, "NMS_IOU", cls.nms_iou, float, 0.0, 1.0),
             polygon_tolerance=_number(env, "POLYGON_TOLERANCE", cls.polygon_tolerance, float, 0.0, 1000.0),

@@ -375,8 +375,8 @@ class JobService:
 
     def create(self, body: dict, key: str) -> dict:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
-        "text_threshold", "max_detections", "label_studio_url"}. Checks the project and the key with Label Studio
-        before anything is queued."""
+        "text_threshold", "max_detections", "sam3_score_threshold", "label_studio_url"}. Checks the project and
+        the key with Label Studio before anything is queued."""
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, int) or project < 1:
             raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")

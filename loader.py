@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cache import EmbeddingCache
-from config import Settings
+from config import SEGMENTERS, Settings
 from errors import ModelLoadError, ModelsNotReady
 
 if TYPE_CHECKING:
     from dino import GroundingDino
+    from sam3_engine import Sam3Engine
     from sam_wrapper import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -25,15 +26,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Models:
-    detector: GroundingDino
-    segmenter: Segmenter | None
+    detector: GroundingDino | Sam3Engine  # text phrases -> Detections (SAM 3's carry their masks)
+    segmenter: Segmenter | None  # boxes -> masks for Grounding DINO; clicks and `*` for either engine
     cache: EmbeddingCache  # shared by both: one bound on the memory per-image state takes
-    # How they run, for /health: device, precision, compiled, deformable_attention.
+    engine: str = "grounded_sam"  # Settings.engine
+    # How they run, for /health: device, precision, compiled, deformable_attention (Grounding DINO's).
     runtime: dict = field(default_factory=dict)
 
 
 def build_models(settings: Settings) -> Models:
-    """Load Grounding DINO and the segmenter the settings name, sharing one embedding cache.
+    """Load the engine's detector (Grounding DINO, or SAM 3) and the segmenter the settings name, sharing one
+    embedding cache.
 
     Raises ModelLoadError naming the variable and the file. Takes seconds to minutes (checkpoints are large)."""
     # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
@@ -48,15 +51,22 @@ def build_models(settings: Settings) -> Models:
     allow_tf32(s.precision, device)
     logger.info("loading models on %s (%s)", device, dtype_name(dtype))
     cache = EmbeddingCache(s.embedding_cache_size, int(s.embedding_cache_mb * 2**20))
-    detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint, s.groundingdino_text_encoder,
-                                  device, cache, dtype)
+    if s.engine == "sam3":
+        from sam3_engine import Sam3Engine
+
+        detector = Sam3Engine.load(s.sam3_checkpoint, s.sam3_tokenizer, device, cache)
+    else:
+        detector = GroundingDino.load(s.groundingdino_config, s.groundingdino_checkpoint,
+                                      s.groundingdino_text_encoder, device, cache, dtype)
     segmenter = None
     if s.segmenter is not None:
-        checkpoint = s.checkpoints()[1]
+        checkpoint = s.checkpoint(SEGMENTERS[s.segmenter].variable)
         segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache, dtype)
-    compiled = []
-    for name, model in (("segmenter", segmenter), ("detector", detector)):
-        if model is not None and (s.compile == "true" or s.compile == name):
+    runtime = {"device": device, "precision": dtype_name(dtype), "compiled": []}
+    if s.engine == "grounded_sam":
+        runtime["deformable_attention"] = deformable_attention_kernel(device)
+    for name, model in (("segmenter", segmenter), ("detector", detector if s.engine == "grounded_sam" else None)):
+        if model is not None and s.compile in ("true", name):
             started = time.perf_counter()
             if model is segmenter:
                 segmenter.compile((1, s.batch_size))  # the batch sizes it will see
@@ -64,10 +74,8 @@ def build_models(settings: Settings) -> Models:
                 detector.compile()
             logger.info("torch.compile: the %s's encoder compiled and warmed up in %.1f s", name,
                         time.perf_counter() - started)
-            compiled.append(name)
-    runtime = {"device": device, "precision": dtype_name(dtype), "compiled": compiled,
-               "deformable_attention": deformable_attention_kernel(device)}
-    return Models(detector, segmenter, cache, runtime)
+            runtime["compiled"].append(name)
+    return Models(detector, segmenter, cache, engine=s.engine, runtime=runtime)
 
 
 class ModelLoader:

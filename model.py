@@ -42,9 +42,9 @@ class ProjectParams:
 
 def project_params(extra: dict, settings: Settings) -> ProjectParams:
     """Validate a project's extra params ({"prompt", "box_threshold", "text_threshold", "max_detections",
-    "mask_min_area", "mask_smooth", "everything": {SamAutomaticMaskGenerator arguments}})."""
-    allowed = {"prompt", "box_threshold", "text_threshold", "max_detections", "mask_min_area", "mask_smooth",
-               "everything"}
+    "sam3_score_threshold", "mask_min_area", "mask_smooth", "everything": {SamAutomaticMaskGenerator arguments}})."""
+    allowed = {"prompt", "box_threshold", "text_threshold", "max_detections", "sam3_score_threshold",
+               "mask_min_area", "mask_smooth", "everything"}
     unknown = sorted(set(extra) - allowed)
     if unknown:
         raise ParamsError(f"extra_params: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

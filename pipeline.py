@@ -42,16 +42,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DetectionParams:
-    """Grounding DINO's gates, from the environment or a project's extra params."""
+    """The detector's gates, from the environment or a project's extra params: Grounding DINO's two thresholds,
+    or SAM 3's score threshold (ENGINE=sam3), and the cap on detections either keeps."""
 
     box_threshold: float
     text_threshold: float
     max_detections: int
+    sam3_score_threshold: float = 0.5
 
 
 def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> DetectionParams:
-    """DetectionParams from `values` ({"box_threshold", "text_threshold", "max_detections"}, each optional) over
-    the settings' defaults; ParamsError names the key (after `prefix`) and the range."""
+    """DetectionParams from `values` ({"box_threshold", "text_threshold", "max_detections",
+    "sam3_score_threshold"}, each optional) over the settings' defaults; ParamsError names the key (after
+    `prefix`) and the range."""
 
     def number(key, default, kind, lo, hi):
         value = values.get(key, default)
@@ -65,6 +68,7 @@ def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> D
         box_threshold=number("box_threshold", settings.box_threshold, float, 0.0, 1.0),
         text_threshold=number("text_threshold", settings.text_threshold, float, 0.0, 1.0),
         max_detections=number("max_detections", settings.max_detections, int, 1, 900),
+        sam3_score_threshold=number("sam3_score_threshold", settings.sam3_score_threshold, float, 0.0, 1.0),
     )
 
 
@@ -156,9 +160,11 @@ class Pipeline:
     def detect(self, image: np.ndarray, image_id: str, query: Query, wants_masks: bool = True) -> Detections:
         """One image: (H, W, 3) uint8 RGB and its identity (cache.image_digest) -> Detections in its pixels.
 
-        A text query runs Grounding DINO, then (when `wants_masks` and a segmenter is loaded) SAM on every box in
-        one decoder call; a click query runs SAM alone, its box being the mask's bounding box. A `*` phrase adds
-        SAM's automatic masks (TextQuery). Every mask is cleaned (masks.clean_mask) as it is read."""
+        A text query runs the detector: Grounding DINO, then (when `wants_masks` and a segmenter is loaded) SAM on
+        every box in one decoder call; or SAM 3 (ENGINE=sam3), whose detections come with their masks, so the
+        segmenter is not asked. A click query runs the segmenter alone, its box being the mask's bounding box. A
+        `*` phrase adds SAM's automatic masks (TextQuery). Every mask is cleaned (masks.clean_mask) as it is
+        read; without `wants_masks`, detections carry none."""
         if isinstance(query, ClickQuery):
             return self._clicked(image, image_id, query)
         p = query.params
@@ -169,10 +175,11 @@ class Pipeline:
         if phrases:
             self._turn()
             detections = self._find(image, image_id, phrases, p)
+            if not wants_masks:
+                detections = detections.with_masks(None)
         if star is None or segmenter is None:
-            if segmenter is not None and len(detections):
-                self._turn()
-                masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+            if len(detections) and (detections.masks is not None or segmenter is not None):
+                masks = self._box_masks(image, image_id, detections, segmenter)
                 detections = detections.with_masks(cleaned(masks, self._cleanup(query)))
             return detections
         found = segment_everything(segmenter, image, query.everything or everything_defaults(self.settings),
@@ -180,9 +187,7 @@ class Pipeline:
         if star.label:  # `*_label`: every mask; the other phrases' boxes get their own masks as usual
             everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks)
             if len(detections):
-                self._turn()
-                masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
-                masks = ConcatMasks([masks, found.masks])
+                masks = ConcatMasks([self._box_masks(image, image_id, detections, segmenter), found.masks])
                 everything = Detections(np.concatenate([detections.xyxy, found.boxes]),
                                         np.concatenate([detections.scores, found.predicted_iou]),
                                         detections.labels + everything.labels, masks)
@@ -193,8 +198,18 @@ class Pipeline:
         return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
 
     def _find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:
-        return self.models.detector.detect(image, phrases, p.box_threshold, p.text_threshold, p.max_detections,
-                                           self.settings.nms_iou, image_id=image_id)
+        """The detector's detections of the phrases: through Grounding DINO's two thresholds, or SAM 3's one."""
+        gates = (p.sam3_score_threshold,) if self.models.engine == "sam3" else (p.box_threshold, p.text_threshold)
+        return self.models.detector.detect(image, phrases, *gates, p.max_detections, self.settings.nms_iou,
+                                           image_id=image_id)
+
+    def _box_masks(self, image: np.ndarray, image_id: str, detections: Detections, segmenter) -> np.ndarray:
+        """The detections' masks (N, H, W) bool: the detector's own (SAM 3), else the segmenter's for their boxes."""
+        if detections.masks is not None:
+            return detections.masks
+        self._turn()
+        masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+        return masks
 
     def _box_labels(self, boxes: np.ndarray, detections: Detections) -> tuple[list[str], np.ndarray]:
         """Each of `boxes` (N, 4) xyxy image pixels -> the label of the detection whose box it overlaps most,
@@ -309,14 +324,16 @@ class Pipeline:
         phrases = tuple(ph for ph in query.phrases if ph.text != EVERYTHING)
         star = len(phrases) < len(query.phrases)
         segmenter = self.models.segmenter if wants_masks else None
+        dino = self.models.engine == "grounded_sam"  # SAM 3 encodes image by image, with its masks
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            if phrases:
+            if phrases and dino:
                 self._turn()
                 self.models.detector.encode_batch([image for image, _ in chunk], [i for _, i in chunk], phrases)
             if segmenter is None:
                 continue
-            wanted = [(image, i) for image, i in chunk if star or len(self._find(image, i, phrases, query.params))]
+            wanted = [(image, i) for image, i in chunk
+                      if star or (dino and len(self._find(image, i, phrases, query.params)))]
             if len(wanted) > 1:
                 self._turn()
                 segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])

@@ -134,7 +134,8 @@ class PromptDecoder:
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
                                dim=1)
         b, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        # hyper_in.shape[1], not -1: with no prompt (B = 0: none above decode_above's threshold) -1 is ambiguous.
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, hyper_in.shape[1], h, w)
 
     def _first_layer(self, image: DecoderInput, tokens: torch.Tensor,
                      keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

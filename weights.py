@@ -36,6 +36,11 @@ BERT_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"  # bert-base-uncased 
 _BERT = f"https://huggingface.co/bert-base-uncased/resolve/{BERT_REVISION}"
 _GDINO_HF = "https://huggingface.co/ShilongLiu/GroundingDINO/resolve/a94c9b567a2a374598f05c584e96798a170c56fb"
 _MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/MobileSAM
+# facebook/sam3 on the hub (gated: each user accepts Meta's SAM License there), at the revision public download
+# manifests pin it to.
+SAM3_REPO = "facebook/sam3"
+SAM3_REVISION = "3c879f39826c281e95690f02c7821c4de09afae7"
+SAM3_LICENSE_PAGE = f"https://huggingface.co/{SAM3_REPO}"
 
 # Every digest below was read in published sources, not computed here (no weight file can be downloaded from
 # this project's machines); each is recorded, with the same file size, by several independent projects that
@@ -44,6 +49,13 @@ _MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/
 #   (its pooch registry of SHA-256 digests for the dl.fbaipublicfiles.com files and MobileSAM's weights).
 # - Grounding DINO Swin-T / Swin-B: public download scripts and manifests that pin the GitHub release files
 #   (v0.1.0-alpha / v0.1.0-alpha2) and ShilongLiu/GroundingDINO@a94c9b5 on the hub to these digests and sizes.
+# - bpe_simple_vocab_16e6.txt.gz (SAM 3's tokenizer: CLIP's BPE vocabulary, not in the sam3 wheel): computed here
+#   from the copy in the open_clip_torch 3.3.0 wheel as PyPI serves it (pip checks that wheel's own digest), the
+#   file `make install` puts in site-packages and SAM3_TOKENIZER defaults to; the URLs serve the same file.
+# - sam3.pt has no digest published outside the gated repository, so its entry says "sha256_from": "hub-lfs": the
+#   download first asks the hub for the file's LFS object id at SAM3_REVISION (the SHA-256 of its content, the
+#   X-Linked-Etag header; its size, X-Linked-Size) and verifies the bytes against that. It proves the file is the
+#   one that revision holds, intact, not that the hub is honest.
 # - bert-base-uncased@86b5e09: the hub's LFS pointer digest of model.safetensors and the file digests of
 #   config.json, vocab.txt, tokenizer.json and tokenizer_config.json, as pinned by projects that download
 #   them from that revision.
@@ -110,6 +122,26 @@ MANIFEST: dict[str, dict] = {
             "sha256": "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
         }],
     },
+    "sam3.pt": {
+        "description": "SAM 3 (ENGINE=sam3); the repository is gated: accept the license, set HF_TOKEN",
+        "files": [{
+            "path": "sam3.pt",
+            "urls": [f"https://huggingface.co/{SAM3_REPO}/resolve/{SAM3_REVISION}/sam3.pt"],
+            "size": None,
+            "sha256": None,
+            "sha256_from": "hub-lfs",
+            "gated": SAM3_LICENSE_PAGE,
+        }],
+    },
+    "bpe_simple_vocab_16e6.txt.gz": {
+        "description": "SAM 3's tokenizer file (open_clip_torch ships it: SAM3_TOKENIZER's default)",
+        "files": [{
+            "path": "bpe_simple_vocab_16e6.txt.gz",
+            "urls": ["https://github.com/mlfoundations/open_clip/raw/v3.3.0/src/open_clip/bpe_simple_vocab_16e6.txt.gz"],
+            "size": 1_356_917,
+            "sha256": "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+        }],
+    },
     "bert-base-uncased": {
         "description": f"Grounding DINO's text encoder as a local directory (hub revision {BERT_REVISION[:7]}); "
                        "point GROUNDINGDINO_TEXT_ENCODER at it",
@@ -142,6 +174,11 @@ class ChecksumError(DownloadError):
     """A file's size or SHA-256 digest differs from the manifest's."""
 
 
+class GatedError(DownloadError):
+    """A file of a gated hub repository: no token, a token the hub refuses, or a license not accepted. The
+    message is one line saying what to do."""
+
+
 # ---------------------------------------------------------------------------------------------- manifest
 
 def validate_manifest(manifest: Mapping) -> dict:
@@ -168,6 +205,12 @@ def validate_manifest(manifest: Mapping) -> dict:
             size = spec.get("size")
             if size is not None and not (isinstance(size, int) and size >= 0):
                 raise DownloadError(f"{where}: 'size' must be a byte count or null")
+            if spec.get("sha256_from") not in (None, "hub-lfs"):
+                raise DownloadError(f"{where}: 'sha256_from' must be \"hub-lfs\" or absent")
+            gated = spec.get("gated")
+            if gated is not None and not (isinstance(gated, str) and gated.startswith("https://")):
+                raise DownloadError(f"{where}: 'gated' must be the https URL of the page where its license is "
+                                    "accepted")
     return copy.deepcopy(dict(manifest))
 
 
@@ -276,9 +319,10 @@ def _content_range_start(value: str | None) -> int | None:
 
 
 def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4, timeout: float = 60,
-             backoff: float = 2.0, progress: bool = True, label: str | None = None) -> None:
+             backoff: float = 2.0, progress: bool = True, label: str | None = None, token: str | None = None) -> None:
     """Fetch `url` into `part`, resuming from the bytes already there (HTTP Range). Retries a dropped connection
-    or a 5xx answer `attempts` times in all, each resuming where the last one stopped. Raises DownloadError."""
+    or a 5xx answer `attempts` times in all, each resuming where the last one stopped. token: sent as a Bearer
+    token to `url`'s host only (not to the host it redirects to). Raises DownloadError."""
     label = label or part.name.removesuffix(".part")
     last: Exception | None = None
     for attempt in range(attempts):
@@ -294,6 +338,8 @@ def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4
         if have:
             headers["Range"] = f"bytes={have}-"
         request = urllib.request.Request(url, headers=headers)
+        if token:
+            request.add_unredirected_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 mode = "wb"
@@ -345,11 +391,83 @@ def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4
     raise DownloadError(f"{url}: failed after {attempts} attempts: {last}")
 
 
+def hub_token() -> str | None:
+    """The user's Hugging Face token, as huggingface_hub finds it: HF_TOKEN, else the file `hf auth login`
+    writes. None when there is none."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    return get_token() or None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the redirect itself is the answer (its headers name the LFS object)
+
+
+def gated_message(where: str, page: str, code: int | None) -> str:
+    """One line: why a gated file can't be fetched (code: the hub's HTTP status; None: no token) and what to do."""
+    if code is None:
+        return (f"{where}: {page} is gated: accept its license there with your Hugging Face account, then set "
+                "HF_TOKEN to a read token of that account (https://huggingface.co/settings/tokens) and run this again")
+    if code == 401:
+        return (f"{where}: the hub did not accept the token (HTTP 401): set HF_TOKEN to a valid read token "
+                "(https://huggingface.co/settings/tokens)")
+    return (f"{where}: HTTP {code}: the token's account has no access to {page} (yet): accept the license there "
+            "(Meta approves requests, which can take a while), then run this again")
+
+
+def hub_lfs_digest(url: str, token: str | None, *, timeout: float = 60, where: str = "", page: str = ""
+                   ) -> tuple[str, int]:
+    """(sha256, size) of a hub file from the hub itself: the LFS object id (X-Linked-Etag) and size
+    (X-Linked-Size) that a HEAD of its resolve URL answers with, before the redirect to the storage host.
+    Raises GatedError on 401/403, DownloadError when the hub does not say."""
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "grounded-sam-weights/1"})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        response = opener.open(request, timeout=timeout)
+        headers = response.headers
+        response.close()
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code in (401, 403) and page:
+            raise GatedError(gated_message(where, page, e.code)) from None
+        if e.code not in (301, 302, 303, 307, 308):
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} when asking for its digest") from e
+        headers = e.headers
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DownloadError(f"{url}: could not ask for its digest: {getattr(e, 'reason', e)}") from e
+    digest = (headers.get("X-Linked-Etag") or "").strip().strip('"').removeprefix("W/").strip('"')
+    size = headers.get("X-Linked-Size") or ""
+    if not _SHA256.fullmatch(digest) or not size.isdigit():
+        raise DownloadError(f"{url}: the hub answered no LFS digest (X-Linked-Etag {digest!r}, X-Linked-Size "
+                            f"{size!r})")
+    return digest, int(size)
+
+
 def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | None = None, **options) -> Path:
     """Make `directory/spec["path"]` the file the spec names: keep it when it is there and valid, else download,
     verify and move it into place. Returns its path. Raises DownloadError / ChecksumError."""
     path = Path(directory) / spec["path"]
     where = f"{variable}={path}" if variable else str(path)
+    page, token = spec.get("gated"), None
+    if page:
+        token = hub_token()
+        if spec.get("sha256") is None and spec.get("sha256_from") == "hub-lfs":
+            if token is None and path.is_file():
+                logger.warning("%s: present, NOT VERIFIED (its digest is asked of the hub, which needs HF_TOKEN)",
+                               path)
+                return path
+            if token is None:
+                raise GatedError(gated_message(where, page, None))
+            digest, size = hub_lfs_digest(spec["urls"][0], token, timeout=options.get("timeout", 60), where=where,
+                                          page=page)
+            spec = {**spec, "sha256": digest, "size": size}
+        elif token is None and not path.is_file():
+            raise GatedError(gated_message(where, page, None))
     if path.is_file():
         problem = check_file(path, spec)
         if problem is None:
@@ -365,14 +483,17 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
     for url in spec["urls"]:
         try:
             resumed = part.exists() and part.stat().st_size > 0
-            download(url, part, spec.get("size"), **options)
+            download(url, part, spec.get("size"), token=token, **options)
             problem = check_file(part, spec)
             if problem is not None and resumed:  # the bytes resumed from may belong to another file
                 logger.warning("%s: the resumed download has %s; downloading it again from the start", path, problem)
                 part.unlink()
-                download(url, part, spec.get("size"), **options)
+                download(url, part, spec.get("size"), token=token, **options)
                 problem = check_file(part, spec)
         except DownloadError as e:
+            code = getattr(e.__cause__, "code", None)
+            if page and code in (401, 403):
+                raise GatedError(gated_message(where, page, code)) from None
             errors.append(str(e))
             continue  # next URL, keeping the part to resume from
         if problem is not None:
@@ -417,8 +538,9 @@ def _size(n: int | None) -> str:
 
 
 def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Path]:
-    """Fetch what `settings` (default: from the environment) need: the checkpoints of `Settings.checkpoints()`
-    (Grounding DINO's and the segmenter's) and the text encoder when GROUNDINGDINO_TEXT_ENCODER is a directory.
+    """Fetch what `settings` (default: from the environment) need: the files of `Settings.checkpoints()`
+    (Grounding DINO's or SAM 3's, and the segmenter's) and, for Grounding DINO, the text encoder when
+    GROUNDINGDINO_TEXT_ENCODER is a directory.
 
     A needed file whose name is in the manifest is verified or downloaded to the configured path; one with
     another name must exist (your own checkpoint: nothing to fetch or verify). Every file is tried; when any is
@@ -438,7 +560,9 @@ def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Pa
         wanted.append((checkpoint.variable, directory, spec, checkpoint.path))
     encoder = settings.groundingdino_text_encoder
     encoder_entry = None
-    if _looks_like_path(encoder):
+    if settings.engine == "sam3":
+        pass  # no Grounding DINO, so no text encoder
+    elif _looks_like_path(encoder):
         name = os.path.basename(os.path.normpath(encoder))
         if name in manifest and len(manifest[name]["files"]) > 1:
             encoder_entry = manifest[name]
@@ -500,7 +624,9 @@ def _describe(manifest: Mapping) -> str:
     for name, entry in manifest.items():
         size = sum(f.get("size") or 0 for f in entry["files"])
         verified = all(f.get("sha256") for f in entry["files"])
-        lines.append(f"{name:34} {size / 2**20:8.0f} MiB  {'sha256' if verified else 'NOT VERIFIED'}  "
+        hub = all(f.get("sha256") or f.get("sha256_from") == "hub-lfs" for f in entry["files"])
+        check = "sha256" if verified else "hub LFS" if hub else "NOT VERIFIED"
+        lines.append(f"{name:34} {size / 2**20:8.0f} MiB  {check:12}  "
                      f"{entry.get('description', '')}")
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, tru
   peak GB       torch.cuda.max_memory_allocated of each model set while it answered
 
 then bulk pre-annotation with MobileSAM (Pipeline.encode + predict_image, what the bulk job runs per batch) in
-images per second at BATCH_SIZE 1, 4 and 8, and the share of a Grounding DINO pass spent in its deformable
+images per second at BATCH_SIZE 1, 4 and 8, ENGINE=sam3's whole answer and peak memory (not with --quick: its
+random-weight checkpoint is 3.4 GB), and the share of a Grounding DINO pass spent in its deformable
 attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel). The straightforward way (fp32,
 eager, one image at a time) is the first row and batch 1.
 
@@ -44,10 +45,11 @@ from model_factory import (  # noqa: E402
     make_image,
     make_mobile_sam,
     make_real_size_groundingdino,
+    make_real_size_sam3,
     make_sam,
 )
 
-from config import SEGMENTERS, Settings  # noqa: E402
+from config import SAM3_CHECKPOINT_NAME, SEGMENTERS, Settings  # noqa: E402
 from labeling import parse_label_config  # noqa: E402
 from loader import build_models  # noqa: E402
 from logs import silence_third_party_warnings  # noqa: E402
@@ -74,6 +76,7 @@ def generate(directory: Path, quick: bool) -> dict[str, str]:
         if not quick:
             for kind in ("vit_b", "vit_h"):
                 make_sam(directory / SEGMENTERS["sam"].files[kind], kind)
+            make_real_size_sam3(directory / SAM3_CHECKPOINT_NAME)
         marker.write_text(json.dumps([str(config), str(checkpoint), str(bert)]))
         print(f"checkpoints generated in {time.perf_counter() - started:.0f} s under {directory}", flush=True)
     config, checkpoint, bert = json.loads(marker.read_text())
@@ -174,6 +177,21 @@ def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Cloc
     return image_count / clock(lambda: run(image_count))
 
 
+def sam3_answer(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
+    """ENGINE=sam3 (as its package runs it: float32, eager): the whole answer for a fresh image, and peak memory."""
+    settings = Settings.from_env({**env, "ENGINE": "sam3", "USE_MOBILE_SAM": "false",
+                                  "SAM3_CHECKPOINT": os.path.join(env["MODEL_DIR"], SAM3_CHECKPOINT_NAME)})
+    models = build_models(settings)
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    pipeline, new_id = Pipeline(models, settings, None), fresh_ids()
+    row = {"answer sam3": clock.median_ms(lambda: pipeline.predict_image(image, new_id(), CONFIG, QUERY),
+                                          args.iterations, args.warmup)}
+    if clock.cuda:
+        row["peak GB sam3"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
 def deformable_share(env: dict, image: np.ndarray, device: str) -> float:
     """Share of one Grounding DINO forward pass's device (or CPU) time spent in grid_sampler_2d."""
     from torch.profiler import ProfilerActivity, profile
@@ -238,10 +256,15 @@ def main() -> None:
         rates = {p: bulk(env, image, image_count, sizes, clock, p) for p in precisions}
         print(f"bulk, Grounding DINO + MobileSAM, {image_count} images, images/s: " + "; ".join(
             f"{p}: " + ", ".join(f"batch {b} {r:.2f}" for b, r in rate.items()) for p, rate in rates.items()))
+        if not args.quick:
+            sam3 = sam3_answer(env, image, args, clock)
+            print("SAM 3 engine: " + ", ".join(f"{k} {v:.2f}" for k, v in sam3.items()), flush=True)
+        else:
+            sam3 = {}
         share = deformable_share(env, image, args.device)
         print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass")
         if args.json:
-            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates,
+            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates, "sam3": sam3,
                                              "deformable_share": share}, indent=1))
 
 

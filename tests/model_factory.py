@@ -390,3 +390,112 @@ def service_env(groundingdino_files: tuple[Path, Path, Path], mobile_sam_checkpo
     return {"GROUNDINGDINO_CONFIG": str(config), "GROUNDINGDINO_CHECKPOINT": str(checkpoint),
             "GROUNDINGDINO_TEXT_ENCODER": str(text_encoder), "USE_MOBILE_SAM": "true",
             "MOBILESAM_CHECKPOINT": str(mobile_sam_checkpoint), "MAX_DETECTIONS": "5", "DEVICE": "cpu", **extra}
+
+
+# SAM 3 (sam3 0.1.4) at a test size: the builder's own parts (sam3.model_builder) with the two big encoders shrunk.
+SAM3_TINY_RESOLUTION = 224  # input square: 16x16 patches of 14 (the published model: 1008, 72x72)
+
+
+def sam3_tokenizer_path() -> Path:
+    """The CLIP BPE vocabulary SAM 3's tokenizer reads, as open_clip_torch ships it (config.SAM3_PACKAGED_TOKENIZER)."""
+    from config import SAM3_PACKAGED_TOKENIZER
+
+    return Path(SAM3_PACKAGED_TOKENIZER)
+
+
+def tiny_sam3(seed: int = 0) -> torch.nn.Module:
+    """In-memory random-weight ``Sam3Image`` for fast tests, put together like
+    ``sam3.model_builder.build_sam3_image_model`` (same classes, the builder's own geometry encoder, dot-product
+    scorer, segmentation head and neck) but with a small vision trunk (ViT embed_dim 64, depth 2, 2 heads, one
+    window and one global block, input SAM3_TINY_RESOLUTION), a small text encoder (width 64, 1 layer, 2 heads;
+    the real CLIP tokenizer and 49408-token vocabulary) and 1-layer transformer encoder and decoder (200 queries,
+    presence token, as published). About 20 M parameters (most in the 49408-token embedding and the builder's
+    geometry encoder and heads). Deterministic for a seed; eval mode. Built inside
+    sam3_engine.cuda_redirected("cpu") (the builder's parts ask for CUDA).
+
+    With random init the scores (sigmoid(logit) * sigmoid(presence)) spread over ~0.25-0.5 (on make_image(160,
+    120, 5): "cat" 0.31-0.47, "house" 0.31-0.49); the tests pick thresholds inside that range."""
+    from sam3_engine import _import_sam3, cuda_redirected
+
+    _import_sam3()  # first: sam3's own import would switch TF32 on for the whole test process on a recent GPU
+    from sam3 import model_builder as mb
+    from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
+    from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
+    from sam3.model.model_misc import MultiheadAttentionWrapper
+    from sam3.model.text_encoder_ve import VETextEncoder
+    from sam3.model.tokenizer_ve import SimpleTokenizer
+    from sam3.model.vitdet import ViT
+
+    res = SAM3_TINY_RESOLUTION
+    with torch.random.fork_rng(devices=[]), cuda_redirected("cpu"):
+        torch.manual_seed(seed)
+        trunk = ViT(img_size=res, pretrain_img_size=res, patch_size=14, embed_dim=64, depth=2, num_heads=2,
+                    mlp_ratio=4.0, norm_layer="LayerNorm", drop_path_rate=0.0, qkv_bias=True, use_abs_pos=True,
+                    tile_abs_pos=True, global_att_blocks=(1,), rel_pos_blocks=(), use_rope=True,
+                    use_interp_rope=True, window_size=res // 14, pretrain_use_cls_token=True,
+                    retain_cls_token=False, ln_pre=True, ln_post=False, return_interm_layers=False,
+                    bias_patch_embed=False)
+        neck = mb._create_vit_neck(mb._create_position_encoding(precompute_resolution=res), trunk)
+        text = VETextEncoder(tokenizer=SimpleTokenizer(bpe_path=str(sam3_tokenizer_path())), d_model=256,
+                             width=64, heads=2, layers=1)
+        backbone = mb._create_vl_backbone(neck, text)
+
+        def attention(batch_first):
+            return MultiheadAttentionWrapper(num_heads=8, dropout=0.0, embed_dim=256, batch_first=batch_first)
+
+        encoder = TransformerEncoderFusion(
+            layer=TransformerEncoderLayer(activation="relu", d_model=256, dim_feedforward=256, dropout=0.0,
+                                          pos_enc_at_attn=True, pos_enc_at_cross_attn_keys=False,
+                                          pos_enc_at_cross_attn_queries=False, pre_norm=True,
+                                          self_attention=attention(True), cross_attention=attention(True)),
+            num_layers=1, d_model=256, num_feature_levels=1, frozen=False, use_act_checkpoint=False,
+            add_pooled_text_to_img_feat=False, pool_text_with_mask=True)
+        decoder = TransformerDecoder(
+            layer=TransformerDecoderLayer(activation="relu", d_model=256, dim_feedforward=256, dropout=0.0,
+                                          cross_attention=MultiheadAttentionWrapper(num_heads=8, dropout=0.0,
+                                                                                    embed_dim=256),
+                                          n_heads=8, use_text_cross_attention=True),
+            num_layers=1, num_queries=200, return_intermediate=True, box_refine=True, num_o2m_queries=0, dac=True,
+            boxRPB="log", d_model=256, frozen=False, interaction_layer=None, dac_use_selfatt_ln=True,
+            resolution=res, stride=14, use_act_checkpoint=False, presence_token=True)
+        transformer = mb.TransformerWrapper(encoder=encoder, decoder=decoder, d_model=256)
+        model = mb._create_sam3_model(backbone, transformer, mb._create_geometry_encoder(),
+                                      mb._create_segmentation_head(), mb._create_dot_product_scoring(), None,
+                                      eval_mode=True)
+        _init_sam3_text_encoder(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def _init_sam3_text_encoder(model: torch.nn.Module) -> None:
+    """Give the two parameters that sam3's TextTransformer leaves as torch.empty (uninitialised memory: NaN or
+    huge values; a real checkpoint overwrites them) CLIP's initialisation: positional_embedding ~ N(0, 0.01),
+    text_projection ~ N(0, width^-0.5). Draws from the global RNG (callers run it under fork_rng)."""
+    encoder = model.backbone.language_backbone.encoder
+    torch.nn.init.normal_(encoder.positional_embedding, std=0.01)
+    torch.nn.init.normal_(encoder.text_projection, std=encoder.text_projection.shape[0] ** -0.5)
+
+
+def sam3_checkpoint_state(model: torch.nn.Module) -> dict:
+    """A Sam3Image's weights in the published sam3.pt layout: every key prefixed "detector." (the file also holds
+    "tracker.*" weights for video, which the image model ignores)."""
+    return {f"detector.{k}": v for k, v in model.state_dict().items()}
+
+
+def make_real_size_sam3(path: Path, seed: int = 0) -> Path:
+    """The published SAM 3 image model (``build_sam3_image_model``, ~841 M parameters) with random weights, saved
+    in sam3.pt's layout (3.4 GB; about 10 s to build and 10-20 s to write). Deterministic for a seed."""
+    from sam3_engine import _import_sam3, cuda_redirected
+
+    _import_sam3()
+    from sam3.model_builder import build_sam3_image_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]), cuda_redirected("cpu"):
+        torch.manual_seed(seed)
+        model = build_sam3_image_model(bpe_path=str(sam3_tokenizer_path()), device="cpu", load_from_HF=False,
+                                       checkpoint_path=None)
+        _init_sam3_text_encoder(model)
+    torch.save(sam3_checkpoint_state(model), path)
+    return path

@@ -104,6 +104,8 @@ def test_setup_accepts_object_and_string_extra_params(client, extra):
         ({"box_treshold": 0.5}, 400, "unknown key(s) ['box_treshold']"),
         ({"box_threshold": 2}, 400, "extra_params.box_threshold must be a number between 0.0 and 1.0"),
         ({"max_detections": 2.5}, 400, "extra_params.max_detections must be a whole number"),
+        ({"sam3_score_threshold": "high"}, 400,
+         "extra_params.sam3_score_threshold must be a number between 0.0 and 1.0, got 'high'"),
         ({"prompt": 3}, 400, "extra_params.prompt must be a string"),
     ],
 )

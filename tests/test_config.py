@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from config import ConfigError, ServerSettings, Settings
@@ -26,6 +28,11 @@ def test_defaults():
         ({"LABEL_STUDIO_HOST": "http://ls:8080/"}, "label_studio_url", "http://ls:8080"),
         ({"LABEL_STUDIO_URL": "http://a", "LABEL_STUDIO_HOST": "http://b"}, "label_studio_url", "http://a"),
         ({"LABEL_STUDIO_ACCESS_TOKEN": "t"}, "label_studio_api_key", "t"),
+        ({}, "engine", "grounded_sam"),
+        ({"ENGINE": "SAM3"}, "engine", "sam3"),
+        ({"MODEL_DIR": "/m"}, "sam3_checkpoint", "/m/sam3.pt"),
+        ({"SAM3_SCORE_THRESHOLD": "0.4"}, "sam3_score_threshold", 0.4),
+        ({}, "sam3_score_threshold", 0.5),
     ],
 )
 def test_variables(env, attr, value):
@@ -42,6 +49,8 @@ def test_variables(env, attr, value):
         ({"SAM_MODEL_TYPE": "vit_x"}, "SAM_MODEL_TYPE"),
         ({"DEVICE": "tpu"}, "DEVICE"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"ENGINE": "sam2"}, "ENGINE must be one of grounded_sam, sam3, got 'sam2'"),
+        ({"SAM3_SCORE_THRESHOLD": "2"}, "SAM3_SCORE_THRESHOLD"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
@@ -54,3 +63,25 @@ def test_secrets_are_redacted():
     s = Settings.from_env({"LABEL_STUDIO_API_KEY": "secret-key", "BASIC_AUTH_PASS": "pw"})
     text = str(s.redacted())
     assert "secret-key" not in text and "pw'" not in text
+
+
+@pytest.mark.parametrize(
+    "env, version, variables",
+    [
+        ({}, "groundingdino_swint_ogc+mobile_sam", ["GROUNDINGDINO_CHECKPOINT", "MOBILESAM_CHECKPOINT"]),
+        ({"ENGINE": "sam3"}, "sam3+mobile_sam", ["SAM3_CHECKPOINT", "SAM3_TOKENIZER", "MOBILESAM_CHECKPOINT"]),
+        ({"ENGINE": "sam3", "USE_MOBILE_SAM": "false", "SAM3_CHECKPOINT": "/w/sam3-ft.pt"}, "sam3-ft",
+         ["SAM3_CHECKPOINT", "SAM3_TOKENIZER"]),
+        ({"ENGINE": "sam3", "USE_SAM": "true", "SAM_MODEL_TYPE": "vit_b"}, "sam3+sam_vit_b_01ec64",
+         ["SAM3_CHECKPOINT", "SAM3_TOKENIZER", "SAM_CHECKPOINT"]),
+    ],
+)
+def test_the_engine_decides_the_model_files_and_the_model_version(env, version, variables):
+    settings = Settings.from_env(env)
+    assert settings.model_version == version
+    assert [c.variable for c in settings.checkpoints()] == variables
+
+
+def test_the_sam3_tokenizer_defaults_to_the_copy_open_clip_ships():
+    tokenizer = Settings.from_env({"ENGINE": "sam3"}).sam3_tokenizer
+    assert tokenizer.endswith("/open_clip/bpe_simple_vocab_16e6.txt.gz") and os.path.isfile(tokenizer)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 import weights
-from config import GROUNDINGDINO_PACKAGED_CONFIG, ServerSettings, Settings
+from config import GROUNDINGDINO_PACKAGED_CONFIG, SAM3_PACKAGED_TOKENIZER, ServerSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -123,6 +123,8 @@ def readme_default(cell: str) -> str | None:
         return ""
     if "the package's" in cell:
         return GROUNDINGDINO_PACKAGED_CONFIG
+    if cell.startswith("open_clip_torch's"):
+        return SAM3_PACKAGED_TOKENIZER
     match = re.match(r"`([^`]*)`", cell)
     assert match, f"README default {cell!r} is neither *(empty)*, *(unset)* nor a `value`"
     return match.group(1).replace("$MODEL_DIR", Settings().model_dir)

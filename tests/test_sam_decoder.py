@@ -71,3 +71,17 @@ def test_one_prepared_image_serves_many_prompts_and_images_stay_apart(model):
     assert not torch.equal(a1, b1)
     # Decoding leaves the prepared tensors as they were (nothing is updated in place).
     assert torch.equal(prepared_first.src, decoder.prepare(first).src)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decode_above_with_no_prompt_above_the_threshold_returns_no_masks(model, multimask):
+    """A batch of segment-everything points none of which passes pred_iou_thresh (an empty or flat image) gives
+    zero masks, not a reshape error."""
+    decoder = PromptDecoder(model)
+    pts, _ = prompts(4, 1, False, seed=3)
+    with torch.no_grad():
+        sparse, _ = model.prompt_encoder(points=pts, boxes=None, masks=None)
+        iou, selected, masks = decoder.decode_above(decoder.prepare(torch.randn(1, 256, 64, 64)), sparse, multimask,
+                                                    float("inf"))
+    channels = 3 if multimask else 1
+    assert iou.shape == (4, channels) and selected.shape == (0,) and masks.shape == (0, channels, 256, 256)

@@ -431,12 +431,17 @@ def test_the_real_manifest_is_pinned_and_verified():
     manifest = weights.load_manifest()
     for name, item in manifest.items():
         for spec in item["files"]:
+            if spec.get("sha256_from") == "hub-lfs":  # a gated file: the hub's digest at a pinned revision
+                assert spec["gated"].startswith("https://huggingface.co/") and spec["sha256"] is None
+                assert all(re.search(r"/resolve/[0-9a-f]{40}/", url) for url in spec["urls"]), spec["urls"]
+                continue
             assert spec["sha256"], f"{name}: {spec['path']} has no digest"
             assert spec["size"], f"{name}: {spec['path']} has no size"
             for url in spec["urls"]:
                 assert url.startswith("https://"), url
                 assert not re.search(r"/(main|master|latest)/", url), f"{url} is not pinned"
-    for file_name in (*SEGMENTERS["sam"].files.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt"):
+    for file_name in (*SEGMENTERS["sam"].files.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam3.pt",
+                      "bpe_simple_vocab_16e6.txt.gz"):
         assert file_name in manifest, file_name  # every default checkpoint name can be fetched
     settings = Settings()
     for path in (settings.groundingdino_checkpoint, settings.sam_checkpoint, settings.mobilesam_checkpoint):
@@ -471,3 +476,123 @@ def test_ensure_reports_every_missing_file_at_once(server, tmp_path):
     assert f"GROUNDINGDINO_TEXT_ENCODER={models / 'bert-base-uncased'} is a directory that must hold: config.json, " \
            "vocab.txt" in message
     assert "python weights.py --list" in message and "Offline: copy each file" in message
+
+
+def test_the_sam3_tokenizer_entry_is_the_file_open_clip_ships():
+    """SAM3_TOKENIZER's default (open_clip_torch's copy, installed from PyPI) is the manifest's file, byte for byte."""
+    [spec] = weights.load_manifest()["bpe_simple_vocab_16e6.txt.gz"]["files"]
+    packaged = Path(Settings.from_env({}).sam3_tokenizer)
+    assert packaged.stat().st_size == spec["size"] and sha(packaged.read_bytes()) == spec["sha256"]
+
+
+# ---------------------------------------------------------------------------------------------- a gated hub file
+
+SAM3_BYTES = b"pretend sam3 weights\n" * 500
+
+
+class HubServer(LoopbackServer):
+    """The hub's answers for a gated LFS file: /org/repo/resolve/REV/sam3.pt needs "Bearer good" (no token: 401,
+    "Bearer pending": 403) and redirects to /storage/sam3.pt with X-Linked-Etag / X-Linked-Size (the LFS object's
+    sha256 and size, `lfs_digest` to lie); the storage host serves the bytes. Records (method, path, Authorization)."""
+
+    def __init__(self, lfs_digest: str | None = None):
+        self.requests, self.lfs_digest = [], lfs_digest or sha(SAM3_BYTES)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self, with_body: bool):
+                auth = self.headers.get("Authorization")
+                server.requests.append((self.command, self.path, auth))
+                if self.path == "/storage/sam3.pt":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(SAM3_BYTES)))
+                    self.end_headers()
+                    if with_body:
+                        self.wfile.write(SAM3_BYTES)
+                    return
+                if auth != "Bearer good":
+                    self.send_error(403 if auth == "Bearer pending" else 401)
+                    return
+                self.send_response(302)
+                self.send_header("Location", f"{server.url}/storage/sam3.pt")
+                self.send_header("X-Linked-Etag", f'"{server.lfs_digest}"')
+                self.send_header("X-Linked-Size", str(len(SAM3_BYTES)))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                self.answer(True)
+
+            def do_HEAD(self):
+                self.answer(False)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler, poll_interval=0.05)
+
+
+def gated_manifest(server) -> dict:
+    return {"sam3.pt": {"files": [{"path": "sam3.pt", "urls": [f"{server.url}/org/repo/resolve/{'0' * 40}/sam3.pt"],
+                                   "size": None, "sha256": None, "sha256_from": "hub-lfs",
+                                   "gated": "https://huggingface.co/org/repo"}]}}
+
+
+@pytest.mark.parametrize("token, message", [
+    (None, "https://huggingface.co/org/repo is gated: accept its license there with your Hugging Face account, "
+           "then set HF_TOKEN to a read token"),
+    ("bad", "the hub did not accept the token (HTTP 401): set HF_TOKEN to a valid read token"),
+    ("pending", "HTTP 403: the token's account has no access to https://huggingface.co/org/repo (yet): accept the "
+                "license there"),
+])
+def test_a_gated_file_without_access_says_in_one_line_what_to_do(tmp_path, monkeypatch, token, message):
+    monkeypatch.setattr(weights, "hub_token", lambda: token)
+    with HubServer() as server, pytest.raises(weights.GatedError) as error:
+        weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), variable="SAM3_CHECKPOINT", **FAST)
+    text = str(error.value)
+    assert text.startswith(f"SAM3_CHECKPOINT={tmp_path / 'sam3.pt'}: ") and message in text and "\n" not in text
+    assert not (tmp_path / "sam3.pt").exists()
+    assert weights.main(["--dir", str(tmp_path), "sam3.pt", "--quiet", "--manifest", str(
+        _write(tmp_path / "m.json", gated_manifest(server)))]) == 1  # the command line: `error: ...`, no traceback
+
+
+def _write(path: Path, manifest: dict) -> Path:
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_gated_file_is_verified_against_the_hubs_lfs_digest(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "hub_token", lambda: "good")
+    with HubServer() as server:
+        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
+    assert path.read_bytes() == SAM3_BYTES
+    assert json.loads((tmp_path / weights.STAMP).read_text())["sam3.pt"]["sha256"] == sha(SAM3_BYTES)
+    # The token goes to the hub only, never to the storage host it redirects to.
+    assert [(m, p.split("/")[-2] if "resolve" in p else p, a) for m, p, a in server.requests] == [
+        ("HEAD", "0" * 40, "Bearer good"), ("GET", "0" * 40, "Bearer good"), ("GET", "/storage/sam3.pt", None)]
+
+
+def test_a_gated_file_that_differs_from_the_hubs_digest_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "hub_token", lambda: "good")
+    with HubServer(lfs_digest="1" * 64) as server, pytest.raises(weights.ChecksumError, match="sha256 .*expected 1111"):
+        weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
+    assert not (tmp_path / "sam3.pt").exists() and not (tmp_path / "sam3.pt.part").exists()
+
+
+def test_a_present_gated_file_is_used_unverified_without_a_token(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(weights, "hub_token", lambda: None)
+    (tmp_path / "sam3.pt").write_bytes(SAM3_BYTES)
+    with HubServer() as server:
+        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
+        assert server.requests == []
+    assert path == tmp_path / "sam3.pt" and "NOT VERIFIED" in caplog.text
+
+
+def test_ensure_with_the_sam3_engine_fetches_its_checkpoint_and_checks_the_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "hub_token", lambda: "good")
+    manifest = {**weights.load_manifest(), **{}}
+    with HubServer() as server:
+        manifest["sam3.pt"] = gated_manifest(server)["sam3.pt"]
+        done = weights.ensure(Settings.from_env({"ENGINE": "sam3", "MODEL_DIR": str(tmp_path),
+                                                 "USE_MOBILE_SAM": "false"}), manifest, **FAST)
+    assert done == [tmp_path / "sam3.pt", Path(Settings.from_env({}).sam3_tokenizer)]
