@@ -38,7 +38,8 @@ def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, m
     ls = project
     env = {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint), "HF_HUB_OFFLINE": "1",
            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "DATA_DIR": str(tmp_path),
-           "OMP_NUM_THREADS": "1"}  # in-process as each actor: the same float reduction order, the same bits
+           # In-process as each actor: the same float reduction order, one image per encoder pass, the same bits.
+           "OMP_NUM_THREADS": "1", "BATCH_SIZE": "1"}
     results = []
     for extra in ([], ["--ray", "local", "--ray-actors", "2", "--ray-batch-size", "1"]):
         ls.predictions.clear()
