@@ -6,10 +6,8 @@
 #               empty: none)
 #   BASE_IMAGE  the base image (default: the pinned official Python image below)
 #   WITH_RAY    true: also install Ray, to run the image as a Ray head or worker (default false)
-#   WITH_SAM3   true: also bake in SAM 3's checkpoint (ENGINE=sam3; 3.4 GB, a gated repository). It needs your
-#               Hugging Face token as the BuildKit secret hf_token, which is mounted for that one RUN only and
-#               never stored in a layer:  HF_TOKEN=hf_... docker compose build  (docker-compose.yml passes it), or
-#               docker build --build-arg WITH_SAM3=true --secret id=hf_token,env=HF_TOKEN .
+# SAM 3's checkpoint (ENGINE=sam3, a gated download) is baked in by Dockerfile.sam3, on top of this image: it needs a
+# build secret, which only BuildKit has, and this file builds with the classic builder too.
 #
 # Base: the official Python image, pinned by tag and by digest. PyTorch comes from PyPI as requirements.txt pins it
 # (torch 2.14.1, a CUDA 13.0 build whose wheels carry the CUDA libraries): the host needs only an NVIDIA driver that
@@ -45,13 +43,6 @@ COPY weights.py ./
 # WEIGHTS="" bakes in no model file (mount your own: README "Where the weights come from"); weights.py without
 # names would fetch what the settings need instead.
 RUN if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi
-# SAM 3's checkpoint, in a layer of its own (WITH_SAM3). Its tokenizer file comes with open_clip_torch (installed
-# above); weights.py verifies the download against the hub's own SHA-256 of the file (README "SAM 3").
-ARG WITH_SAM3=false
-RUN --mount=type=secret,id=hf_token \
-    if [ "${WITH_SAM3}" = "true" ]; then \
-      HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null)" python weights.py --dir /models sam3.pt; \
-    fi
 
 COPY *.py ./
 # The service runs as an unprivileged user (uid/gid 1000) that can write only /data and /models/local (where

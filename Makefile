@@ -88,7 +88,7 @@ test-docker-ls: install
 lint: install
 	$(BIN)/ruff check .
 	# The Docker files, without a Docker engine: hadolint, and Compose's own schema check of each variant.
-	$(BIN)/hadolint Dockerfile tests/docker/base.Dockerfile tests/docker/label-studio.Dockerfile
+	$(BIN)/hadolint Dockerfile Dockerfile.sam3 tests/docker/base.Dockerfile tests/docker/label-studio.Dockerfile
 	$(BIN)/docker-compose -f docker-compose.yml config --quiet
 	$(BIN)/docker-compose -f docker-compose.yml --profile with-label-studio config --quiet
 	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
