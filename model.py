@@ -231,21 +231,27 @@ class GroundedSAM(LabelStudioMLBase):
         hostname, token = self.get("hostname"), self.get("access_token")  # /setup's, read once a request
         results: dict[int, dict | list] = {}  # by the task's index; [] for the tasks left out
         todo = [i for i, task in enumerate(tasks) if task.get("id") not in claimed]
-        budget, loop_started, size = self.settings.predict_time_budget, time.perf_counter(), pipeline.batch_size
-        for start in range(0, len(todo), size):
-            chunk, now = todo[start : start + size], time.perf_counter()
-            # Once the next batch would likely end past the budget (at the mean time per task so far), the others
-            # get []: Label Studio stores nothing for them, rather than losing every task's prediction when its
-            # ML_TIMEOUT_PREDICT cuts the answer off. A bulk job then predicts and imports them.
-            if budget and start and now - self._started + (now - loop_started) / start * len(chunk) > budget:
-                rest = [tasks[i] for i in todo[start:]]
+        budget, loop_started, done = self.settings.predict_time_budget, time.perf_counter(), 0
+        while done < len(todo):
+            # Under a budget, the first batch is one task (to learn the time per task), and each next one is as
+            # many as fit in what is left of the budget at the mean time per task so far (at most BATCH_SIZE).
+            # When not even one task fits, the others get []: Label Studio stores nothing for them, rather than
+            # losing every task's prediction when its ML_TIMEOUT_PREDICT cuts the answer off. A bulk job then
+            # predicts and imports them.
+            now, size = time.perf_counter(), pipeline.batch_size
+            if budget:
+                left = budget - (now - self._started)
+                size = min(size, int(left / max((now - loop_started) / done, 1e-9))) if done else 1
+            if size < 1:
+                rest = [tasks[i] for i in todo[done:]]
                 handed = batch and self._hand_off(rest, query)
                 logger.warning("%d of %d task(s) predicted in %.1f s; the next would end past PREDICT_TIME_BUDGET="
-                               "%g s, so the other %d get no prediction in this answer (%s)", start, len(tasks),
+                               "%g s, so the other %d get no prediction in this answer (%s)", done, len(tasks),
                                now - self._started, budget, len(rest),
                                f"bulk job {handed} predicts and imports them" if handed
                                else "Retrieve Predictions again continues with them")
                 break
+            chunk = todo[done : done + size]
             outcomes = pipeline.predict_tasks([tasks[i] for i in chunk], self.config, query, hostname, token)
             for i, outcome in zip(chunk, outcomes, strict=True):
                 if outcome.failure is not None:
@@ -254,6 +260,7 @@ class GroundedSAM(LabelStudioMLBase):
                     results[i] = prediction([], self.model_version)
                 else:
                     results[i] = outcome.prediction
+            done += len(chunk)
         return [results.get(i, []) for i in range(len(tasks))]
 
     def _hand_off(self, tasks: list[dict], query: Query) -> str | None:

@@ -153,9 +153,10 @@ def test_cli_only_missing_on_the_same_project(label_studio: LabelStudio, retriev
 @pytest.fixture(scope="module")
 def killed_and_resumed(label_studio: LabelStudio, pictures, cli_env):
     """An 8-task project pre-annotated by `cli.py annotate`, killed with SIGKILL after two chunks and resumed.
-    One torch thread (OMP_NUM_THREADS=1), as each Ray actor below: its regions are the Ray test's reference."""
+    One torch thread (OMP_NUM_THREADS=1) and one image per encoder pass (BATCH_SIZE=1), as each Ray actor below:
+    its regions are the Ray test's reference, to the bit."""
     ls = label_studio
-    env = {**cli_env, "OMP_NUM_THREADS": "1"}
+    env = {**cli_env, "OMP_NUM_THREADS": "1", "BATCH_SIZE": "1"}  # and one image per pass, as each actor
     pid, tasks = make_project(ls, pictures, "Grounded SAM bulk kill", count=8)
     proc = cli(env, "--project", str(pid), "--prompt", PROMPT, "--chunk-size", "2")
     wait_for(lambda: sum(len(ours(ls, t)) for t in tasks) >= 4 or proc.poll() is not None, 600, "two chunks")
