@@ -6,6 +6,40 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+# Lazy masks upscale about this many float32 mask pixels at once: a 4032x3024 image is ~49 MB per mask, so 50
+# masks never materialise a 2.4 GB (N, H, W) float tensor, while a chunk of several keeps every CPU thread busy.
+UPSCALE_CHUNK_PIXELS = 64 * 2**20
+
+
+class LazyMasks:
+    """N masks (H, W) bool in image pixels, computed a chunk at a time when read, from a model's low-resolution
+    logits. Subclasses give `_chunk(start, stop) -> (stop - start, H, W) bool`. Reading them in order (iteration,
+    as the region builder does) holds one chunk of full-size masks at a time; np.asarray() gives (N, H, W)."""
+
+    def __init__(self, count: int, size: tuple[int, int]):
+        self.shape = (count, *size)
+        self.ndim, self.dtype = 3, np.dtype(bool)
+
+    def _chunk(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._chunk(index, index + 1)[0]
+
+    def __iter__(self):
+        step = max(1, UPSCALE_CHUNK_PIXELS // (self.shape[1] * self.shape[2]))
+        for start in range(0, len(self), step):
+            yield from self._chunk(start, min(start + step, len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, bool)
+        for i, mask in enumerate(self):
+            out[i] = mask
+        return out if dtype is None else out.astype(dtype)
+
 
 @dataclass(frozen=True)
 class Detections:

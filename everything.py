@@ -42,12 +42,11 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
+from detections import UPSCALE_CHUNK_PIXELS
 from errors import ParamsError
 
 logger = logging.getLogger(__name__)
 
-# Upscale about this many float32 logit pixels at once (as sam_wrapper does for box masks).
-_UPSCALE_CHUNK_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class EverythingMasks:
 
     def _read(self, start: int, stop: int):
         height, width = self.size
-        step = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
+        step = max(1, UPSCALE_CHUNK_PIXELS // (height * width))
         i = start
         while i < stop:
             crop = self.crops[i]
@@ -278,7 +277,7 @@ def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, c
     keep = iou > iou_thresh
     logits, iou, point_of = logits[keep], iou[keep], point_of[keep.cpu().numpy()]
     crop_h, crop_w = embedding.original_size
-    step = max(1, _UPSCALE_CHUNK_PIXELS // (crop_h * crop_w))
+    step = max(1, UPSCALE_CHUNK_PIXELS // (crop_h * crop_w))
     stability, boxes = [], []
     for start in range(0, len(logits), step):
         full = segmenter.upscale_logits(logits[start:start + step], embedding)

@@ -16,6 +16,7 @@ and off CUDA also run, inside that mode, which only moves those tensors to the m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from torchvision.ops import batched_nms
 
 from cache import EmbeddingCache
 from config import require_file
-from detections import Detections
+from detections import Detections, LazyMasks
 from device import resolve_device
 from errors import ModelLoadError
 from prompts import Phrase
@@ -36,8 +37,6 @@ from prompts import Phrase
 logger = logging.getLogger(__name__)
 
 RESOLUTION = 1008  # the published model's input square (sam3.model_builder builds for it)
-# Upscale about this many float32 mask pixels at once (as sam_wrapper does): never the whole (N, H, W) float array.
-_UPSCALE_CHUNK_PIXELS = 64 * 2**20
 
 
 class cuda_redirected(TorchFunctionMode):  # noqa: N801 (used as a context manager, like torch's own modes)
@@ -88,33 +87,14 @@ class ImageFeatures:
     original_size: tuple[int, int]
 
 
-class Sam3Masks:
-    """N masks (H, W) bool in image pixels, from SAM 3's (N, h, w) mask logits, computed when read.
-
-    Each mask is what Sam3Processor gives: bilinear upscaling (align_corners=False) of the logits to (H, W),
-    sigmoid, > 0.5. Reading them in order upscales a few at a time; np.asarray() gives the (N, H, W) array."""
+class Sam3Masks(LazyMasks):
+    """N masks (H, W) bool in image pixels from SAM 3's (N, h, w) mask logits, upscaled as they are read
+    (detections.LazyMasks). Each mask is what Sam3Processor gives: bilinear upscaling (align_corners=False) of the
+    logits to (H, W), sigmoid, > 0.5."""
 
     def __init__(self, low_res: torch.Tensor, original_size: tuple[int, int]):
+        super().__init__(len(low_res), original_size)
         self.low_res = low_res  # (N, h, w) float logits
-        self.shape = (len(low_res), *original_size)
-        self.ndim, self.dtype = 3, np.dtype(bool)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self._chunk(index, index + 1)[0]
-
-    def __iter__(self):
-        step = max(1, _UPSCALE_CHUNK_PIXELS // (self.shape[1] * self.shape[2]))
-        for start in range(0, len(self), step):
-            yield from self._chunk(start, min(start + step, len(self)))
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, bool)
-        for i, mask in enumerate(self):
-            out[i] = mask
-        return out if dtype is None else out.astype(dtype)
 
     @torch.inference_mode()
     def _chunk(self, start: int, stop: int) -> np.ndarray:
@@ -139,7 +119,8 @@ class Sam3Engine:
         from torchvision.transforms import v2
 
         self.device = device
-        self._mode = (lambda: cuda_redirected(device)) if torch.device(device).type != "cuda" else _no_mode
+        on_cuda = torch.device(device).type == "cuda"
+        self._mode = contextlib.nullcontext if on_cuda else (lambda: cuda_redirected(device))
         with self._mode():
             self.model = model.eval().to(device)
         self.cache = cache
@@ -284,11 +265,3 @@ class Sam3Engine:
                           Sam3Masks(masks[order.to(masks.device)], features.original_size))
 
 
-class _no_mode:  # noqa: N801
-    """A context manager that does nothing (the CUDA case of Sam3Engine._mode)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -17,17 +17,12 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cache import EmbeddingCache
 from config import SEGMENTERS, require_file
+from detections import LazyMasks
 from device import autocast, resolve_device
 from errors import ModelLoadError
 from sam_decoder import DecoderInput, PromptDecoder
 
 logger = logging.getLogger(__name__)
-
-# Upscale about this many float32 mask pixels at once: a 4032x3024 image is ~49 MB per mask, so 50 boxes
-# never materialise the 2.4 GB (N, H, W) float tensor of SamPredictor's path, while a chunk of several
-# masks keeps every CPU thread busy in F.interpolate.
-_UPSCALE_CHUNK_PIXELS = 64 * 2**20
-
 
 @dataclass(frozen=True)
 class ImageEmbedding:
@@ -44,36 +39,13 @@ class ImageEmbedding:
     original_size: tuple[int, int]
 
 
-class UpscaledMasks:
-    """N masks of shape (H, W) bool in image pixels, computed from SAM's low-resolution logits when read.
-
-    Reading them in order (iteration, as the region builder does) upscales a few at a time, so at most
-    one chunk of full-size masks exists at once; np.asarray() gives the whole (N, H, W) array. The
-    interpolation is Sam.postprocess_masks', bit for bit.
-    """
+class UpscaledMasks(LazyMasks):
+    """N masks (H, W) bool in image pixels from SAM's low-resolution logits, upscaled as they are read
+    (detections.LazyMasks); the interpolation is Sam.postprocess_masks', bit for bit."""
 
     def __init__(self, low_res: torch.Tensor, embedding: ImageEmbedding, model: torch.nn.Module):
+        super().__init__(len(low_res), embedding.original_size)
         self.low_res, self.embedding, self.model = low_res, embedding, model  # low_res: (N, 256, 256)
-        self.shape = (len(low_res), *embedding.original_size)
-        self.ndim, self.dtype = 3, np.dtype(bool)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self._chunk(index, index + 1)[0]
-
-    def __iter__(self):
-        height, width = self.embedding.original_size
-        step = max(1, _UPSCALE_CHUNK_PIXELS // (height * width))
-        for start in range(0, len(self), step):
-            yield from self._chunk(start, min(start + step, len(self)))
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, bool)
-        for i, mask in enumerate(self):
-            out[i] = mask
-        return out if dtype is None else out.astype(dtype)
 
     @torch.no_grad()
     def _chunk(self, start: int, stop: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 from model_factory import make_image, tiny_sam
 from segment_anything import SamPredictor
 
-import sam_wrapper
+import detections
 from cache import EmbeddingCache, image_digest
 from errors import ModelLoadError
 from sam_wrapper import Segmenter
@@ -39,7 +39,7 @@ def tiny():
 @pytest.mark.parametrize("size, n", [((640, 480), 5), ((97, 211), 1), ((2000, 1500), 12)])
 def test_tiny_sam_masks_identical_to_sam_predictor(tiny, size, n, monkeypatch):
     # A small chunk forces the upscaling to run a few masks at a time, as on large photos.
-    monkeypatch.setattr(sam_wrapper, "_UPSCALE_CHUNK_PIXELS", 4 * size[0] * size[1])
+    monkeypatch.setattr(detections, "UPSCALE_CHUNK_PIXELS", 4 * size[0] * size[1])
     image = make_image(*size, seed=3)
     boxes = boxes_for(*size, n)
     lazy, iou = Segmenter(tiny, "cpu").segment_boxes(image, boxes)
