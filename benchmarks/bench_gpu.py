@@ -1,6 +1,6 @@
 """The GPU path, measured: the service's own model code (build_models, Pipeline) on random-weight checkpoints of the
 published sizes, generated here (nothing is downloaded). Built to run on one lent GPU in one command of about
-8 minutes; `--device cpu --quick` runs the same code on CPU with the small test models (tests/test_bench_gpu.py).
+8 minutes; `--device cpu --quick` runs the same code on CPU with the small test models (tests/test_gpu_path.py).
 
 For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, true) it prints the median over
 --iterations, after warm-up, of:
@@ -149,17 +149,18 @@ def measure_set(env: dict, kind: str, image: np.ndarray, args, clock: Clock, wit
     return row
 
 
-def bulk(env: dict, image: np.ndarray, image_count: int, batch_sizes: list[int], clock: Clock, precision: str
-         ) -> dict[int, float]:
+def bulk(env: dict, image: np.ndarray, image_count: int, batch_sizes: list[int], clock: Clock, precision: str,
+         warmup: bool = True) -> dict[int, float]:
     """Images per second of the bulk job's model work with MobileSAM at each BATCH_SIZE (images already decoded),
     on images of `image`'s size."""
     height, width = image.shape[:2]
     images = [make_image(width, height, seed=s) for s in range(min(image_count, 8))]
     env = {**segmenter_env(env, "mobile_sam"), "PRECISION": precision}
-    return {size: bulk_rate({**env, "BATCH_SIZE": str(size)}, images, image_count, clock) for size in batch_sizes}
+    return {size: bulk_rate({**env, "BATCH_SIZE": str(size)}, images, image_count, clock, warmup)
+            for size in batch_sizes}
 
 
-def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Clock) -> float:
+def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Clock, warmup: bool) -> float:
     settings = Settings.from_env(env)
     with contextlib.redirect_stdout(sys.stderr):
         models = build_models(settings)
@@ -173,7 +174,8 @@ def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Cloc
             for picture, image_id in chunk:
                 pipeline.predict_image(picture, image_id, CONFIG, QUERY)
 
-    clock(lambda: run(size))  # warm-up
+    if warmup:
+        clock(lambda: run(size))
     return image_count / clock(lambda: run(image_count))
 
 
@@ -215,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true",
-                        help="small test models, MobileSAM only, 2 iterations, eager only, bulk of 2 images in fp32")
+                        help="small test models, MobileSAM only, 1 iteration, eager only, bulk of 2 images in fp32, no "
+                             "warm-up")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--models", type=Path, help="where the checkpoints are generated (reused if there)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the COMPILE=true row")
@@ -225,7 +228,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device visible (use --device cpu --quick on a machine without one)")
     if args.quick:
-        args.iterations = min(args.iterations, 2)
+        args.iterations = 1
     args.warmup = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as tmp:
         env = generate(args.models or Path(tmp), args.quick)
@@ -253,7 +256,7 @@ def main() -> None:
             print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if "GB" not in c else f"{row[c]:.2f}"
                                               for c in columns) + " |")
         image_count, sizes, precisions = (2, [1, 2], ["fp32"]) if args.quick else (64, [1, 4, 8], ["fp32", "bf16"])
-        rates = {p: bulk(env, image, image_count, sizes, clock, p) for p in precisions}
+        rates = {p: bulk(env, image, image_count, sizes, clock, p, warmup=not args.quick) for p in precisions}
         print(f"bulk, Grounding DINO + MobileSAM, {image_count} images, images/s: " + "; ".join(
             f"{p}: " + ", ".join(f"batch {b} {r:.2f}" for b, r in rate.items()) for p, rate in rates.items()))
         if not args.quick:
