@@ -51,12 +51,16 @@ class Detections:
     masks:  (N, H, W) bool, or None when no segmenter ran. H, W = displayed image size. An array,
             or a lazy sequence with the same len/shape/dtype (sam_wrapper.UpscaledMasks,
             everything.EverythingMasks, masks.CleanedMasks / ConcatMasks): read them in order.
+    box_from_mask: (N,) bool, or None for all False: the rows whose box is their mask's own bounding box
+            (segment everything's), which the region builder takes again from the mask as it reads it, so the
+            rectangle follows the mask clean-up.
     """
 
     xyxy: np.ndarray
     scores: np.ndarray
     labels: tuple[str, ...]
     masks: np.ndarray | None = None
+    box_from_mask: np.ndarray | None = None
 
     def __post_init__(self):
         xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
@@ -65,9 +69,12 @@ class Detections:
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "labels", tuple(self.labels))
         n = len(xyxy)
-        if len(scores) != n or len(self.labels) != n:
+        from_mask = np.zeros(n, bool) if self.box_from_mask is None else np.asarray(self.box_from_mask, bool)
+        object.__setattr__(self, "box_from_mask", from_mask.reshape(-1))
+        if len(scores) != n or len(self.labels) != n or len(self.box_from_mask) != n:
             raise ValueError(
-                f"Detections: xyxy has {n} rows but scores has {len(scores)} and labels {len(self.labels)}"
+                f"Detections: xyxy has {n} rows but scores has {len(scores)}, labels {len(self.labels)} and "
+                f"box_from_mask {len(self.box_from_mask)}"
             )
         if self.masks is not None and (self.masks.ndim != 3 or len(self.masks) != n or self.masks.dtype != bool):
             raise ValueError(

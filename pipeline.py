@@ -185,16 +185,18 @@ class Pipeline:
         found = segment_everything(segmenter, image, query.everything or everything_defaults(self.settings),
                                    image_id, self._turn, self.deadline)
         if star.label:  # `*_label`: every mask; the other phrases' boxes get their own masks as usual
-            everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks)
+            everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks,
+                                    box_from_mask=np.ones(len(found.boxes), bool))
             if len(detections):
                 masks = ConcatMasks([self._box_masks(image, image_id, detections, segmenter), found.masks])
                 everything = Detections(np.concatenate([detections.xyxy, found.boxes]),
                                         np.concatenate([detections.scores, found.predicted_iou]),
-                                        detections.labels + everything.labels, masks)
+                                        detections.labels + everything.labels, masks,
+                                        np.concatenate([detections.box_from_mask, everything.box_from_mask]))
         else:  # bare `*`: each mask takes the label of the box it overlaps most; the boxes themselves only label
             labels, keep = self._box_labels(found.boxes, detections)
             everything = Detections(found.boxes[keep], found.predicted_iou[keep], labels,
-                                    found.masks.select(keep))
+                                    found.masks.select(keep), box_from_mask=np.ones(len(keep), bool))
         return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
 
     def _find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:

@@ -14,6 +14,7 @@ import numpy as np
 
 from detections import Detections
 from labeling import LabelingConfig
+from masks import mask_box
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
 
     detections: boxes in pixels of the displayed image, masks (N, height, width) bool or None.
     width, height: the displayed image size (LS's original_width / original_height).
-    A detection gets a rectangle when a RectangleLabels control has its label (the first such control); when it
+    A detection gets a rectangle when a RectangleLabels control has its label (the first such control; for a
+    `box_from_mask` row, the box of its mask as read, and nothing when that mask is empty); when it
     has a non-empty mask, a brush when a BrushLabels control has its label and one polygon per part of the mask
     (mask_to_polygons, `polygon_tolerance` pixels) when a PolygonLabels control has it. Labels no control has
     get nothing. Raises ValueError when the masks are not (height, width): the RLE only renders at that size.
@@ -225,9 +227,14 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
     for i, label in enumerate(detections.labels):
         mask = next(masks) if masks is not None else None
         score = round(float(detections.scores[i]), 4)
+        box = detections.xyxy[i]
+        if mask is not None and detections.box_from_mask[i]:
+            if not mask.any():
+                continue
+            box = mask_box(mask)  # after the clean-up, which may have dropped or filled parts
         if label in rect_for:
-            add(rect_for[label], "rectanglelabels", {**box_to_percent(detections.xyxy[i], width, height),
-                                                     "rotation": 0}, label, score)
+            add(rect_for[label], "rectanglelabels", {**box_to_percent(box, width, height), "rotation": 0}, label,
+                score)
         if mask is None or (label not in brush_for and label not in polygon_for):
             continue
         if not mask.any():

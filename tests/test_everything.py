@@ -18,9 +18,10 @@ from everything import EverythingParams, everything_params, segment_everything
 from images import ImageLoader
 from labeling import parse_label_config
 from loader import build_models
-from masks import CleanupParams, clean_mask
+from masks import CleanupParams, clean_mask, mask_box
 from pipeline import DetectionParams, Pipeline, TextQuery
 from prompts import EVERYTHING, Phrase, parse_prompt, require_phrases
+from regions import box_to_percent
 from sam_wrapper import Segmenter
 
 # Random-weight tiny SAM: IoUs -0.29..0.31, stability 0..0.5 on these images; these keep some and drop others.
@@ -198,6 +199,24 @@ def test_star_label_gives_every_mask_cleaned_as_brush_and_polygon(models, env):
     fewer = pipeline.detect(IMAGE, image_id, query("*_stuff", everything=EverythingParams(
         points_per_side=1, pred_iou_thresh=0, stability_score_thresh=0), cleanup=CleanupParams(0, 2)))
     assert len(fewer) <= 3 < len(detections)
+
+
+def test_star_label_rectangles_follow_the_cleaned_masks(models, env):
+    """`*_cats` (a label with a RectangleLabels control): each rectangle is the box of the mask as cleaned
+    (MASK_SMOOTH's opening empties some of these speckled masks and shrinks others), not the raw mask's box; an
+    emptied mask gives no rectangle."""
+    settings = Settings.from_env({**env, "MASK_MIN_AREA": "0", "MASK_SMOOTH": "3"})
+    pipeline = Pipeline(models, settings, ImageLoader(settings))
+    image_id = image_digest(IMAGE)
+    detections = pipeline.detect(IMAGE, image_id, query("*_cats"))
+    result = pipeline.predict_image(IMAGE, image_id, CONFIG, query("*_cats"))["result"]
+    rectangles = [r["value"] for r in result if r["type"] == "rectanglelabels"]
+    cleaned_boxes = [mask_box(m) for m in detections.masks if m.any()]
+    assert len(rectangles) == len(cleaned_boxes) >= 2
+    for value, box in zip(rectangles, cleaned_boxes, strict=True):
+        assert {k: value[k] for k in ("x", "y", "width", "height")} == box_to_percent(box, *IMAGE.shape[1::-1])
+    raw = [detections.xyxy[i].tolist() for i, m in enumerate(detections.masks) if m.any()]
+    assert raw != cleaned_boxes and len(cleaned_boxes) < len(detections)  # boxes moved, empty masks left out
 
 
 def test_bare_star_takes_the_label_of_the_box_it_overlaps_most(models, env):

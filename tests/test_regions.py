@@ -344,6 +344,24 @@ def test_build_regions_skips_empty_masks():
     ]
 
 
+def test_build_regions_takes_a_box_from_mask_rows_box_from_the_mask_read():
+    """Segment everything's rows (box_from_mask): the rectangle is the box of the mask as read (after clean-up),
+    not the stored one; an empty mask gives that row nothing. Other rows keep their own box."""
+    dets = detections(["cat", "dog", "cat"])
+    masks = dets.masks.copy()
+    masks[0] = False
+    masks[0, 10:20, 12:16] = True  # smaller than the stored box, as after islands were dropped
+    masks[2] = False
+    dets = Detections(dets.xyxy, dets.scores, dets.labels, masks, box_from_mask=[True, False, True])
+    regions = build_regions(dets, config(rectangles=(RECT,), brushes=(BRUSH,)), W, H)
+    assert [(r["type"], r["value"][r["type"]][0]) for r in regions] == [
+        ("rectanglelabels", "cat"), ("brushlabels", "cat"), ("rectanglelabels", "dog"), ("brushlabels", "dog")]
+    assert regions[0]["value"] == {**box_to_percent([12, 10, 16, 20], W, H), "rotation": 0, "rectanglelabels": ["cat"]}
+    assert regions[2]["value"]["x"] == box_to_percent(dets.xyxy[1], W, H)["x"]
+    with pytest.raises(ValueError, match="box_from_mask 2"):
+        Detections(dets.xyxy, dets.scores, dets.labels, box_from_mask=[True, False])
+
+
 def test_build_regions_rejects_masks_of_another_size():
     dets = detections(["cat"])
     wrong = dets.with_masks(np.zeros((1, W, H), bool))
