@@ -63,8 +63,9 @@ serve: weights
 
 # Everything but the image's with-label-studio run (make test-docker-ls; it doesn't fit CI's 30 minutes on a fresh
 # machine: README "Checked in CI").
+# The image tests run alongside the others, the Label Studio virtualenv builds meanwhile (tests/run_suite.sh).
 test: install
-	$(BIN)/python -m pytest -m "not docker_ls"
+	bash tests/run_suite.sh $(BIN)
 
 # Everything but the end-to-end tests against a real Label Studio (those install it once per machine) and the
 # Docker image tests.
