@@ -13,9 +13,10 @@ What differs is where the work goes:
   batches of `points_per_batch`, under the segmenter's lock; no second copy of the model exists;
 - the predicted IoUs need only the decoder's transformer: the points none of whose three masks passes the IoU
   filter skip the decoder's upscaling convolutions and mask products, and only masks that pass it are upscaled
-  to the image, a few at a time, for the stability score and the box;
-- no RLE round trip: a kept mask stays as its 256x256 logits and is upscaled again, bit-identically, when the
-  region builder reads it (`EverythingMasks`), so memory holds low-resolution logits, not full-size masks.
+  to the image, a few at a time, for the stability score and the box (`mask_boxes`: batched_mask_to_box's
+  boxes from two row / column reductions);
+- no RLE round trip: a kept mask is held as the packed bits (1 bit a pixel) of its bounding box, taken from that
+  one upscaling, and unpacked when the region builder reads it (`EverythingMasks`).
 
 `min_mask_region_area` is not a parameter here: masks.clean_mask (MASK_MIN_AREA) does the same clean-up to every
 mask of every mode.
@@ -34,7 +35,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 from segment_anything.utils.amg import (
-    batched_mask_to_box,
     build_all_layer_point_grids,
     calculate_stability_score,
     generate_crop_boxes,
@@ -42,7 +42,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
-from detections import UPSCALE_CHUNK_PIXELS
+from detections import UPSCALE_CHUNK_PIXELS, LazyMasks
 from errors import ParamsError
 
 logger = logging.getLogger(__name__)
@@ -107,59 +107,44 @@ def everything_params(values, defaults: EverythingParams, prefix: str = "extra_p
     return EverythingParams(**out)
 
 
-class EverythingMasks:
-    """N masks (H, W) bool in image pixels, upscaled from their 256x256 logits when read (bit for bit what
-    Sam.postprocess_masks gives, padded from their crop into the image). Read in order, one crop's run of masks
-    a few at a time; np.asarray() gives the whole (N, H, W) array."""
+class EverythingMasks(LazyMasks):
+    """N masks (H, W) bool in image pixels, each held as the packed bits of its bounding box and unpacked when
+    read (a crop's masks placed into the image's frame). np.asarray() gives the whole (N, H, W) array.
 
-    def __init__(self, low_res: list[torch.Tensor], crops: list[int], embeddings: list, crop_boxes: list,
-                 segmenter, size: tuple[int, int]):
-        self.low_res, self.crops, self.embeddings, self.crop_boxes = low_res, crops, embeddings, crop_boxes
-        self.segmenter, self.size = segmenter, size
-        self.shape, self.ndim, self.dtype = (len(low_res), *size), 3, np.dtype(bool)
+    bits: N uint8 arrays, np.packbits of the mask within its box; boxes: (N, 4) int x0, y0, x1, y1 image pixels,
+    x1 / y1 exclusive (an empty box for an empty mask)."""
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return next(self._read(index, index + 1))
-
-    def __iter__(self):
-        return self._read(0, len(self))
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, bool)
-        for i, mask in enumerate(self):
-            out[i] = mask
-        return out if dtype is None else out.astype(dtype)
+    def __init__(self, bits: list[np.ndarray], boxes: np.ndarray, size: tuple[int, int]):
+        super().__init__(len(bits), size)
+        self.bits, self.boxes = bits, np.asarray(boxes, np.int64).reshape(-1, 4)
 
     def select(self, indices) -> EverythingMasks:
-        """The masks at `indices` (K,), in that order, still lazy."""
+        """The masks at `indices` (K,), in that order, still packed."""
         indices = [int(i) for i in indices]
-        return EverythingMasks([self.low_res[i] for i in indices], [self.crops[i] for i in indices],
-                               self.embeddings, self.crop_boxes, self.segmenter, self.size)
+        return EverythingMasks([self.bits[i] for i in indices], self.boxes[indices], self.shape[1:])
 
-    def _read(self, start: int, stop: int):
-        height, width = self.size
-        step = max(1, UPSCALE_CHUNK_PIXELS // (height * width))
-        i = start
-        while i < stop:
-            crop = self.crops[i]
-            j = i
-            while j < stop and j - i < step and self.crops[j] == crop:
-                j += 1
-            embedding = self.embeddings[crop]
-            logits = self.segmenter.upscale_logits(torch.stack(self.low_res[i:j]), embedding)
-            masks = (logits > self.segmenter.model.mask_threshold).cpu().numpy()
-            x0, y0, x1, y1 = self.crop_boxes[crop]
-            for mask in masks:
-                if (x0, y0, x1, y1) == (0, 0, width, height):
-                    yield mask
-                else:
-                    full = np.zeros(self.size, bool)
-                    full[y0:y1, x0:x1] = mask
-                    yield full
-            i = j
+    def _chunk(self, start: int, stop: int) -> np.ndarray:
+        out = np.zeros((stop - start, *self.shape[1:]), bool)
+        for mask, bits, (x0, y0, x1, y1) in zip(out, self.bits[start:stop], self.boxes[start:stop], strict=True):
+            area = (x1 - x0) * (y1 - y0)
+            mask[y0:y1, x0:x1] = np.unpackbits(bits, count=area).reshape(y1 - y0, x1 - x0).view(bool)
+        return out
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) bool -> (K, 4) int64 x0, y0, x1, y1 with x1 / y1 inclusive, zeros for an empty mask: exactly
+    segment_anything's batched_mask_to_box (tests/test_everything.py), from the rows and columns that hold any
+    pixel rather than from coordinate-weighted maxima over every pixel."""
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+
+    def first_last(hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hits.shape[1]
+        as_int = hits.to(torch.uint8)  # argmax gives the first maximum
+        return as_int.argmax(dim=1), n - 1 - as_int.flip(1).argmax(dim=1)
+
+    (top, bottom), (left, right) = first_last(rows), first_last(cols)
+    boxes = torch.stack([left, top, right, bottom], dim=1)
+    return boxes * rows.any(dim=1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -195,8 +180,7 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
     grids = build_all_layer_point_grids(params.points_per_side, params.crop_n_layers,
                                         params.crop_n_points_downscale_factor)
     turn = before_batch or (lambda: None)
-    embeddings, low_res, crops = [], [], []
-    per_crop_boxes, ious, stabilities, points_out, crop_of = [], [], [], [], []
+    bits, per_crop_boxes, ious, stabilities, points_out, crop_of = [], [], [], [], [], []
     complete = True
     for crop_box, layer in zip(crop_boxes, layer_idxs, strict=True):
         x0, y0, x1, y1 = crop_box
@@ -208,10 +192,9 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
             break
         turn()
         embedding = segmenter.embedding_for(crop_image, crop_id)
-        embeddings.append(embedding)
         crop_size = crop_image.shape[:2]
         grid = grids[layer] * np.array(crop_size)[None, ::-1]
-        found = []  # per batch: (low_res (K, 256, 256), iou (K,), stability (K,), boxes (K, 4), points (K, 2))
+        found = []  # per batch: (bits (K,), iou (K,), stability (K,), boxes (K, 4), points (K, 2))
         for start in range(0, len(grid), params.points_per_batch):
             if deadline is not None and time.monotonic() > deadline:
                 complete = False
@@ -221,15 +204,13 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
                                 crop_box, (height, width)))
         if not found:
             continue
-        batch_low_res = [m for f in found for m in f[0]]
+        crop_bits = [b for f in found for b in f[0]]
         boxes = torch.cat([f[3] for f in found])
         iou = torch.cat([f[1] for f in found])
         keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), iou_threshold=params.box_nms_thresh)
         offset = torch.tensor([[x0, y0, x0, y0]])
-        for k in keep.tolist():
-            low_res.append(batch_low_res[k])
-            crops.append(len(embeddings) - 1)
-            crop_of.append(crop_box)
+        bits += [crop_bits[k] for k in keep.tolist()]
+        crop_of += [crop_box] * len(keep)
         per_crop_boxes.append(boxes[keep] + offset)
         ious.append(iou[keep])
         stabilities.append(torch.cat([f[2] for f in found])[keep])
@@ -248,21 +229,21 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
         # Between crops, prefer the masks of smaller crops (SamAutomaticMaskGenerator._generate_masks).
         keep = batched_nms(boxes.float(), 1 / box_area(crop_array), torch.zeros(len(boxes)),
                            iou_threshold=params.crop_nms_thresh)
-        order = keep.tolist()
-        low_res, crops = [low_res[k] for k in order], [crops[k] for k in order]
+        bits = [bits[k] for k in keep.tolist()]
         boxes, iou, stability = boxes[keep], iou[keep], stability[keep]
         points, crop_array = points[keep.numpy()], crop_array[keep]
-    masks = EverythingMasks(low_res, crops, embeddings, crop_boxes[:len(embeddings)], segmenter, (height, width))
-    exclusive = boxes.numpy().astype(np.float32) + np.array([0, 0, 1, 1], np.float32)
-    return Everything(masks, exclusive.reshape(-1, 4), iou.numpy().astype(np.float32),
+    exclusive = boxes.numpy().reshape(-1, 4) + np.array([0, 0, 1, 1])
+    masks = EverythingMasks(bits, exclusive, (height, width))
+    return Everything(masks, exclusive.astype(np.float32), iou.numpy().astype(np.float32),
                       stability.numpy().astype(np.float32), points.reshape(-1, 2), crop_array.numpy(), complete)
 
 
 def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, crop_box: list[int],
            size: tuple[int, int]):
     """One batch of grid points (K, 2) in crop pixels -> what passes the IoU, stability and crop-edge filters:
-    (low_res list of (256, 256) logits, iou (M,), stability (M,), boxes (M, 4) crop pixels inclusive, points (M, 2)),
-    in SamAutomaticMaskGenerator._process_batch's order (point by point, its three masks in turn)."""
+    (bits: list of np.packbits of each mask within its box, iou (M,), stability (M,), boxes (M, 4) crop pixels
+    inclusive, points (M, 2)), in SamAutomaticMaskGenerator._process_batch's order (point by point, its three
+    masks in turn)."""
     height, width = size
     # The points reach the prompt encoder as SamPredictor.predict_torch gets them from the generator: float64.
     coords = torch.as_tensor(segmenter.transform.apply_coords(points, embedding.original_size),
@@ -278,18 +259,23 @@ def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, c
     logits, iou, point_of = logits[keep], iou[keep], point_of[keep.cpu().numpy()]
     crop_h, crop_w = embedding.original_size
     step = max(1, UPSCALE_CHUNK_PIXELS // (crop_h * crop_w))
-    stability, boxes = [], []
+    threshold = segmenter.model.mask_threshold
+    bits, stability, boxes, kept = [], [], [], []
     for start in range(0, len(logits), step):
         full = segmenter.upscale_logits(logits[start:start + step], embedding)
-        stability.append(calculate_stability_score(full, segmenter.model.mask_threshold,
-                                                   params.stability_score_offset))
-        boxes.append(batched_mask_to_box(full > segmenter.model.mask_threshold))
+        chunk_stability = calculate_stability_score(full, threshold, params.stability_score_offset)
+        masks = full > threshold
         del full
-    stability = torch.cat(stability) if stability else torch.zeros(0)
-    boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4), dtype=torch.int64)
-    keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0.0 else \
-        torch.ones(len(stability), dtype=torch.bool)
-    keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
-    kept = keep.cpu()
-    return ([m.clone() for m in logits[keep]], iou[keep].cpu(), stability[keep].cpu(), boxes[keep].cpu(),
-            point_of[kept.numpy()])
+        chunk_boxes = mask_boxes(masks)
+        chunk_keep = ~is_box_near_crop_edge(chunk_boxes, crop_box, [0, 0, width, height])
+        if params.stability_score_thresh > 0.0:
+            chunk_keep &= chunk_stability >= params.stability_score_thresh
+        for i in torch.nonzero(chunk_keep).flatten().tolist():
+            x0, y0, x1, y1 = chunk_boxes[i].tolist()
+            bits.append(np.packbits(masks[i, y0:y1 + 1, x0:x1 + 1].cpu().numpy()))
+        stability.append(chunk_stability[chunk_keep].cpu())
+        boxes.append(chunk_boxes[chunk_keep].cpu())
+        kept.append(chunk_keep.cpu())
+    kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+    return (bits, iou[kept.to(iou.device)].cpu(), torch.cat(stability) if stability else torch.zeros(0),
+            torch.cat(boxes) if boxes else torch.zeros((0, 4), dtype=torch.int64), point_of[kept.numpy()])

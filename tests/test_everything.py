@@ -14,7 +14,7 @@ from _wsgi import create_backend_app
 from cache import EmbeddingCache, image_digest
 from config import Settings
 from errors import ParamsError, PromptError
-from everything import EverythingParams, everything_params, segment_everything
+from everything import EverythingParams, everything_params, mask_boxes, segment_everything
 from images import ImageLoader
 from labeling import parse_label_config
 from loader import build_models
@@ -112,6 +112,35 @@ def test_masks_of_the_points_above_the_iou_threshold_only_are_the_full_batch_one
     assert torch.equal(all_iou, iou) and 0 < len(selected) < 12
     assert selected.tolist() == torch.nonzero((iou > threshold).any(1)).flatten().tolist()
     assert torch.equal(some, masks[selected])
+
+
+def test_mask_boxes_are_batched_mask_to_box():
+    """Random masks of several densities, one pixel, a full row or column, and empty ones."""
+    import torch
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    generator = torch.Generator().manual_seed(2)
+    masks = torch.rand(12, 37, 53, generator=generator) < torch.linspace(0.0, 0.02, 12)[:, None, None]
+    masks[0] = False
+    masks[1, 5, 7] = True
+    masks[2, :, 52] = True
+    masks[3, 36, :] = True
+    assert not masks[0].any() and masks[4:].any()
+    assert torch.equal(mask_boxes(masks), batched_mask_to_box(masks))
+    assert mask_boxes(masks[:0]).shape == (0, 4)
+
+
+def test_packed_masks_read_back_and_select(tiny):
+    """The kept masks, held as packed bits of their boxes, read back as the full-size masks, in any order."""
+    image = make_image(80, 60, seed=4)
+    found = segment_everything(Segmenter(tiny, "cpu"), image, EverythingParams(points_per_side=4, **LOW))
+    masks = np.asarray(found.masks)
+    assert len(masks) >= 2 and masks.shape[1:] == (60, 80)
+    for mask, box in zip(masks, found.boxes, strict=True):
+        assert mask_box(mask) == (box.tolist() if mask.any() else [0.0] * 4)
+    order = np.arange(len(masks))[::-1]
+    np.testing.assert_array_equal(np.asarray(found.masks.select(order)), masks[order])
+    assert [m.sum() for m in found.masks] == [m.sum() for m in masks]
 
 
 def test_a_deadline_stops_before_the_next_batch(tiny):
