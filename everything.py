@@ -112,7 +112,7 @@ class EverythingMasks(LazyMasks):
     read (a crop's masks placed into the image's frame). np.asarray() gives the whole (N, H, W) array.
 
     bits: N uint8 arrays, np.packbits of the mask within its box; boxes: (N, 4) int x0, y0, x1, y1 image pixels,
-    x1 / y1 exclusive (an empty box for an empty mask)."""
+    x1 / y1 exclusive (an empty mask: the one pixel at 0, 0, unset)."""
 
     def __init__(self, bits: list[np.ndarray], boxes: np.ndarray, size: tuple[int, int]):
         super().__init__(len(bits), size)
