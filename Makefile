@@ -62,8 +62,8 @@ serve: weights
 	$(BIN)/gunicorn _wsgi:app
 
 # Everything but the image's with-label-studio run (make test-docker-ls; it doesn't fit CI's 30 minutes on a fresh
-# machine: README "Checked in CI").
-# The image tests run alongside the others, the Label Studio virtualenv builds meanwhile (tests/run_suite.sh).
+# machine: README "Checked in CI"). The image tests run beside the others while the Label Studio virtualenv builds
+# (tests/run_suite.sh).
 test: install
 	bash tests/run_suite.sh $(BIN)
 
