@@ -65,16 +65,17 @@ def build_models(settings: Settings) -> Models:
     runtime = {"device": device, "precision": dtype_name(dtype), "compiled": []}
     if s.engine == "grounded_sam":
         runtime["deformable_attention"] = deformable_attention_kernel(device)
-    for name, model in (("segmenter", segmenter), ("detector", detector if s.engine == "grounded_sam" else None)):
-        if model is not None and s.compile in ("true", name):
-            started = time.perf_counter()
-            if model is segmenter:
-                segmenter.compile((1, s.batch_size))  # the batch sizes it will see
-            else:
-                detector.compile()
-            logger.info("torch.compile: the %s's encoder compiled and warmed up in %.1f s", name,
-                        time.perf_counter() - started)
-            runtime["compiled"].append(name)
+    compiles = []  # (name, how), as COMPILE asks
+    if segmenter is not None and s.compile in ("segmenter", "true"):
+        compiles.append(("segmenter", lambda: segmenter.compile((1, s.batch_size))))  # the batch sizes it will see
+    if s.engine == "grounded_sam" and s.compile == "true":
+        compiles.append(("detector", detector.compile))
+    for name, compile_model in compiles:
+        started = time.perf_counter()
+        compile_model()
+        logger.info("torch.compile: the %s's encoder compiled and warmed up in %.1f s", name,
+                    time.perf_counter() - started)
+        runtime["compiled"].append(name)
     return Models(detector, segmenter, cache, engine=s.engine, runtime=runtime)
 
 
