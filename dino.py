@@ -155,8 +155,8 @@ class GroundingDino:
         if self.cache is None or image_id is None:
             logits, boxes = self._forward(image, caption, None)
         else:
-            key = ("groundingdino-outputs", id(self), image_id, caption)
-            logits, boxes = self.cache.get(key, lambda: self._forward(image, caption, image_id))
+            logits, boxes = self.cache.get(self._outputs_key(image_id, caption),
+                                           lambda: self._forward(image, caption, image_id))
         return self._select(logits, boxes, spans, usable, phrases, image.shape[:2],
                             box_threshold, text_threshold, max_detections, nms_iou)
 
@@ -165,8 +165,7 @@ class GroundingDino:
         tensor = self.preprocess(image).to(self.device)[None]
         with self._lock, torch.no_grad():
             if self.cache is not None and image_id is not None:
-                features, poss = self.cache.get(("groundingdino-backbone", id(self), image_id),
-                                                lambda: self._backbone(tensor))
+                features, poss = self.cache.get(self._backbone_key(image_id), lambda: self._backbone(tensor))
                 # The forward pass appends to the position list: hand it copies.
                 self.model.set_image_features(list(features), list(poss))
             outputs = self.model(tensor, captions=[caption])  # unsets the features at its end
@@ -191,7 +190,7 @@ class GroundingDino:
         caption, _ = caption_and_spans(phrases, self.model.tokenizer)
         groups: dict[tuple, list[tuple[torch.Tensor, str]]] = {}
         for image, image_id in zip(images, image_ids, strict=True):
-            if ("groundingdino-outputs", id(self), image_id, caption) not in self.cache:
+            if self._outputs_key(image_id, caption) not in self.cache:
                 tensor = self.preprocess(image)
                 groups.setdefault(tuple(tensor.shape), []).append((tensor, image_id))
         from groundingdino.util.misc import NestedTensor
@@ -205,9 +204,17 @@ class GroundingDino:
             logits, boxes = outputs["pred_logits"].cpu().sigmoid(), outputs["pred_boxes"].cpu()
             for i, (_, image_id) in enumerate(members):
                 one = slice(i, i + 1)
-                self.cache.put(("groundingdino-backbone", id(self), image_id),
+                self.cache.put(self._backbone_key(image_id),
                                ([NestedTensor(f.tensors[one], f.mask[one]) for f in features], [p[one] for p in poss]))
-                self.cache.put(("groundingdino-outputs", id(self), image_id, caption), (logits[i], boxes[i]))
+                self.cache.put(self._outputs_key(image_id, caption), (logits[i], boxes[i]))
+
+    def _backbone_key(self, image_id: str) -> tuple:
+        """The cache key of an image's backbone features (the same for every caption)."""
+        return ("groundingdino-backbone", id(self), image_id)
+
+    def _outputs_key(self, image_id: str, caption: str) -> tuple:
+        """The cache key of the raw outputs for an image and a caption."""
+        return ("groundingdino-outputs", id(self), image_id, caption)
 
     @staticmethod
     def _select(logits, boxes, spans, usable, phrases, size, box_threshold, text_threshold, max_detections, nms_iou):

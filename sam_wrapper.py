@@ -101,10 +101,10 @@ class Segmenter:
         if self.cache is None:
             return
         todo = [(image, image_id) for image, image_id in zip(images, image_ids, strict=True)
-                if ("sam-embedding", id(self), image_id) not in self.cache]
+                if self._key(image_id) not in self.cache]
         if todo:
             for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
-                self.cache.put(("sam-embedding", id(self), image_id), embedding)
+                self.cache.put(self._key(image_id), embedding)
 
     def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """torch.compile the image encoder (its input is always 1024x1024: static shapes) and warm it up at each
@@ -137,7 +137,11 @@ class Segmenter:
         """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
         if self.cache is None or image_id is None:
             return self.embed(image)
-        return self.cache.get(("sam-embedding", id(self), image_id), lambda: self.embed(image))
+        return self.cache.get(self._key(image_id), lambda: self.embed(image))
+
+    def _key(self, image_id: str) -> tuple:
+        """The cache key of an image's embedding."""
+        return ("sam-embedding", id(self), image_id)
 
     @torch.no_grad()
     def decode(
