@@ -13,9 +13,10 @@ UPSCALE_CHUNK_PIXELS = 64 * 2**20
 
 class LazyMasks:
     """N masks (H, W) bool in image pixels, computed a chunk at a time when read (from a model's low-resolution
-    logits, or from packed bits). Subclasses give `_chunk(start, stop) -> (stop - start, H, W) bool`. Reading
-    them in order (iteration, as the region builder does) holds one chunk of full-size masks at a time;
-    np.asarray() gives (N, H, W)."""
+    logits, or from packed bits). Subclasses give `_chunk(start, stop) -> (stop - start, H, W) bool`, or their
+    own __getitem__ and __iter__ (masks.CleanedMasks, ConcatMasks: other sequences read through). Reading them in
+    order (iteration, as the region builder does) holds one chunk of full-size masks at a time; np.asarray()
+    gives (N, H, W)."""
 
     def __init__(self, count: int, size: tuple[int, int]):
         self.shape = (count, *size)

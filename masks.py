@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from detections import LazyMasks
 from errors import ParamsError
 
 
@@ -122,17 +123,14 @@ def mask_box(mask: np.ndarray) -> list[float]:
     return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
-class CleanedMasks:
+class CleanedMasks(LazyMasks):
     """N masks (H, W) bool: `masks` (an array or a lazy sequence such as sam_wrapper.UpscaledMasks) cleaned
     with `params` as they are read. Iterating reads the source in order, one mask at a time, so no more
     full-size masks exist at once than the source itself holds; np.asarray() gives the whole (N, H, W) array."""
 
     def __init__(self, masks, params: CleanupParams):
+        super().__init__(len(masks), tuple(masks.shape[1:]))
         self.masks, self.params = masks, params
-        self.shape, self.ndim, self.dtype = tuple(masks.shape), 3, np.dtype(bool)
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def __getitem__(self, index: int) -> np.ndarray:
         return clean_mask(self.masks[index], self.params)
@@ -141,23 +139,13 @@ class CleanedMasks:
         for mask in self.masks:
             yield clean_mask(mask, self.params)
 
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, bool)
-        for i, mask in enumerate(self):
-            out[i] = mask
-        return out if dtype is None else out.astype(dtype)
 
-
-class ConcatMasks:
+class ConcatMasks(LazyMasks):
     """Several (Ni, H, W) mask sequences (arrays or lazy) read one after the other as one (sum Ni, H, W)."""
 
     def __init__(self, parts):
         self.parts = list(parts)
-        height, width = self.parts[0].shape[1:]
-        self.shape, self.ndim, self.dtype = (sum(len(p) for p in self.parts), height, width), 3, np.dtype(bool)
-
-    def __len__(self) -> int:
-        return self.shape[0]
+        super().__init__(sum(len(p) for p in self.parts), tuple(self.parts[0].shape[1:]))
 
     def __getitem__(self, index: int) -> np.ndarray:
         for part in self.parts:
@@ -169,10 +157,6 @@ class ConcatMasks:
     def __iter__(self):
         for part in self.parts:
             yield from part
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.concatenate([np.asarray(p) for p in self.parts])
-        return out if dtype is None else out.astype(dtype)
 
 
 def cleaned(masks, params: CleanupParams):
