@@ -151,7 +151,9 @@ def test_annotate_stopped_by_ctrl_c_or_killed_resumes_without_doubles(env, proje
     import signal
     import time
 
-    e = annotate_env(env, project, tmp_path)
+    # One image per model pass: a batch of four could predict and import the tasks left to the resumed run all at
+    # once, before the kill below lands (then the last resume finds the job done).
+    e = {**annotate_env(env, project, tmp_path), "BATCH_SIZE": "1"}
     args = [sys.executable, str(ROOT / "cli.py"), "annotate", "--project", "1", "--prompt", "shape_cats",
             "--chunk-size", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **e}, stderr=subprocess.PIPE,
@@ -169,11 +171,12 @@ def test_annotate_stopped_by_ctrl_c_or_killed_resumes_without_doubles(env, proje
     # Killed outright (SIGKILL, no clean-up) in the middle of the resumed run, then resumed again.
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "annotate", "--resume", job_id], cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **e}, stderr=subprocess.DEVNULL)
-    before = len(project.predictions)
+    before, deadline = len(project.predictions), time.monotonic() + 240
     while len(project.predictions) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.kill()
     proc.wait(30)
+    assert before < len(project.predictions) < 11  # killed after an import, before the end
     done = run(e, "annotate", "--resume", job_id)
     assert done.returncode == 0, done.stderr
     assert per_task(project) == {i: 1 for i in range(1, 13) if i != 5}
