@@ -71,7 +71,8 @@ class Segmenter:
         self.cache = cache
         self.dtype = dtype
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
-        self.decoder = PromptDecoder(self.model)
+        # On CPU, prompts go through the mask decoder 4 at a time (sam_decoder.PromptDecoder: cache-sized passes).
+        self.decoder = PromptDecoder(self.model, chunk=4 if torch.device(device).type == "cpu" else None)
         self._lock = threading.Lock()
 
     @classmethod

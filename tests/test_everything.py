@@ -100,13 +100,13 @@ def test_masks_of_the_points_above_the_iou_threshold_only_are_the_full_batch_one
 
     from sam_decoder import PromptDecoder
 
-    decoder = PromptDecoder(tiny)
+    decoder = PromptDecoder(tiny, chunk=4)  # 12 points in 3 passes, the masks of the selected ones by pass
     features = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
     coords = torch.rand(12, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1024
     with torch.no_grad():
         sparse, _ = tiny.prompt_encoder(points=(coords, torch.ones(12, 1, dtype=torch.int)), boxes=None, masks=None)
     prepared = decoder.prepare(features)
-    masks, iou = decoder.decode(prepared, sparse, True)
+    masks, iou = PromptDecoder(tiny).decode(prepared, sparse, True)
     threshold = float(iou.flatten().quantile(0.7))
     all_iou, selected, some = decoder.decode_above(prepared, sparse, True, threshold)
     assert torch.equal(all_iou, iou) and 0 < len(selected) < 12

@@ -34,15 +34,18 @@ def prompts(batch: int, points: int, box: bool, seed: int):
 
 
 @pytest.mark.parametrize(
-    "batch, points, box, multimask",
-    [(1, 1, False, True), (1, 2, False, False), (1, 0, True, False), (1, 3, True, False), (5, 0, True, False),
-     (3, 1, False, True)],
+    "batch, points, box, multimask, chunk",
+    [(1, 1, False, True, None), (1, 2, False, False, 4), (1, 0, True, False, None), (1, 3, True, False, None),
+     (5, 0, True, False, None), (3, 1, False, True, 4), (5, 1, False, True, 4), (6, 0, True, False, 4),
+     (7, 1, False, True, 4), (9, 1, False, True, 4), (20, 0, True, False, 8), (64, 1, False, True, 4)],
 )
-def test_decode_identical_to_mask_decoder(model, batch, points, box, multimask):
+def test_decode_identical_to_mask_decoder(model, batch, points, box, multimask, chunk):
+    """In one pass and in chunks (in chunks of 4: 5 prompts in one pass, 6 as 3 + 3, 7 as 4 + 3, 9 as 3 x 3,
+    64 as 16 x 4; 20 in chunks of 8: 7, 7, 6)."""
     torch.manual_seed(batch + points)
     features = torch.randn(1, 256, 64, 64)
     pts, boxes = prompts(batch, points, box, seed=batch * 10 + points)
-    decoder = PromptDecoder(model)
+    decoder = PromptDecoder(model, chunk)
     with torch.no_grad():
         sparse, dense = model.prompt_encoder(points=pts, boxes=boxes, masks=None)
         expected_masks, expected_iou = model.mask_decoder(
