@@ -69,6 +69,18 @@ def test_mobile_sam_loaded_from_checkpoint_matches_its_predictor(mobile_sam_chec
     np.testing.assert_array_equal(iou, expected_iou)
 
 
+@pytest.mark.parametrize("size", [(640, 480), (97, 211), (2048, 1536)])
+def test_upscaled_logits_are_sam_postprocess_masks(tiny, size):
+    """The same floats, not only the same masks: segment everything's stability scores count them."""
+    segmenter = Segmenter(tiny, "cpu")
+    embedding = segmenter.embed(make_image(*size, seed=4))
+    low_res = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(5)) * 4
+    expected = tiny.postprocess_masks(low_res[:, None], embedding.input_size, embedding.original_size)[:, 0]
+    ours = segmenter.upscale_logits(low_res, embedding)
+    assert ours.shape == (3, size[1], size[0])
+    assert torch.equal(ours, expected)
+
+
 def test_cached_embedding_gives_the_uncached_masks(tiny):
     cache = EmbeddingCache(4, 2**30)
     cached, plain = Segmenter(tiny, "cpu", cache), Segmenter(tiny, "cpu")
