@@ -288,3 +288,17 @@ def _predict_with_overrides(client, url):
     brushes = [r for r in result if r["type"] == "brushlabels"]
     assert brushes and all(r["value"]["brushlabels"] == ["stuff"] for r in brushes)
     assert len(brushes) <= 2 * 2 * 3  # points_per_side 2 from the project, not the environment's 4
+
+
+def test_bench_everything_runs_and_finds_the_reference_masks():
+    """benchmarks/bench_everything.py on a small image: its own code paths, and its "identical" holds."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_everything.py"), "--quick", "--size",
+                          "320x240", "--points", "6", "--repeats", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| mobile_sam"))
+    assert row.endswith(" masks |") and "| yes, " in row and "| yes, 0 masks" not in row
