@@ -62,24 +62,19 @@ def thresholds(segmenter: Segmenter, image: np.ndarray, points: int, keep: float
     return {"pred_iou_thresh": round(iou, 4), "stability_score_thresh": round(stability, 4)}
 
 
-def timed(fn, repeats: int = 1):
-    """fn's value (the first run's) and the median of `repeats` runs' seconds."""
-    first, seconds = None, []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        value = fn()
-        seconds.append(time.perf_counter() - started)
-        first = value if first is None else first
-        del value  # a reference answer holds every full-size mask
-    return first, float(np.median(seconds))
+def timed(fn, *args):
+    started = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - started
 
 
 def run(kind: str, width: int, height: int, points: int, keep: float, nms: float, repeats: int) -> dict:
+    """Rounds of (reference, ours fresh, ours cached), so each round's three share the machine's state; the
+    medians of the rounds' times and of their ratios."""
     model, Generator = build(kind)
     image = make_image(width, height, seed=7)
     params = {"points_per_side": points, "box_nms_thresh": nms,
               **thresholds(Segmenter(model, "cpu"), image, points, keep)}
-    reference, t_reference = timed(lambda: Generator(model, **params).generate(image), repeats)
     image_id = image_digest(image)
 
     def ours(segmenter):
@@ -88,17 +83,23 @@ def run(kind: str, width: int, height: int, points: int, keep: float, nms: float
             pass
         return found
 
-    cached_segmenter = Segmenter(model, "cpu", EmbeddingCache(8, 2**32))
-    # Fresh: a new segmenter (an empty cache) each time; cached: the first one's embedding again.
-    found, t_fresh = timed(lambda: ours(Segmenter(model, "cpu", EmbeddingCache(8, 2**32))), repeats)
-    ours(cached_segmenter)
-    cached, t_cached = timed(lambda: ours(cached_segmenter), repeats)
-    masks, cached_masks = np.asarray(found.masks), np.asarray(cached.masks)
-    same = len(masks) == len(reference) and all(np.array_equal(m, r["segmentation"])
-                                                for m, r in zip(masks, reference, strict=True))
-    same = same and np.array_equal(cached_masks, masks)
-    return {"kind": kind, "params": params, "masks": len(masks), "identical": same, "reference": t_reference,
-            "fresh": t_fresh, "cached": t_cached}
+    rounds, same = [], True
+    for _ in range(repeats):
+        reference, t_reference = timed(Generator(model, **params).generate, image)
+        segmenter = Segmenter(model, "cpu", EmbeddingCache(8, 2**32))  # an empty cache: a fresh image
+        found, t_fresh = timed(ours, segmenter)
+        cached, t_cached = timed(ours, segmenter)
+        masks = np.asarray(found.masks)
+        same = same and len(masks) == len(reference) and np.array_equal(np.asarray(cached.masks), masks) and all(
+            np.array_equal(m, r["segmentation"]) for m, r in zip(masks, reference, strict=True))
+        rounds.append((t_reference, t_fresh, t_cached))
+        count = len(masks)
+        del reference, found, cached, masks  # a reference answer holds every full-size mask
+    t = np.array(rounds)
+    return {"kind": kind, "params": params, "masks": count,
+            "identical": same, "reference": float(np.median(t[:, 0])), "fresh": float(np.median(t[:, 1])),
+            "cached": float(np.median(t[:, 2])), "fresh_x": float(np.median(t[:, 0] / t[:, 1])),
+            "cached_x": float(np.median(t[:, 0] / t[:, 2]))}
 
 
 def main() -> None:
@@ -107,18 +108,18 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=16, help="points_per_side (SAM's default: 32)")
     parser.add_argument("--keep", type=float, default=0.3, help="share of masks the IoU threshold keeps")
     parser.add_argument("--nms", type=float, default=1.0, help="box_nms_thresh")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each, the median printed")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds; medians printed (times, and ratios)")
     parser.add_argument("--quick", action="store_true", help="MobileSAM only")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    print(f"segment everything, {width}x{height}, points_per_side {args.points}, medians of {args.repeats} run(s), "
+    print(f"segment everything, {width}x{height}, points_per_side {args.points}, medians of {args.repeats} round(s), "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     print("| model | reference | ours, fresh | ours, cached | masks identical |")
     print("|---|---|---|---|---|")
     for kind in ["mobile_sam"] if args.quick else ["mobile_sam", "sam_vit_b"]:
         r = run(kind, width, height, args.points, args.keep, args.nms, args.repeats)
         print(f"| {kind} ({r['params']}) | {r['reference']:.1f} s | {r['fresh']:.1f} s "
-              f"({r['reference'] / r['fresh']:.1f}x) | {r['cached']:.1f} s ({r['reference'] / r['cached']:.1f}x) | "
+              f"({r['fresh_x']:.1f}x) | {r['cached']:.1f} s ({r['cached_x']:.1f}x) | "
               f"{'yes' if r['identical'] else 'NO'}, {r['masks']} masks |", flush=True)
 
 
