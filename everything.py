@@ -139,7 +139,7 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(K, H, W) bool -> (K, 4) int64 x0, y0, x1, y1 with x1 / y1 inclusive, zeros for an empty mask: exactly
     segment_anything's batched_mask_to_box (tests/test_everything.py), from the rows and columns that hold any
     pixel rather than from coordinate-weighted maxima over every pixel."""
-    pixels = masks.view(torch.uint8)  # a uint8 maximum is ~20x faster than a bool any() on CPU
+    pixels = masks.view(torch.uint8)  # on CPU a uint8 maximum is 10-40x faster than a bool any()
     rows, cols = pixels.amax(dim=2), pixels.amax(dim=1)
 
     def first_last(hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
