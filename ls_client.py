@@ -1,6 +1,6 @@
 """The connection to Label Studio: which URL and key to use, the Authorization header a key needs,
 label_studio_sdk's REST client for it, and a project's calls the bulk job makes (`LabelStudioProject`: paged task
-listing, the bulk prediction import, predictions by task), retried with backoff.
+listing, the bulk prediction import, predictions by task and their clean-up), retried with backoff.
 
 Label Studio accepts two kinds of key: a legacy token (``Authorization: Token <key>``) and JWTs. A personal
 access token (PAT) is a JWT *refresh* token that must first be exchanged for a short-lived access JWT
@@ -363,6 +363,24 @@ class LabelStudioProject:
                 if p.model_version == model_version and stamp >= since - 1.0:
                     found.add(task_id)
         return found
+
+    def keep_newest(self, task_ids: Iterable[int], model_version: str) -> int:
+        """Delete every prediction of `model_version` on these tasks but each task's newest (the highest id: Label
+        Studio numbers them in order), so that none holds two and none is left without one; how many were
+        deleted. One already gone (a resumed job deleting again) counts as deleted."""
+        deleted = 0
+        for task_id in task_ids:
+            predictions = self._call(f"predictions of task {task_id}",
+                                     lambda t=task_id: self.client.predictions.list(task=t))
+            ids = sorted(p.id for p in predictions if p.model_version == model_version)
+            for prediction_id in ids[:-1]:
+                try:
+                    self._call(f"delete of prediction {prediction_id}",
+                               lambda i=prediction_id: self.client.predictions.delete(id=i))
+                except LabelStudioNotFound:
+                    pass
+                deleted += 1
+        return deleted
 
     def import_predictions(self, predictions: list[dict]) -> int:
         """predictions: {"task", "result", "score", "model_version"} each; returns how many Label Studio created."""

@@ -1,6 +1,7 @@
 """The bulk job against a loopback imitation of Label Studio's REST API (tests/fake_label_studio.py), with a fake
-predictor: paging, chunked imports, skips, failures, resume after an interrupted import, pauses when Label Studio
-is down, the jobs routes. The real Label Studio runs these paths in tests/test_label_studio.py."""
+predictor: paging, chunked imports beside the predicting (on time, on size, growing with the rate, held back by a
+slow Label Studio), skips, redo, failures, resume after an interrupted import, pauses when Label Studio is down,
+the jobs routes. The real Label Studio runs these paths in tests/test_label_studio_bulk.py."""
 
 from __future__ import annotations
 
@@ -43,9 +44,26 @@ def store(tmp_path):
     return JobStore(str(tmp_path))
 
 
-def project(ls, retries=2):
+class Recorded(LabelStudioProject):
+    """The project's calls, each import kept (when it ended, its task ids), after `delay` s (a slow Label Studio)."""
+
+    def __init__(self, client, delay: float = 0.0, **kwargs):
+        super().__init__(client, 1, **kwargs)
+        self.delay, self.imports = delay, []
+
+    def import_predictions(self, predictions):
+        time.sleep(self.delay)
+        created = super().import_predictions(predictions)
+        self.imports.append((time.monotonic(), [p["task"] for p in predictions]))
+        return created
+
+    def sizes(self) -> list[int]:
+        return [len(tasks) for _, tasks in self.imports]
+
+
+def project(ls, retries=2, delay=0.0):
     client = LabelStudioClient(Settings()).sdk(Connection(ls.url, ls.token))
-    return LabelStudioProject(client, 1, retries=retries, backoff=0.01)
+    return Recorded(client, delay, retries=retries, backoff=0.01)
 
 
 def params(**changes):
@@ -73,60 +91,112 @@ def test_bad_task_ranges_name_the_part(text):
 
 
 def test_a_whole_project_paged_imported_in_chunks_with_a_failure_recorded(ls, store):
-    job = BulkJob.create(store, params(), project=project(ls), predict=predict_ok)
+    labels = project(ls)
+    job = BulkJob.create(store, params(), project=labels, predict=predict_ok)
     report = job.run()
     assert report.state == "done"
     assert report.counts == {"pending": 0, "importing": 0, "done": 249, "failed": 1, "skipped": 0}
     assert report.failures == [{"task": 7, "kind": "undecodable", "reason": "not a recognised image format"}]
     assert imported(ls) == {i: 1 for i in range(1, 251) if i != 7}
     assert all(p["model_version"] == MV and p["result"] for p in ls.predictions)
-    imports = [path for method, path in ls.requests if method == "POST"]
-    assert len(imports) == 7  # 249 predictions in chunks of 40
+    sizes = labels.sizes()  # full chunks of 40 or more (what queued during an import), the rest at the end
+    assert sum(sizes) == 249 and all(40 <= n <= 500 for n in sizes[:-1]) and len(sizes) <= 7, sizes
+    assert [path for method, path in ls.requests if method == "POST"] == ["/api/projects/1/import/predictions"] * len(
+        sizes)
     pages = [path for method, path in ls.requests if path.startswith("/api/tasks/")]
     assert len(pages) == 3  # 100 + 100 + 50: the last page is short, nothing more is asked
 
 
-def test_a_selection_and_only_missing(ls, store):
-    ls.predictions.append({"task": 3, "model_version": MV, "result": [], "created_at": "2020-01-01T00:00:00Z"})
-    ls.predictions.append({"task": 4, "model_version": "other", "result": [], "created_at": "2020-01-01T00:00:00Z"})
-    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5")), only_missing=True),
+def old_prediction(task: int, prediction_id: int, model_version: str = MV) -> dict:
+    return {"id": prediction_id, "task": task, "model_version": model_version, "result": [],
+            "created_at": "2020-01-01T00:00:00Z"}
+
+
+def ours(ls, task: int) -> list[int]:
+    """The ids of the task's predictions of this model version."""
+    return [p["id"] for p in ls.predictions if p["task"] == task and p["model_version"] == MV]
+
+
+def test_tasks_holding_a_prediction_of_this_version_are_skipped_by_default(ls, store):
+    ls.predictions += [old_prediction(3, 1), old_prediction(4, 2, "other")]
+    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5"))),
                          project=project(ls), predict=predict_ok)
     report = job.run()
     assert report.counts["done"] == 3 and report.counts["skipped"] == 1
-    assert imported(ls) == {2: 1, 3: 1, 4: 2, 5: 1}
+    assert imported(ls) == {2: 1, 3: 1, 4: 2, 5: 1} and ours(ls, 3) == [1]
 
 
-def test_resume_after_an_interrupted_import_doubles_nothing(ls, store):
-    """The process dies after chunk 2 went out but before its 'done' was written: the resumed job asks Label
-    Studio, counts the chunk as landed, and predicts only what had not been predicted."""
-    p = params(selection=Selection(task_ids=tuple(range(1, 101))), chunk_size=10)
+def test_redo_replaces_the_prediction_of_this_version_and_leaves_one(ls, store):
+    """Task 3 holds two predictions of this version (what a job that did not skip left), task 4 one of another
+    version: after a redo each task holds exactly one of this version, the new one, and task 4 keeps the other."""
+    ls.predictions += [old_prediction(3, 1), old_prediction(3, 2), old_prediction(4, 3, "other"),
+                       old_prediction(5, 4)]
+    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5")), redo=True),
+                         project=project(ls), predict=predict_ok)
+    report = job.run()
+    assert report.state == "done" and report.counts["done"] == 4 and report.counts["skipped"] == 0
+    assert all(len(ours(ls, t)) == 1 and ours(ls, t)[0] >= 1000 for t in (2, 3, 4, 5)), ls.predictions
+    assert [p["id"] for p in ls.predictions if p["model_version"] == "other"] == [3]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (the importer drops what is queued)."""
+
+
+@pytest.mark.parametrize("redo", [False, True])
+@pytest.mark.parametrize("when", ["before the import", "after the import", "after the old ones went",
+                                  "after the bookkeeping"])
+def test_resume_after_an_interrupted_import_leaves_one_prediction_per_task(ls, store, redo, when):
+    """The process dies at some point of chunk 2's import; the resumed job asks Label Studio whether it landed
+    (and a redo deletes the old predictions it had not deleted yet): every task ends with exactly one prediction
+    of this version, the job's. With redo, every task held one of an earlier run."""
+    if redo:
+        ls.predictions += [old_prediction(t, t) for t in range(1, 31)]
+    p = params(selection=Selection(task_ids=tuple(range(1, 31))), chunk_size=5, redo=redo)
     job = BulkJob.create(store, p, project=project(ls), predict=predict_ok)
-    calls = []
+    dying = project(ls)
+    calls = {"import_predictions": 0, "keep_newest": 0}
 
-    def dying(task):
-        calls.append(task["id"])
-        if len(calls) == 25:
-            raise KeyboardInterrupt  # stands in for SIGKILL at a task boundary
-        return predict_ok(task)
+    def die_at(name, before):
+        real = getattr(dying, name)
 
-    real_record = store.record
-    chunks = []
+        def call(*args):
+            calls[name] += 1
+            if calls[name] == 2 and before:
+                raise Killed
+            answer = real(*args)
+            if calls[name] == 2:
+                raise Killed
+            return answer
 
-    def record(job_id, rows):
-        rows = list(rows)
-        if rows and rows[0][1] == "done" and rows[0][4] == 2:
-            chunks.append(2)
-            raise KeyboardInterrupt  # killed between the import and the bookkeeping
-        real_record(job_id, rows)
+        setattr(dying, name, call)
 
-    store.record = record
-    with pytest.raises(KeyboardInterrupt):
-        BulkJob(job.job_id, p, store, project(ls), dying).run()
-    store.record = real_record
-    assert chunks == [2] and len(store.tasks_in(job.job_id, "importing")) == 10
+    if when == "before the import":
+        die_at("import_predictions", before=True)
+    elif when == "after the import":
+        die_at("import_predictions", before=False)
+    elif when == "after the old ones went":
+        die_at("keep_newest" if redo else "import_predictions", before=False)
+    else:
+        real_record = store.record
+
+        def record(job_id, rows):
+            rows = list(rows)
+            if rows and rows[0][1] == "done" and rows[0][4] == 2:
+                raise Killed  # between the import and its bookkeeping
+            real_record(job_id, rows)
+
+        store.record = record
+    with pytest.raises(Killed):
+        BulkJob(job.job_id, p, store, dying, predict_ok).run()
+    store.record = JobStore.record.__get__(store)
+    interrupted = store.tasks_in(job.job_id, "importing")
+    assert interrupted and len(ls.predictions) < 30 + 30 * redo  # chunk 2 was cut short, the job did not end
     report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
-    assert report.state == "done" and report.counts["done"] == 99 and report.counts["failed"] == 1
-    assert imported(ls) == {i: 1 for i in range(1, 101) if i != 7}
+    assert report.state == "done" and report.counts["done"] == 29 and report.counts["failed"] == 1
+    # task 7's image is broken: it keeps the old prediction a redo found, and gets none otherwise
+    assert {t: len(ours(ls, t)) for t in range(1, 31)} == {t: 1 if t != 7 or redo else 0 for t in range(1, 31)}
+    assert all(ours(ls, t)[0] >= 1000 for t in range(1, 31) if t != 7), ls.predictions  # the job's, not the old
 
 
 def test_label_studio_down_pauses_the_job_and_resume_loses_nothing(ls, store):
@@ -143,13 +213,13 @@ def test_label_studio_down_pauses_the_job_and_resume_loses_nothing(ls, store):
     report = BulkJob(job.job_id, p, store, project(ls, retries=1), predict_then_fail).run()
     assert report.state == "paused" and "unavailable after 2 attempts" in report.reason
     status = job_status(store, job.job_id)
-    assert status["state"] == "paused" and status["counts"]["done"] == 20
+    assert status["state"] == "paused" and 20 <= status["counts"]["done"] < 59
     ls.fail_next = 0
     report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
     assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 61) if i != 7}
 
 
-def test_a_stop_ends_after_the_chunk_in_flight(ls, store):
+def test_a_stop_ends_after_the_task_in_flight_and_imports_what_was_predicted(ls, store):
     stop = threading.Event()
     p = params(selection=Selection(task_ids=tuple(range(1, 51))), chunk_size=10)
 
@@ -177,7 +247,7 @@ def test_label_studio_errors_name_the_problem(ls):
         LabelStudioProject(LabelStudioClient(Settings()).sdk(Connection(ls.url, "wrong")), 1, retries=0
                            ).label_config()
     with pytest.raises(LabelStudioNotFound, match="404"):
-        project(ls).__class__(project(ls).client, 99, retries=0).label_config()
+        LabelStudioProject(project(ls).client, 99, retries=0).label_config()
 
 
 def test_foreground_requests_hold_the_background_job_back():
