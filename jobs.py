@@ -54,6 +54,8 @@ from store import FINAL, JobStore
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 0.5  # how often a running job writes its heartbeat and reports its progress
+
 
 
 def parse_task_ranges(text: str) -> tuple[int, ...]:
@@ -186,10 +188,9 @@ class BulkJob:
         try:
             self._reconcile()
             source = self.project.tasks(self.params.selection) if tasks is None else iter(tasks)
-            importer = Importer(self)
+            importer, tick = Importer(self), 0.0
             for task, outcome in self.executor(self._to_predict(source)):
                 task_id = task["id"]
-                store.beat(self.job_id)
                 if outcome.failure is not None:
                     logger.warning("job %s: task %s failed (%s): %s", self.job_id, task_id, outcome.failure.kind,
                                    outcome.failure.reason)
@@ -197,7 +198,10 @@ class BulkJob:
                                                 None, outcome.seconds)])
                 else:
                     importer.put(task_id, outcome)
-                self.progress(store.counts(self.job_id))
+                if time.monotonic() >= tick:  # a write and a query: per task, they would cap a fast job
+                    store.beat(self.job_id)
+                    self.progress(store.counts(self.job_id))
+                    tick = time.monotonic() + PROGRESS_EVERY_S
             importer.close()
             importer.check()
         except LabelStudioUnavailable as e:
@@ -221,18 +225,18 @@ class BulkJob:
         """The tasks still to predict, a page at a time: not final in this job, not skipped; none once stopped."""
         for page in batched(source, PAGE_SIZE):
             known = self.store.statuses(self.job_id, [t["id"] for t in page])
-            for task in page:
+            todo = [t for t in page if known.get(t["id"]) not in FINAL]
+            skipped = [] if self.params.redo else [t["id"] for t in todo
+                                                    if has_prediction(t, self.params.model_version)]
+            if skipped:  # a page's skips in one write
+                reason = f"holds a prediction of {self.params.model_version}"
+                self.store.record(self.job_id, [(task_id, "skipped", None, reason, None, 0.0) for task_id in skipped])
+                self.progress(self.store.counts(self.job_id))
+            for task in todo:
                 if self.stop.is_set():
                     return
-                task_id = task["id"]
-                if known.get(task_id) in FINAL:
-                    continue
-                if not self.params.redo and has_prediction(task, self.params.model_version):
-                    self.store.record(self.job_id, [(task_id, "skipped", None, "holds a prediction of "
-                                                     f"{self.params.model_version}", None, 0.0)])
-                    self.progress(self.store.counts(self.job_id))
-                    continue
-                yield task
+                if task["id"] not in skipped:
+                    yield task
 
     def _import(self, buffer: list[tuple[int, TaskOutcome]]) -> None:
         """One chunk out: 'importing', the import, (a redo's clean-up), 'done'. Runs in the importer thread."""

@@ -202,15 +202,18 @@ def test_resume_after_an_interrupted_import_leaves_one_prediction_per_task(ls, s
 def test_label_studio_down_pauses_the_job_and_resume_loses_nothing(ls, store):
     p = params(selection=Selection(task_ids=tuple(range(1, 61))), chunk_size=20)
     job = BulkJob.create(store, p, project=project(ls, retries=1), predict=predict_ok)
-    done = []
+    labels, done = project(ls, retries=1), []
 
     def predict_then_fail(task):
         done.append(task["id"])
         if len(done) == 30:
+            deadline = time.monotonic() + 10
+            while not labels.imports and time.monotonic() < deadline:  # the first chunk is in
+                time.sleep(0.01)
             ls.fail_next = 100  # Label Studio goes down: the next import fails every retry
         return predict_ok(task)
 
-    report = BulkJob(job.job_id, p, store, project(ls, retries=1), predict_then_fail).run()
+    report = BulkJob(job.job_id, p, store, labels, predict_then_fail).run()
     assert report.state == "paused" and "unavailable after 2 attempts" in report.reason
     status = job_status(store, job.job_id)
     assert status["state"] == "paused" and 20 <= status["counts"]["done"] < 59
@@ -230,6 +233,59 @@ def test_a_stop_ends_after_the_task_in_flight_and_imports_what_was_predicted(ls,
 
     report = BulkJob.create(store, p, project=project(ls), predict=predict, stop=stop).run()
     assert report.state == "stopped" and sorted(imported(ls)) == [i for i in range(1, 16) if i != 7]
+
+
+def test_a_chunk_goes_out_when_its_oldest_prediction_has_waited(ls, store):
+    """A slow job (0.15 s a task) never fills a chunk of 50: each prediction is imported about JOB_IMPORT_WAIT
+    (0.3 s) after it was made, while the job runs, not all at its end."""
+    labels = project(ls)
+    predicted: dict[int, float] = {}
+
+    def slow(task):
+        time.sleep(0.15)
+        predicted[task["id"]] = time.monotonic()
+        return predict_ok(task)
+
+    p = params(selection=Selection(task_ids=tuple(range(1, 13))), chunk_size=50, import_wait=0.3)
+    report = BulkJob.create(store, p, project=labels, predict=slow).run()
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 13) if i != 7}
+    assert len(labels.imports) >= 3, labels.sizes()  # 1.8 s of predicting, one import every 0.3 s or so
+    first_import, first_tasks = labels.imports[0]
+    assert first_import < predicted[12]  # before the last task was predicted
+    for ended, tasks in labels.imports[:-1]:
+        waited = ended - min(predicted[t] for t in tasks)
+        assert 0.25 <= waited < 0.3 + 0.15 + 0.3, (waited, tasks)  # the wait, at most one task more, the request
+
+
+def test_a_slow_label_studio_holds_the_predicting_back_through_the_bounded_queue(ls, store):
+    """Imports of 0.2 s each and predictions in no time: the predicting runs at most a queue (chunk_max) and a
+    chunk ahead of the imports, and no chunk is larger than chunk_max."""
+    labels = project(ls, delay=0.2)
+    ahead = []
+
+    def fast(task):
+        ahead.append(len(ahead) + 1 - sum(labels.sizes()))  # predicted, not imported yet
+        return predict_ok(task)
+
+    p = params(selection=Selection(task_ids=tuple(range(1, 81))), chunk_size=5, chunk_max=10)
+    report = BulkJob.create(store, p, project=labels, predict=fast).run()
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 81) if i != 7}
+    assert max(labels.sizes()) == 10 and max(ahead) <= 10 + 10 + 2, (labels.sizes(), max(ahead))
+
+
+def test_chunks_grow_with_the_jobs_rate_up_to_the_bound(ls, store):
+    """Each import costs 0.5 s whatever its size (as Label Studio's ~0.6 s) and the predictions come in no time:
+    the chunks grow from 5 to the bound (100) and 240 tasks need a few imports, not 48 (240 / 5), so the job ends
+    in a fraction of what fixed chunks of 5 would take (48 x 0.5 s = 24 s)."""
+    labels = project(ls, delay=0.5)
+    p = params(selection=Selection(task_ids=tuple(range(1, 241))), chunk_size=5, chunk_max=100)
+    started = time.monotonic()
+    report = BulkJob.create(store, p, project=labels, predict=predict_ok).run()
+    seconds = time.monotonic() - started
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 241) if i != 7}
+    sizes = labels.sizes()
+    assert sizes[0] >= 5 and max(sizes) == 100 and len(sizes) <= 8, sizes
+    assert seconds < 8, (seconds, sizes)
 
 
 def test_pending_tasks_are_claimed_and_a_prediction_already_there_is_skipped(ls, store):
@@ -324,6 +380,11 @@ def test_post_jobs_runs_a_job_with_the_callers_key(service):
         ({"project": 1, "prompt": "cats", "all": True, "box_threshold": 3}, None, 400,
          "box_threshold must be a number between 0.0 and 1.0"),
         ({"project": 1, "prompt": "tree", "all": True}, None, 422, "gives nothing to detect"),
+        ({"project": 1, "prompt": "cats", "all": True, "redo": "yes"}, None, 400, "'redo' must be true or false"),
+        ({"project": 1, "prompt": "cats", "all": True, "only_missing": 1}, None, 400,
+         "'only_missing' must be true or false"),
+        ({"project": 1, "prompt": "cats", "all": True, "redo": True, "only_missing": True}, None, 400,
+         "'redo' and 'only_missing' contradict each other"),
     ],
 )
 def test_bad_job_requests_are_4xx_naming_the_problem(service, body, headers, status, message):
@@ -331,6 +392,30 @@ def test_bad_job_requests_are_4xx_naming_the_problem(service, body, headers, sta
     response = service.post("/jobs", json=body, headers=headers)
     assert response.status_code == status and message in response.json["error"], response.json
     assert service.get("/jobs").json["jobs"] == []
+
+
+def test_a_second_job_skips_what_the_first_imported_and_redo_replaces_it(service):
+    """A job over tasks 1-12, then one over the whole project: the first 12 are skipped (before skipping became
+    the default this left two identical predictions on each), and only_missing is the same job. Then a redo of
+    1-3: each of them holds one prediction, a new one."""
+    auth = {"Authorization": f"Token {service.ls.token}"}
+
+    def job(**body):
+        response = service.post("/jobs", json={"project": 1, "prompt": "cats", **body}, headers=auth)
+        assert response.status_code == 201, response.json
+        status = wait_job(service, response.json["id"])
+        assert status["state"] == "done", status
+        return status["counts"]
+
+    assert job(tasks="1-12")["done"] == 12
+    assert job(all=True) == {"pending": 0, "importing": 0, "done": 18, "failed": 0, "skipped": 12}
+    assert job(all=True, only_missing=True)["skipped"] == 30
+    first = {p["task"]: p["id"] for p in service.ls.predictions}
+    assert imported(service.ls) == {i: 1 for i in range(1, 31)}
+    assert job(tasks="1-3", redo=True)["done"] == 3
+    assert imported(service.ls) == {i: 1 for i in range(1, 31)}
+    again = {p["task"]: p["id"] for p in service.ls.predictions}
+    assert all(again[t] > first[t] for t in (1, 2, 3)) and all(again[t] == first[t] for t in range(4, 31))
 
 
 def test_jobs_never_act_with_the_setup_token(service):
@@ -433,6 +518,9 @@ def test_job_params_keep_the_projects_cleanup_and_everything_across_a_resume():
                prompt="*_cats")
     again = JobParams.from_json(json.loads(json.dumps(p.to_json())))
     assert again == p
+    older = {**p.to_json(), "only_missing": True}  # stored before skipping became the default
+    del older["redo"], older["import_wait"], older["chunk_max"]
+    assert JobParams.from_json(older) == p
     config, query = again.query()
     assert query.cleanup == CleanupParams(40, 2) and query.everything.points_per_side == 8
     assert [ph.label for ph in query.phrases] == ["cats"]
