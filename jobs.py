@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5  # how often a running job writes its heartbeat and reports its progress
 
 
-
 def parse_task_ranges(text: str) -> tuple[int, ...]:
     """'1,5-9' -> (1, 5, 6, 7, 8, 9); raises ParamsError naming the bad part."""
     ids: list[int] = []
@@ -475,6 +474,13 @@ class JobService:
             raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
         selection = self._selection(body)
         detection = self._detection(body)
+        flags = {name: body.get(name, False) for name in ("redo", "only_missing")}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ParamsError(f"'{name}' must be true or false, got {value!r}")
+        if flags["redo"] and flags["only_missing"]:
+            raise ParamsError("'redo' and 'only_missing' contradict each other: 'redo' replaces the predictions "
+                              "'only_missing' keeps (skipping them is the default)")
         url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
                                                                                                 "hostname")
         if not isinstance(url, str) or not url:
@@ -491,13 +497,6 @@ class JobService:
         require_phrases(prompt, config.labels, config.predicted_values)
         if selection.view is not None and next(iter(label_project.tasks(selection)), None) is None:
             raise ParamsError(f"view {selection.view} of project {project} holds no task")
-        flags = {name: body.get(name, False) for name in ("redo", "only_missing")}
-        for name, value in flags.items():
-            if not isinstance(value, bool):
-                raise ParamsError(f"'{name}' must be true or false, got {value!r}")
-        if flags["redo"] and flags["only_missing"]:
-            raise ParamsError("'redo' and 'only_missing' contradict each other: 'redo' replaces the predictions "
-                              "'only_missing' keeps (skipping them is the default)")
         params = JobParams(project, prompt, detection, selection, flags["redo"], self.model_version, label_config,
                            **job_chunking(self.settings))
         job_id = self.runner.submit(params, connection)
