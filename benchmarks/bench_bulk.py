@@ -196,11 +196,24 @@ def import_rates(ls, pictures, count: int, before: str) -> dict:
     from store import JobStore
 
     class Counted(LabelStudioProject):
-        sizes: list[int]
+        """Each import's size, and the seconds spent in Label Studio's task listing and its imports."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.sizes, self.seconds = [], {"listing": 0.0, "import": 0.0}
 
         def import_predictions(self, predictions):
             self.sizes.append(len(predictions))
             return super().import_predictions(predictions)
+
+        def _call(self, what, call):
+            started = time.perf_counter()
+            try:
+                return super()._call(what, call)
+            finally:
+                kind = "listing" if "tasks page" in what else "import" if "import of" in what else None
+                if kind:
+                    self.seconds[kind] += time.perf_counter() - started
 
     result = [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 96,
                "original_height": 32, "value": {"x": 10, "y": 10, "width": 30, "height": 40, "rotation": 0,
@@ -215,11 +228,18 @@ def import_rates(ls, pictures, count: int, before: str) -> dict:
     ways = {"now": (jobs, {"chunk_size": 50, "chunk_max": 500}),
             "now, chunks held at 50": (jobs, {"chunk_size": 50, "chunk_max": 50}),
             f"before ({before})": (jobs_at(before), {"chunk_size": 50})}
-    rates = {}
+    # Label Studio's own ceiling: the same predictions in chunks of 500, back to back, no listing, no job.
+    pid, ids = project(ls, pictures, "bench import rate: ceiling", count)
+    labels = Counted(client, pid)
+    started = time.perf_counter()
+    for start in range(0, count, 500):
+        labels.import_predictions([{"task": t, **stub({"id": t}).prediction} for t in ids[start:start + 500]])
+    rates = {"Label Studio alone, chunks of 500": count / (time.perf_counter() - started)}
+    print(f"  {'Label Studio alone, chunks of 500:':<36}{next(iter(rates.values())):7.1f} predictions/s "
+          f"({len(labels.sizes)} imports back to back, no listing, no job)")
     for way, (module, chunking) in ways.items():
         pid, _ = project(ls, pictures, f"bench import rate: {way}", count)
         labels = Counted(client, pid)
-        labels.sizes = []
         params = module.JobParams(pid, PROMPT, DetectionParams(0.3, 0.25, 5), model_version="bench-stub",
                                   label_config=GUIDE_CONFIG, **chunking)
         started = time.perf_counter()
@@ -227,8 +247,9 @@ def import_rates(ls, pictures, count: int, before: str) -> dict:
         seconds = time.perf_counter() - started
         assert report.state == "done" and report.counts["done"] == count, report
         rates[way] = count / seconds
-        print(f"  {way + ':':<34}{rates[way]:7.1f} predictions/s ({seconds:.1f} s; {len(labels.sizes)} imports, "
-              f"largest {max(labels.sizes)})")
+        print(f"  {way + ':':<36}{rates[way]:7.1f} predictions/s ({seconds:.1f} s; {len(labels.sizes)} imports, "
+              f"largest {max(labels.sizes)}; Label Studio listing {labels.seconds['listing']:.1f} s, importing "
+              f"{labels.seconds['import']:.1f} s)")
     return rates
 
 
