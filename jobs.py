@@ -5,11 +5,12 @@ Studio in chunks through its bulk route (`POST /api/projects/{id}/import/predict
     each   skipped (final in the job already, or Label Studio holds a prediction of this model_version, unless the
            job redoes them) or predicted (`predict(task) -> pipeline.TaskOutcome`): a failure is recorded with its
            reason, the job goes on
-    chunk  the job's importer thread takes predictions from a bounded queue and sends a chunk when it holds
-           `chunk_size` of them or its oldest has waited `import_wait` s; what arrives while an import is in flight
-           goes out next, up to `chunk_max`, so the import rate follows the prediction rate (a full queue holds the
-           predicting back). Recorded 'importing' (with its number) before the import, 'done' after it; a redo
-           deletes the task's older predictions of this model_version in between.
+    chunk  the job's importer thread takes predictions from a bounded queue and sends a chunk when its oldest has
+           waited `import_wait` s, or sooner once it holds `chunk_size`: as soon as its oldest has waited as long as
+           the last import took, so chunks grow with the job's rate up to `chunk_max` and the import rate follows
+           the prediction rate (a full queue holds the predicting back). Recorded 'importing' (with its number)
+           before the import, 'done' after it; a redo deletes the task's older predictions of this model_version in
+           between.
 
 Killed at any moment, a job resumes with `BulkJob.run` again: tasks still 'importing' are looked up in Label Studio
 (a prediction of the job's model_version made since the job was created means the import landed), the others are
@@ -277,10 +278,11 @@ class BulkJob:
 
 class Importer:
     """A running job's imports, in a thread of their own beside its predicting: predictions come in through a
-    bounded queue (`put` blocks while it is full) and go out in chunks (`BulkJob._import`) when `chunk_size` are
-    buffered, when the oldest has waited `import_wait` s, or at `close`. What queued up during an import goes out
-    in the next one, up to `chunk_max` at once. Its first error ends its imports and is raised in the job's thread
-    by `put` or `check`."""
+    bounded queue (`put` blocks while it is full) and go out in chunks (`BulkJob._import`): when `chunk_max` are
+    buffered; when `chunk_size` are and the oldest has waited as long as the last import took (an import costs
+    Label Studio about the same whatever its size, so a chunk gathers what the job predicts in that time: it grows
+    with the job's rate); when the oldest has waited `import_wait` s; at `close`. Its first error ends its imports
+    and is raised in the job's thread by `put` or `check`."""
 
     _END = object()
 
@@ -289,6 +291,7 @@ class Importer:
         self.queue: queue.Queue = queue.Queue(maxsize=job.params.chunk_max)
         self.error: BaseException | None = None
         self._drop = False
+        self._import_s = 0.0  # how long the last import took
         self._thread = threading.Thread(target=self._work, name=f"import-{job.job_id}", daemon=True)
         self._thread.start()
 
@@ -312,20 +315,30 @@ class Importer:
         while not ended or buffer:
             if not ended:
                 ended = self._collect(buffer)
-            if buffer and (ended or len(buffer) >= params.chunk_size
-                           or time.monotonic() - buffer[0][2] >= params.import_wait):
+            if buffer and (ended or time.monotonic() >= self._due(buffer)):
                 chunk, buffer = buffer[:params.chunk_max], buffer[params.chunk_max:]
                 if self._drop or self.error is not None:
                     continue  # dropped: predicted again on resume
                 try:
+                    started = time.monotonic()
                     self.job._import([(task_id, outcome) for task_id, outcome, _ in chunk])
+                    self._import_s = time.monotonic() - started
                 except BaseException as e:  # raised in the job's thread; the queue is still drained, so put never hangs
                     self.error = e
 
+    def _due(self, buffer: list) -> float:
+        """When the buffered predictions go out (time.monotonic)."""
+        params, oldest = self.job.params, buffer[0][2]
+        if len(buffer) >= params.chunk_max:
+            return oldest
+        if len(buffer) >= params.chunk_size:
+            return oldest + min(self._import_s, params.import_wait)
+        return oldest + params.import_wait
+
     def _collect(self, buffer: list) -> bool:
-        """Wait for a prediction (no longer than the oldest buffered may still wait), then take what else is queued,
-        up to a full chunk; whether the end came."""
-        wait = None if not buffer else max(buffer[0][2] + self.job.params.import_wait - time.monotonic(), 0)
+        """Wait for a prediction (no longer than the buffered ones are due), then take what else is queued, up to
+        a full chunk; whether the end came."""
+        wait = None if not buffer else max(self._due(buffer) - time.monotonic(), 0)
         try:
             item = self.queue.get(timeout=wait)
         except queue.Empty:

@@ -277,13 +277,17 @@ class LabelStudioProject:
 
     def __init__(self, client, project: int, retries: int = 5, backoff: float = 1.0):
         self.client, self.project, self.retries, self.backoff = client, project, retries, backoff
+        # One request at a time: a job lists tasks while its importer imports, and Label Studio on SQLite serves
+        # the two together slower than one after the other (benchmarks/bench_bulk.py).
+        self._one_at_a_time = threading.Lock()
 
     def _call(self, what: str, call: Callable):
         from label_studio_sdk.core.api_error import ApiError
 
         for attempt in range(self.retries + 1):
             try:
-                return call()
+                with self._one_at_a_time:
+                    return call()
             except ApiError as e:
                 status = e.status_code or 0
                 if status in (401, 403):
