@@ -116,7 +116,7 @@ Query = TextQuery | ClickQuery
 @dataclass(frozen=True)
 class TaskFailure:
     """Why one task got no prediction. kind: 'no_image_url', or an ImageError kind ('unreachable', 'denied',
-    'too_large', 'undecodable', 'unsupported')."""
+    'refused', 'too_large', 'undecodable', 'unsupported')."""
 
     kind: str
     reason: str
@@ -145,17 +145,19 @@ class Pipeline:
         self._turn = before_model_pass or (lambda: None)
         self.deadline = deadline
 
-    def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None
-                   ) -> tuple[np.ndarray, str]:
+    def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None,
+                   task_id: int | None = None) -> tuple[np.ndarray, str]:
         """A task image (H, W, 3) uint8 RGB and its pixel digest, downloaded and decoded once per
-        IMAGE_CACHE_SECONDS (a series of clicks fetches it once). hostname, access_token: what /setup sent.
+        IMAGE_CACHE_SECONDS (a series of clicks fetches it once), kept under its stored URI (never a presigned
+        URL). hostname, access_token: what /setup sent; task_id: the task's (a cloud storage URI needs it).
         Raises ImageError."""
 
         def fetch():
-            image = self.images.load(url, hostname=hostname, access_token=access_token)
+            image = self.images.load(url, hostname=hostname, access_token=access_token, task_id=task_id)
             return image, image_digest(image)
 
-        return self.models.cache.get(("image", url, hostname), fetch, max_age=self.settings.image_cache_seconds)
+        key = ("image", self.images.cache_key(url, hostname, access_token), hostname)
+        return self.models.cache.get(key, fetch, max_age=self.settings.image_cache_seconds)
 
     def detect(self, image: np.ndarray, image_id: str, query: Query, wants_masks: bool = True) -> Detections:
         """One image: (H, W, 3) uint8 RGB and its identity (cache.image_digest) -> Detections in its pixels.
@@ -304,8 +306,9 @@ class Pipeline:
         url = data.get(config.image_key) if isinstance(data, dict) else None
         if not isinstance(url, str) or not url:
             return TaskFailure("no_image_url", f"task data has no image URL under {config.image_key!r}")
+        task_id = task.get("id")
         try:
-            return self.load_image(url, hostname, access_token)
+            return self.load_image(url, hostname, access_token, task_id if isinstance(task_id, int) else None)
         except ImageError as e:
             return TaskFailure(e.kind, str(e))
 
