@@ -38,20 +38,22 @@ constraints:
 	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
 	rm -rf .venv-constraints
 
-# The end-to-end tests' Label Studio (its version: LS_VERSION in tests/label_studio_harness.py) is installed with
-# -c tests/label-studio-constraints.txt, and rebuilt when that file changes. To move it to newer dependencies (or
-# after changing LS_VERSION): resolve afresh in a temporary virtualenv and pin the result, then commit the file.
+# The end-to-end tests' Label Studio and moto S3 server (their versions: LS_VERSION and MOTO_VERSION in
+# tests/label_studio_harness.py) are installed with -c tests/label-studio-constraints.txt, and rebuilt when that file
+# changes. To move them to newer dependencies (or after changing a version): resolve afresh in a temporary virtualenv
+# and pin the result, then commit the file.
 LS_VERSION = $(shell sed -n 's/^LS_VERSION = "\(.*\)"$$/\1/p' tests/label_studio_harness.py)
+MOTO_VERSION = $(shell sed -n 's/^MOTO_VERSION = "\([^"]*\)".*/\1/p' tests/label_studio_harness.py)
 LS_CONSTRAINTS := tests/label-studio-constraints.txt
 constraints-label-studio:
 	@test -n "$(LS_VERSION)" || { echo "no LS_VERSION in tests/label_studio_harness.py" >&2; exit 1; }
-	@echo "make: resolving label-studio==$(LS_VERSION) in a fresh virtualenv (about 1 GB; a few minutes)"
+	@echo "make: resolving label-studio==$(LS_VERSION) and moto[server]==$(MOTO_VERSION) in a fresh virtualenv (about 1.2 GB; a few minutes)"
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  $(PYTHON) -m venv "$$tmp/venv" && \
-	  "$$tmp/venv/bin/pip" install --progress-bar $(PIP_PROGRESS) label-studio==$(LS_VERSION) && \
-	  { echo "# Every package of the end-to-end tests' Label Studio virtualenv, as make constraints-label-studio"; \
-	    echo "# resolved label-studio==$(LS_VERSION) (pip freeze; Linux x86_64, Python 3.11). Used with -c by"; \
-	    echo "# tests/label_studio_harness.py, which rebuilds the virtualenv when this file changes."; \
+	  "$$tmp/venv/bin/pip" install --progress-bar $(PIP_PROGRESS) label-studio==$(LS_VERSION) "moto[server]==$(MOTO_VERSION)" && \
+	  { echo "# Every package of the end-to-end tests' server virtualenv (Label Studio and moto's S3-compatible server), as"; \
+	    echo "# make constraints-label-studio resolved label-studio==$(LS_VERSION) and moto[server]==$(MOTO_VERSION) (pip freeze; Linux x86_64,"; \
+	    echo "# Python 3.11). Used with -c by tests/label_studio_harness.py, which rebuilds the virtualenv when this file changes."; \
 	    "$$tmp/venv/bin/pip" freeze --all --exclude pip | grep -v '^#'; } > $(LS_CONSTRAINTS).new && \
 	  mv $(LS_CONSTRAINTS).new $(LS_CONSTRAINTS)
 

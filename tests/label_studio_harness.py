@@ -3,9 +3,9 @@
 Used by tests/test_label_studio.py (through the API) and tests/test_browser.py (through the labeling UI): each
 names this module in `pytest_plugins`, so the session fixtures below are shared and Label Studio starts once.
 
-- Label Studio (`LS_VERSION`) lives in its own virtualenv, cached between runs on this machine
-  (`~/.cache/grounded-sam/ls-venv-<version>`, or `$GROUNDED_SAM_LS_VENV`), installed with
-  `-c tests/label-studio-constraints.txt` (every dependency pinned; `make constraints-label-studio` refreshes it)
+- Label Studio (`LS_VERSION`) and moto's S3-compatible server (`MOTO_VERSION`) live in their own virtualenv,
+  cached between runs on this machine (`~/.cache/grounded-sam/ls-venv-<LS version>-moto-<moto version>`, or
+  `$GROUNDED_SAM_LS_VENV`), installed with `-c tests/label-studio-constraints.txt` (every dependency pinned; `make constraints-label-studio` refreshes it)
   and a stamp file holding that file's SHA-256, written only after a complete install: a machine without the
   virtualenv, or with one built from other constraints, builds it afresh (about 1 GB, a few minutes from PyPI).
 - It runs with a temporary data dir, a legacy token, loopback backends allowed and no outbound calls (see
@@ -49,9 +49,10 @@ ARTIFACTS = ROOT / "artifacts"
 LOGS = ARTIFACTS / "logs"
 
 LS_VERSION = "1.23.2"
+MOTO_VERSION = "5.2.5"  # moto's standalone S3-compatible server, installed beside Label Studio (cloud storage tests)
 LS_CONSTRAINTS = ROOT / "tests" / "label-studio-constraints.txt"  # `make constraints-label-studio` writes it
 LS_VENV = Path(os.environ.get("GROUNDED_SAM_LS_VENV")
-               or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}")
+               or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}-moto-{MOTO_VERSION}")
 LS_STAMP = LS_VENV / f".installed-label-studio-{LS_VERSION}"
 LS_USER, LS_PASSWORD = "ci@example.com", "ci-password-123"
 LS_TOKEN = "grounded-sam-ci-legacy-token"  # LABEL_STUDIO_USER_TOKEN: any string over 5 characters
@@ -179,14 +180,14 @@ def pytest_runtest_makereport(item, call):
 def ls_stamp_text(constraints: Path = LS_CONSTRAINTS) -> str:
     """What the stamp of a complete install says: the version and the SHA-256 of the constraints it was built with."""
     digest = hashlib.sha256(constraints.read_bytes()).hexdigest()
-    return f"label-studio=={LS_VERSION}\nconstraints {constraints.name} sha256 {digest}\n"
+    return f"label-studio=={LS_VERSION}\nmoto[server]=={MOTO_VERSION}\nconstraints {constraints.name} sha256 {digest}\n"
 
 
 def ls_install_commands(python: str, venv: Path = LS_VENV, constraints: Path = LS_CONSTRAINTS) -> list[list[str]]:
     """The commands that build the Label Studio virtualenv: every package at its version in `constraints`."""
     return [[python, "-m", "venv", str(venv)],
             [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "--progress-bar", "off",
-             "-c", str(constraints), f"label-studio=={LS_VERSION}"]]
+             "-c", str(constraints), f"label-studio=={LS_VERSION}", f"moto[server]=={MOTO_VERSION}"]]
 
 
 def ls_installed(venv: Path = LS_VENV, stamp: Path = LS_STAMP, constraints: Path = LS_CONSTRAINTS) -> bool:
