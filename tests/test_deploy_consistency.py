@@ -17,6 +17,7 @@ No Docker engine is needed (CI has none); `make lint` runs hadolint and `docker-
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 import shutil
@@ -542,3 +543,12 @@ def test_readme_links_resolve():
 def test_readme_labeling_config_is_the_documented_one():
     block = r"(?s)```xml\n(<View>.*?)```"
     assert re.search(block, README).group(1) == re.search(block, page("connect.md")).group(1)
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """`make docs` in a second: a broken link or anchor, or a page missing from the nav, fails here too."""
+    pytest.importorskip("mkdocs")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
