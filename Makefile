@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints \
-	constraints-label-studio test-docker test-docker-ls
+	constraints-label-studio test-docker test-docker-ls docs docs-serve
 
 # pip's progress bars on a terminal; without one (CI, a log file) or with CI set, a line per package and no bars.
 PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
 
 # $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
-# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README).
+# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (docs/how-it-works.md).
 define pip-install
 	@echo "make: installing requirements.txt, requirements-dev.txt and requirements-ray.txt into $(patsubst %/bin,%,$(1))" \
 	  "(the first time: about 3.2 GB to download, mostly PyTorch and its CUDA libraries; 6.6 GB on disk)"
@@ -64,7 +64,7 @@ serve: weights
 	$(BIN)/gunicorn _wsgi:app
 
 # Everything but the image's with-label-studio run (make test-docker-ls; it doesn't fit CI's 30 minutes on a fresh
-# machine: README "Checked in CI"). The image tests run beside the others while the Label Studio virtualenv builds
+# machine: docs/docker.md "Checked in CI"). The image tests run beside the others while the Label Studio virtualenv builds
 # (tests/run_suite.sh).
 test: install
 	bash tests/run_suite.sh $(BIN)
@@ -82,7 +82,7 @@ test-browser: install
 	$(BIN)/python -m pytest -m browser
 
 # The real image (Dockerfile, docker-compose*.yml) built and run with a Docker engine: tests/test_docker.py
-# installs Debian's docker.io and debootstrap when missing and starts and stops its own dockerd (README "Docker").
+# installs Debian's docker.io and debootstrap when missing and starts and stops its own dockerd (docs/docker.md).
 test-docker: install
 	$(BIN)/python -m pytest tests/test_docker.py
 
@@ -90,7 +90,7 @@ test-docker: install
 test-docker-ls: install
 	$(BIN)/python -m pytest tests/test_docker.py -m docker_ls
 
-lint: install
+lint: install docs
 	$(BIN)/ruff check .
 	# The Docker files, without a Docker engine: hadolint, and Compose's own schema check of each variant.
 	$(BIN)/hadolint Dockerfile Dockerfile.sam3 tests/docker/base.Dockerfile tests/docker/label-studio.Dockerfile
@@ -100,3 +100,13 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_regions.py
+
+# The documentation site (mkdocs.yml, docs/) into site/ (git-ignored). --strict: a broken link or anchor, or a page
+# of docs/ missing from mkdocs.yml's nav, fails the build (make lint, and so CI, runs it).
+# NO_MKDOCS_2_WARNING: silences Material's notice about its successor, printed on every build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The same site served on http://127.0.0.1:8000, rebuilt as docs/ changes.
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
