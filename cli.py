@@ -143,8 +143,8 @@ def predict(args: argparse.Namespace) -> int:
     if task is None:
         image = _read_image(args.image, settings)
     else:
-        source = (task.get("data") or {}).get(config.image_key)
-        if not isinstance(source, str) or not source:
+        source = config.image_url(task.get("data"))
+        if source is None:
             raise CommandError(f"task {args.task} has no image URL under {config.image_key!r}")
         image = _read_image(source, settings, task_id=args.task)
 

@@ -302,9 +302,8 @@ class Pipeline:
 
     def _load_task(self, task: dict, config: LabelingConfig, hostname: str | None, access_token: str | None
                    ) -> tuple[np.ndarray, str] | TaskFailure:
-        data = task.get("data")
-        url = data.get(config.image_key) if isinstance(data, dict) else None
-        if not isinstance(url, str) or not url:
+        url = config.image_url(task.get("data"))
+        if url is None:
             return TaskFailure("no_image_url", f"task data has no image URL under {config.image_key!r}")
         task_id = task.get("id")
         try:
