@@ -451,7 +451,8 @@ def test_label_studio_is_installed_with_its_constraints(tmp_path):
     assert "pip" not in constraints
     venv, install = harness.ls_install_commands("python3.11")
     assert install[install.index("-c") + 1] == str(harness.LS_CONSTRAINTS)
-    assert install[-1] == f"label-studio=={harness.LS_VERSION}"
+    assert install[-2:] == [f"label-studio=={harness.LS_VERSION}", f"moto[server]=={harness.MOTO_VERSION}"]
+    assert constraints["moto"] == harness.MOTO_VERSION, "run make constraints-label-studio"
     # The stamp holds the constraints' digest: another file means another stamp, so the venv is built again.
     other = tmp_path / harness.LS_CONSTRAINTS.name
     other.write_bytes(harness.LS_CONSTRAINTS.read_bytes() + b"extra==1.0\n")
