@@ -6,6 +6,7 @@ Label Studio's key."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -137,7 +138,7 @@ def test_a_smart_click_on_an_s3_task(label_studio: LabelStudio, projects):
     assert region_problems([region], size) == []
 
 
-def test_a_cli_job_on_proxied_s3_tasks(label_studio: LabelStudio, projects, groundingdino_files,
+def test_a_cli_job_and_a_cli_prediction_on_proxied_s3_tasks(label_studio: LabelStudio, projects, groundingdino_files,
                                        mobile_sam_checkpoint, tmp_path):
     ls, project = label_studio, projects[False]
     env = {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint), "HF_HUB_OFFLINE": "1",
@@ -151,6 +152,13 @@ def test_a_cli_job_on_proxied_s3_tasks(label_studio: LabelStudio, projects, grou
         (prediction,) = ours(ls, task)
         check_regions(prediction["result"], size)
     assert ours(ls, project.missing) == []
+    # One task from the shell: `cli.py predict --project --task` reads it, and its image, from Label Studio.
+    task, size = next(iter(project.sizes.items()))
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "predict", "--project", str(project.id), "--task",
+                           str(task), "--prompt", PROMPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    check_regions(json.loads(done.stdout)["result"], size)
 
 
 def test_the_storage_host_never_sees_label_studios_key(projects, e2e_stack: Stack, label_studio: LabelStudio):
