@@ -169,3 +169,36 @@ def test_policy_check_url_names_the_rule():
     with pytest.raises(UrlRefused, match="169.254.169.254 is link-local"):
         UrlPolicy().check_url("http://169.254.169.254/", restricted=False)
     UrlPolicy(["images.test"]).check_url("http://other.test/", restricted=False)  # not a task URL: no allow-list
+
+
+def test_https_through_the_policy_verifies_the_certificate_of_the_name_not_of_the_address(tmp_path):
+    """The connection goes to the checked address, while TLS still checks the certificate against the host name
+    (a presigned URL is https:// on the storage host)."""
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=images.test", "-addext", "subjectAltName=DNS:images.test", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    server = FakeServer()
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        images = loader()
+        images._session.verify = str(cert)
+        url = f"https://images.test:{server.server_address[1]}/plain.jpg"
+        assert images.load(url).shape == (4, 6, 3)
+        STUB["wrong-name.test"] = ["127.0.0.1"]  # same address, a name the certificate does not hold
+        with pytest.raises(ImageError, match=r"wrong-name\.test.*(?i:hostname mismatch|certificate)"):
+            images.load(url.replace("images.test", "wrong-name.test"))
+    finally:
+        STUB.pop("wrong-name.test", None)
+        server.shutdown()
+        server.server_close()
