@@ -237,7 +237,10 @@ class ImageLoader:
         (``s3://...`` as /predict sends it, or decoded from the resolve route the task API shows), so both forms
         share one cache entry and a presigned URL, which expires, is never a key; else the URL itself."""
         url = (url or "").strip()
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # a malformed URL: `fetch` says so
+            return url
         if parts.scheme in ("", "http", "https") and RESOLVE_PATH.fullmatch(parts.path) and (
                 not parts.netloc or self.label_studio.connection(hostname, access_token).serves(url)):
             fileuri = parse_qs(parts.query).get("fileuri", [""])[0]

@@ -654,6 +654,7 @@ def test_the_cache_key_of_a_storage_object_is_its_stored_uri(ls, third_party):
     assert images.cache_key(lookalike) == lookalike
     presigned = third_party.url + "/x.png?X-Amz-Signature=1"
     assert images.cache_key(presigned) == presigned
+    assert images.cache_key("http://[::1/x.png") == "http://[::1/x.png"  # malformed: fetching it says so
 
 
 def test_the_pipeline_fetches_a_storage_object_once_whichever_form_names_it(ls, storage):
