@@ -351,7 +351,15 @@ def wait_label_studio(ls: LabelStudio) -> None:
 # --------------------------------------------------------------------------- an S3-compatible storage
 
 
-class RecordingProxy(LoopbackServer):
+class CheckedServer(LoopbackServer):
+    """A loopback server whose port must be closed once it is closed."""
+
+    def close(self) -> None:
+        super().close()
+        assert_port_closed(self.port, type(self).__name__)
+
+
+class RecordingProxy(CheckedServer):
     """Forwards every request to `upstream` (moto's S3 server) as it came, Host header included (presigned URLs are
     signed for the proxy's address), and records (method, path, headers) of each: the storage host's view."""
 
@@ -388,10 +396,6 @@ class RecordingProxy(LoopbackServer):
 
         super().__init__(Handler)
         self.start()
-
-    def close(self) -> None:
-        super().close()
-        assert_port_closed(self.port, "S3 recording proxy")
 
 
 @dataclass
@@ -478,7 +482,7 @@ def wait_models(backend: Backend) -> None:
 # --------------------------------------------------------------------------- images
 
 
-class StaticServer(LoopbackServer):
+class StaticServer(CheckedServer):
     """Serves `files` (path -> bytes) on 127.0.0.1 with `Access-Control-Allow-Origin: *` (the labeling UI loads
     URL images with `crossorigin`). Records (path, user agent) of every GET."""
 
@@ -508,10 +512,6 @@ class StaticServer(LoopbackServer):
 
         super().__init__(Handler)
         self.start()
-
-    def close(self) -> None:
-        super().close()
-        assert_port_closed(self.port, "static image server")
 
 
 # Displayed sizes differ; the JPEG is stored 40x240 with EXIF orientation 6 and displayed 240x40. Wide pictures
