@@ -124,7 +124,8 @@ def test_a_task_is_predicted_as_through_the_http_layer(pipeline, models, env, se
         ({"image": "/data/upload/1/missing.png"}, "unreachable", "HTTP 404"),
         ({"image": "/data/upload/1/garbage.png"}, "undecodable", "not a recognised image format"),
         ({"image": "/data/upload/1/huge.png"}, "too_large", "over the IMAGE_MAX_PIXELS limit"),
-        ({"image": "s3://bucket/a.png"}, "unsupported", "unsupported image URL scheme 's3'"),
+        ({"image": "ftp://example.test/a.png"}, "unsupported", "unsupported image URL scheme 'ftp'"),
+        ({"image": "s3://bucket/a.png"}, "unreachable", "found no storage of the project"),  # resolve route: 404
     ],
 )
 def test_a_task_that_cannot_be_predicted_is_a_failure_with_its_kind(pipeline, data, kind, reason):
