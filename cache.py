@@ -56,6 +56,7 @@ class EmbeddingCache:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.computed: dict[str, int] = {}  # values computed (a miss) or put, by the first item of a tuple key
+        self._here = threading.local()  # the same, by the calling thread alone (computed_here)
 
     def get(self, key: Hashable, compute: Callable[[], Any], max_age: float | None = None) -> Any:
         """The value cached under `key`, or `compute()`'s result, cached if it fits.
@@ -108,6 +109,13 @@ class EmbeddingCache:
         image encoder pass, ...): the counters that show a re-filter ran no model."""
         kind = str(key[0]) if isinstance(key, tuple) and key else "other"
         self.computed[kind] = self.computed.get(kind, 0) + 1
+        here = self._here.__dict__.setdefault("counts", {})
+        here[kind] = here.get(kind, 0) + 1
+
+    def computed_here(self) -> dict[str, int]:
+        """`computed`, counting only what the calling thread computed or put: what one request cost, whatever other
+        threads (a bulk job) compute meanwhile."""
+        return dict(self._here.__dict__.get("counts", {}))
 
     def _insert(self, key: Hashable, value: Any) -> None:
         size = nbytes(value)

@@ -141,8 +141,11 @@ class TryService:
             query = _scaled_clicks(query, width, height)
         wants_masks = body.get("masks", True) not in (False, "false", "0")
         busy = self.foreground.request() if self.foreground is not None else nullcontext()
+        before = models.cache.computed_here()
         with busy:
             detections = pipeline.detect(image, image_id, query, wants_masks=wants_masks)
+        after = models.cache.computed_here()
+        ran = {kind: n - before.get(kind, 0) for kind, n in after.items() if n > before.get(kind, 0)}
         found = []
         masks = iter(detections.masks) if detections.masks is not None else None
         for i in range(len(detections)):
@@ -156,7 +159,8 @@ class TryService:
             found.append(item)
         answer = {"image_id": image_id, "width": width, "height": height, "source": source,
                   "detections": found, "model_version": self.loader.model_version,
-                  "computed": models.cache.stats()["computed"], "seconds": round(time.perf_counter() - started, 3)}
+                  "computed": models.cache.stats()["computed"], "ran": ran,
+                  "seconds": round(time.perf_counter() - started, 3)}
         if isinstance(query, TextQuery):
             p = query.params
             answer.update(mode="prompt", phrases=[{"text": ph.text, "label": ph.label} for ph in query.phrases],
@@ -198,8 +202,8 @@ class TryService:
             image_id = body["image_id"]
             if not isinstance(image_id, str):
                 raise ParamsError("'image_id' must be a string")
-            image = self._held(models, image_id)
-        elif source == "image":
+            return self._held(models, image_id), image_id
+        if source == "image":
             limit = self.settings.image_max_mb * 2**20
             if len(upload) > limit:
                 raise ParamsError(f"'image' is {len(upload) / 2**20:.1f} MB, over IMAGE_MAX_MB "
@@ -228,10 +232,11 @@ class TryService:
 
     @staticmethod
     def _held(models, image_id: str) -> np.ndarray:
-        if (IMAGE_KEY, image_id) not in models.cache:
+        def missing():
             raise NotFound(f"'image_id' {image_id!r} is not held by this worker (evicted, or another worker's): "
                            "send the image again")
-        return models.cache.get((IMAGE_KEY, image_id), lambda: None)
+
+        return models.cache.get((IMAGE_KEY, image_id), missing)
 
     def _task_image(self, body: dict, key: str | None, models) -> tuple[np.ndarray, str]:
         task, project = body.get("task"), body.get("project")

@@ -112,6 +112,8 @@ def test_try_upload_then_refilter_runs_no_detector_or_encoder_pass(client):
     assert again.status_code == 200, again.json
     assert len(again.json["detections"]) == 2
     assert passes(again.json) == before  # the cached outputs re-filtered: no detector, backbone or SAM encoder pass
+    assert first.json["ran"]["groundingdino-outputs"] == 1  # a new prompt: one detector pass
+    assert again.json["ran"] == {}  # what this request computed: nothing
     assert client.get("/status").json["cache"]["computed"]["groundingdino-outputs"] == before[0]
     image = client.get(f"/try/image/{answer['image_id']}")
     assert image.mimetype == "image/png" and Image.open(io.BytesIO(image.data)).size == (96, 64)

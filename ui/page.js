@@ -184,7 +184,7 @@ $("job-form").addEventListener("submit", async (event) => {
 });
 
 // ---- try it ----------------------------------------------------------------------------------------------------
-const tryState = { image: null, answer: null, clicks: [], cursor: null, seq: 0, source: null };
+const tryState = { image: null, answer: null, phrases: null, clicks: [], cursor: null, seq: 0 };
 
 function colorOf(label) {
   let h = 0;
@@ -214,10 +214,10 @@ function sourceBody() {
 async function runTry({ reuse = false, clicks = null } = {}) {
   const seq = ++tryState.seq;
   const settings = settingsJson();
-  const query = clicks ? { clicks, label: "object" } : settings;
+  const phrases = tryState.phrases || [];
+  const query = clicks ? { clicks, label: phrases.length ? phrases[0].label : "object" } : settings;
   let source = reuse && tryState.image ? { kind: "image_id", body: { image_id: tryState.image.id } } : sourceBody();
   if (!source) { $("try-state").textContent = "Choose an image: upload one, give a URL, or a task id."; return; }
-  const before = tryState.answer ? tryState.answer.computed : null;
   $("try-state").textContent = "Working…";
   const send = (src) => {
     if (src.kind === "image") {
@@ -243,16 +243,20 @@ async function runTry({ reuse = false, clicks = null } = {}) {
   }
   if (seq !== tryState.seq) return; // a later request (slider moved again) wins
   tryState.answer = answer;
+  if (answer.phrases) tryState.phrases = answer.phrases; // a click's mask takes the prompt's first label
   const changed = !tryState.image || tryState.image.id !== answer.image_id;
   tryState.image = { id: answer.image_id, width: answer.width, height: answer.height };
   if (changed) await showImage(answer);
   draw();
   listDetections(answer);
-  const passes = (c) => (c ? (c["groundingdino-outputs"] || 0) + (c["sam3-query"] || 0) : 0);
+  // what this request computed (answer.ran), whatever a running job computes meanwhile
+  const ran = answer.ran || {};
+  const detector = (ran["groundingdino-outputs"] || 0) + (ran["sam3-query"] || 0);
+  const encoder = (ran["sam-embedding"] || 0) + (ran["sam3-features"] || 0);
   let note = "";
-  if (reuse && before && answer.mode === "prompt") {
-    note = passes(answer.computed) === passes(before) ? " Re-filtered the cached detector outputs: no new detector pass."
-      : " The detector ran (new image or prompt).";
+  if (answer.mode === "prompt") {
+    note = detector ? ` The detector ran${encoder ? " and SAM encoded the image" : ""}.`
+      : " Re-filtered the cached detector outputs: no new detector pass" + (encoder ? "." : ", no image encoder pass.");
   }
   $("try-state").textContent = `${answer.detections.length} region(s) on the ${answer.width}×${answer.height} image ` +
     `in ${answer.seconds} s.${note}`;
@@ -299,8 +303,11 @@ function draw() {
   }
   const svg = $("stage-svg");
   const ns = "http://www.w3.org/2000/svg";
-  const stroke = Math.max(1.5, width / 400);
-  const size = Math.max(10, width / 45);
+  // sizes in screen pixels, whatever the image's size: viewBox units per displayed pixel
+  const shown = svg.getBoundingClientRect().width;
+  const unit = shown > 0 ? width / shown : 1;
+  const stroke = 2 * unit;
+  const size = 13 * unit;
   const shapes = [];
   const make = (tag, attrs) => {
     const node = document.createElementNS(ns, tag);
@@ -328,7 +335,7 @@ function draw() {
     }
   });
   for (const c of tryState.clicks) {
-    shapes.push(make("circle", { cx: c.x, cy: c.y, r: size / 2, fill: c.positive ? "#1e7a3a" : "#b3261e",
+    shapes.push(make("circle", { cx: c.x, cy: c.y, r: 6 * unit, fill: c.positive ? "#1e7a3a" : "#b3261e",
                                  stroke: "#fff", "stroke-width": stroke }));
   }
   if (tryState.cursor) {
@@ -366,7 +373,8 @@ for (const [slider, out] of [["box-threshold", "box-out"], ["text-threshold", "t
     $(out).textContent = Number($(slider).value).toFixed(2);
     settingsJson();
     clearTimeout(sliderTimer);
-    if (tryState.image && tryState.answer && tryState.answer.mode === "prompt") {
+    if (tryState.image && tryState.phrases) {
+      tryState.clicks = [];
       sliderTimer = setTimeout(() => runTry({ reuse: true }), 150);
     }
   });
