@@ -6,6 +6,7 @@ random-weight Grounding DINO and MobileSAM (tests/model_factory.py). The page in
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 import numpy as np
@@ -129,7 +130,8 @@ def test_try_clicks_run_the_interactive_path(client):
     assert region["label"] == "cats" and region["mask"] is not None
 
 
-def test_try_url_and_task(client, images, label_studio):
+def test_try_url_and_task(client, images, label_studio, caplog):
+    caplog.set_level(logging.DEBUG)
     by_url = client.post("/try", json={"url": images.url + "/img/a.png", "prompt": "cats", "masks": False})
     assert by_url.status_code == 200, by_url.json
     assert by_url.json["source"] == "url" and all(d["mask"] is None for d in by_url.json["detections"])
@@ -142,6 +144,8 @@ def test_try_url_and_task(client, images, label_studio):
     missing = client.post("/try", json={"task": 8, "project": 1, "prompt": "cats"},
                           headers={"X-Label-Studio-Key": label_studio.token})
     assert missing.status_code == 404 and "'task' 8" in missing.json["error"]
+    assert "'task' 8 is not in project 1" in caplog.text  # (the log is captured)
+    assert label_studio.token not in caplog.text  # the caller's key reaches no log
 
 
 @pytest.mark.parametrize("body, status, names", [

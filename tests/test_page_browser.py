@@ -242,6 +242,17 @@ def test_upload_and_prompt_draw_regions_and_a_slider_refilters_without_a_model_p
     with page.expect_response(lambda r: r.url.endswith("/try") and r.request.method == "POST") as clicked:
         page.locator("#stage-svg").click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
     assert clicked.value.status == 200 and clicked.value.json()["mode"] == "clicks"
+    # the same from the keyboard: a slider's arrow keys re-filter, the focused image's Enter clicks
+    page.focus("#box-threshold")
+    with page.expect_response(lambda r: r.url.endswith("/try") and r.request.method == "POST") as moved:
+        page.keyboard.press("ArrowLeft")
+    assert moved.value.status == 200 and moved.value.request.post_data_json["box_threshold"] == round(cut - 0.01, 2)
+    page.focus("#stage-svg")
+    page.keyboard.press("ArrowRight")
+    with page.expect_response(lambda r: r.url.endswith("/try") and r.request.method == "POST") as entered:
+        page.keyboard.press("Enter")
+    assert entered.value.status == 200 and entered.value.json()["mode"] == "clicks"
+    assert entered.value.request.post_data_json["clicks"][0]["positive"] is True
     assert blocked == [] and errors_in(log) == []
 
 
