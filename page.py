@@ -193,7 +193,7 @@ class TryService:
             if not (isinstance(click, dict) and all(isinstance(click.get(k), int | float)
                                                     and not isinstance(click.get(k), bool) for k in ("x", "y"))):
                 raise ParamsError(f"'clicks[{i}]' must be {{\"x\": pixels, \"y\": pixels, \"positive\": true|false}}")
-        # x, y in pixels here; ClickQuery wants percent: converted once the image size is known (_image_clicks).
+        # x, y in pixels here; ClickQuery wants percent: converted once the image size is known (_scaled_clicks).
         points = tuple((float(c["x"]), float(c["y"])) for c in clicks)
         return ClickQuery(points, tuple(0 if c.get("positive") is False else 1 for c in clicks), None, label)
 
