@@ -20,6 +20,7 @@ from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject
 from model import GroundedSAM
+from page import TryService, index_response, register_page
 from pipeline import Pipeline
 from store import JobStore
 
@@ -60,8 +61,9 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
                            jobs=runner, foreground=foreground)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs)
+    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response)
     app.extensions["model_loader"] = loader
+    register_page(app, TryService(loader, settings, images, foreground), status=loader.state)  # the page's routes
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook
     return app
 
