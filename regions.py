@@ -14,7 +14,7 @@ import numpy as np
 
 from detections import Detections
 from labeling import LabelingConfig
-from masks import mask_box
+from masks import even_crop, mask_bounds, with_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -107,47 +107,72 @@ def encode_rle(array: np.ndarray) -> list[int]:
     return _encode_runs(lengths, flat[starts], flat.size)
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool mask (row-major, nonzero = foreground) -> Label Studio brush RLE as a list of ints 0..255.
+def mask_to_rle(mask: np.ndarray, bounds: tuple[int, int, int, int] | None = ()) -> list[int]:
+    """(H, W) mask (row-major, nonzero = foreground) -> Label Studio brush RLE as a list of ints 0..255.
+    bounds: masks.mask_bounds(mask) when the caller has it (the default, (), finds them).
 
     Byte for byte label_studio_sdk.converter.brush.mask2rle(mask.astype(np.uint8) * 255): the mask is encoded as
     H*W RGBA pixels, every channel 255 on the foreground and 0 elsewhere. Rather than repeating the image 4x, the
-    runs of the flat mask are found once and their lengths multiplied by 4.
+    runs of the flat mask are found once and their lengths multiplied by 4; and only on the mask's bounding box:
+    the runs of background around it follow from its place in the image.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_rle: mask must be 2-D (H, W), got shape {mask.shape}")
-    flat = mask.reshape(-1).astype(bool, copy=False)
-    if flat.size == 0:
+    height, width = mask.shape
+    total = height * width
+    if total == 0:
         return _pack_bits(*map(np.array, _header_code(0)))
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate([[0], starts])
-    lengths = np.diff(np.append(starts, flat.size)) * 4
-    values = flat[starts].astype(np.int64) * 255
-    return _encode_runs(lengths, values, flat.size * 4)
+    bounds = mask_bounds(mask) if bounds == () else bounds
+    starts, first = np.zeros(1, np.int64), 0  # an empty mask: one run of background
+    if bounds is not None:
+        y0, y1, x0, x1 = bounds
+        h, w = y1 - y0, x1 - x0
+        # The box's rows as they lie in the flat image, each followed by one column standing for the background
+        # up to the next row's box (none when the box spans the width), between a background value on each end.
+        cols = w + (w < width)
+        laid = np.zeros(h * cols + 2, bool)
+        laid[1:-1].reshape(h, cols)[:, :w] = mask[y0:y1, x0:x1]
+        change = np.flatnonzero(laid[1:] != laid[:-1])  # change p: value p of the rows differs from the one before
+        rows, cols_at = np.divmod(change, cols)
+        changes = (y0 + rows) * width + x0 + cols_at  # where each run after a change starts in the flat image
+        changes = changes[changes < total]
+        first = int(changes[0] == 0)  # the image starts with a run of foreground
+        starts = changes if first else np.concatenate([[0], changes])
+    lengths = np.diff(np.append(starts, total)) * 4
+    values = ((np.arange(len(starts)) + first) & 1) * 255  # runs alternate between background and foreground
+    return _encode_runs(lengths, values, total * 4)
 
 
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[np.ndarray]:
+def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, bounds: tuple[int, int, int, int] | None = ()
+                     ) -> list[np.ndarray]:
     """(H, W) bool mask -> one outline per part, each (K, 2) float64 x, y in image pixels, K >= 3.
 
     Parts are the 8-connected pieces of the mask, largest first; pieces under a tenth of the largest are
     dropped as specks (at most 20 parts), and holes are not kept (a Label Studio polygon has none). Each
     outline runs through the centres of the part's boundary pixels, (x + 0.5, y + 0.5), simplified with
     Douglas-Peucker so the outline stays within `tolerance` pixels of it; outlines of fewer than 3 vertices
-    after that (lines one pixel wide) are dropped.
+    after that (lines one pixel wide) are dropped. Computed on the mask's bounding box (masks.even_crop: the
+    parts come in the full image's order); bounds: masks.mask_bounds(mask) when the caller has it (the
+    default, (), finds them).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_polygons: mask must be 2-D (H, W), got shape {mask.shape}")
+    bounds = mask_bounds(mask) if bounds == () else bounds
+    if bounds is None:
+        return []
+    y0, y1, x0, x1 = even_crop(bounds, 0, *mask.shape)
     # Sizes from connected components (C++), so a speckled mask's many specks cost no Python loop.
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1].astype(np.uint8), connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")[:_MAX_PARTS]
     polygons = []
-    for part in order[areas[order] >= _MIN_PART_SHARE * areas[order[0]]] if count > 1 else ():
+    for part in order[areas[order] >= _MIN_PART_SHARE * areas[order[0]]]:
         x, y, w, h = stats[part + 1, :4]
         crop = (labels[y : y + h, x : x + w] == part + 1).astype(np.uint8)
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(int(x), int(y)))
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                       offset=(int(x + x0), int(y + y0)))
         outline = cv2.approxPolyDP(max(contours, key=len), tolerance, True).reshape(-1, 2)
         if len(outline) >= 3:
             polygons.append(outline.astype(np.float64) + 0.5)
@@ -223,28 +248,30 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
                         "value": {**value, kind: [label]}, "score": score})
 
     # Masks are read once each, in order: a lazy mask sequence then computes them a few at a time.
-    masks = iter(detections.masks) if detections.masks is not None else None
+    # Masks are read once each, in order (a lazy mask sequence then computes them a few at a time), with their
+    # bounding boxes: everything below works on those, none of it on the whole image.
+    masks = with_bounds(detections.masks) if detections.masks is not None else None
     for i, label in enumerate(detections.labels):
-        mask = next(masks) if masks is not None else None
+        mask, bounds = next(masks) if masks is not None else (None, None)
         score = round(float(detections.scores[i]), 4)
         box = detections.xyxy[i]
         if mask is not None and detections.box_from_mask[i]:
-            if not mask.any():
+            if bounds is None:
                 continue
-            box = mask_box(mask)  # after the clean-up, which may have dropped or filled parts
+            box = [bounds[2], bounds[0], bounds[3], bounds[1]]  # after the clean-up, which may drop or fill parts
         if label in rect_for:
             add(rect_for[label], "rectanglelabels", {**box_to_percent(box, width, height), "rotation": 0}, label,
                 score)
         if mask is None or (label not in brush_for and label not in polygon_for):
             continue
-        if not mask.any():
+        if bounds is None:
             # An empty mask renders as nothing and only clutters the task.
             logger.debug("skipping the empty mask of detection %d (%s)", i, label)
             continue
         if label in brush_for:
-            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask)}, label, score)
+            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask, bounds)}, label, score)
         if label in polygon_for:
-            for outline in mask_to_polygons(mask, polygon_tolerance):
+            for outline in mask_to_polygons(mask, polygon_tolerance, bounds):
                 points = (outline * 100.0 / np.array([width, height])).tolist()
                 add(polygon_for[label], "polygonlabels", {"points": points, "closed": True}, label, score)
     return regions

@@ -35,9 +35,11 @@ def test_identical_to_remove_small_regions_on_random_masks(seed):
         expected = reference(mask, area)
         np.testing.assert_array_equal(clean_mask(mask, CleanupParams(area, 0)), expected)
     for mode in ("holes", "islands"):  # each step alone, through the module's own function
-        from masks import _remove_small
+        from masks import _remove_small, mask_bounds
 
-        np.testing.assert_array_equal(_remove_small(mask, 20, mode == "holes"), remove_small_regions(mask, 20, mode)[0])
+        out, bounds = _remove_small(mask, 20, mode == "holes", mask_bounds(mask))
+        np.testing.assert_array_equal(out, remove_small_regions(mask, 20, mode)[0])
+        assert bounds == mask_bounds(out)
 
 
 def test_identical_on_a_photo_sized_mask_with_holes_islands_and_a_tie():
