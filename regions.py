@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 _WORD_SIZE = 8
 _RLE_SIZES = (3, 4, 8, 16)  # bits of the run length field for run classes 0..3
 _CHUNK = 2**16  # runs longer than this are split into chunks of exactly 2**16 values
+_CLASS_LIMITS = np.array([8, 16, 256])  # the longest run of classes 0..2
+_SIZE_BITS = np.array(_RLE_SIZES, dtype=np.int64)
+# (flag << 2 | class) << the class's length bits, by flag << 2 | class.
+_HEADS = np.array([(flag << 2 | c) << _RLE_SIZES[c] for flag in (0, 1) for c in range(4)], dtype=np.int64)
 # A mask's parts smaller than this share of its largest part are specks, not polygons; at most this many parts.
 _MIN_PART_SHARE = 0.1
 _MAX_PARTS = 20
@@ -47,16 +51,20 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
     values = np.asarray(values, dtype=np.int64)
 
     # Run class: 0 for length <= 8 (and single values), 1 for <= 16, 2 for <= 256, 3 for longer.
-    cls = (lengths > 8).astype(np.int64) + (lengths > 16) + (lengths > 256)
-    n_bits = np.array(_RLE_SIZES, dtype=np.int64)[cls]
-    # The SDK splits a class-3 run into chunks while more than 2**16 values remain; each chunk covers 2**16 values
-    # and is written with length field 2**16 - 1. The run's final token then carries what is left.
-    n_chunks = np.where(cls == 3, (lengths - 1) // _CHUNK, 0)
-    field = lengths - n_chunks * _CHUNK - 1
-    flag = (lengths > 1).astype(np.int64)  # 0: literal values follow (only length-1 runs here), 1: a repeated value
-    codes = (flag << (2 + n_bits + _WORD_SIZE)) | (cls << (n_bits + _WORD_SIZE)) | (field << _WORD_SIZE) | values
-    widths = 1 + 2 + n_bits + _WORD_SIZE
-    if n_chunks.any():  # only runs over 2**16 values: rare, so the common case skips the expansion
+    cls = np.searchsorted(_CLASS_LIMITS, lengths)
+    # A run's token: a flag (0: literal values follow, only length-1 runs here; 1: a repeated value), its class,
+    # its length - 1 in the class's bits, then the value. The flag and class, shifted past the length field, come
+    # from a table by (flag, class): fewer passes over a ragged mask's hundreds of thousands of runs.
+    head = _HEADS[((lengths > 1) << 2) | cls]
+    n_bits = _SIZE_BITS[cls]
+    codes = ((head | (lengths - 1)) << _WORD_SIZE) | values
+    widths = n_bits + (1 + 2 + _WORD_SIZE)
+    if lengths.max(initial=0) > _CHUNK:
+        # The SDK splits a class-3 run into chunks while more than 2**16 values remain; each chunk covers 2**16
+        # values and is written with length field 2**16 - 1. The run's final token then carries what is left.
+        # Only runs over 2**16 values: rare, so the common case skips this.
+        n_chunks = np.where(cls == 3, (lengths - 1) // _CHUNK, 0)
+        codes = ((head | (lengths - n_chunks * _CHUNK - 1)) << _WORD_SIZE) | values
         per_run = n_chunks + 1
         final = np.cumsum(per_run) - 1
         chunk_code = (1 << (2 + 16 + _WORD_SIZE)) | (3 << (16 + _WORD_SIZE)) | ((_CHUNK - 1) << _WORD_SIZE) | values
@@ -75,25 +83,23 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
 def _pack_bits(codes: np.ndarray, widths: np.ndarray) -> list[int]:
     """Concatenate codes (int64, each < 2**width) MSB first, pad like the SDK, return the bytes as a list of ints.
 
-    Every code is at most 32 bits wide, so it lands in one or two big-endian 32-bit words. The codes cover
-    disjoint bits, so summing their contributions per word is a bitwise OR; float64 sums of integers < 2**32
-    are exact, which lets np.bincount do the scatter.
+    Every code is at most 32 bits wide, so it lands in one or two big-endian 32-bit words: scaled by a power of
+    two to where it ends, its whole part goes to its first word and its fraction (times 2**32) to the next, exact
+    in float64 (at most 32 significant bits). The codes cover disjoint bits, so summing their parts per word is a
+    bitwise OR, which lets np.bincount do the scatter (sums below 2**32, exact too).
     """
-    offsets = np.cumsum(widths) - widths
-    total_bits = int(offsets[-1] + widths[-1])
+    ends = np.cumsum(widths)
+    offsets = ends - widths
+    total_bits = int(ends[-1])
     # The SDK pads with 8 - len % 8 zero bits: a whole zero byte when the length is already a multiple of 8.
     n_bytes = total_bits // 8 + 1
     n_words = (n_bytes + 3) // 4
 
     word = offsets >> 5
-    end = (offsets & 31) + widths  # where the code ends, counted from the start of its first word
-    spill = np.maximum(end - 32, 0)  # bits that run into the next word
-    first = (codes >> spill) << np.maximum(32 - end, 0)
-    second = (codes & ((1 << spill) - 1)) << (32 - spill)
-    has_second = spill > 0
-    index = np.concatenate([word, word[has_second] + 1])
-    weights = np.concatenate([first, second[has_second]]).astype(np.float64)
-    words = np.bincount(index, weights=weights, minlength=n_words).astype(np.uint32)
+    scaled = np.ldexp(codes.astype(np.float64), (32 - (offsets & 31) - widths).astype(np.int32))
+    first = np.floor(scaled)
+    words = np.bincount(word, weights=first, minlength=n_words)
+    words += np.bincount(word + 1, weights=(scaled - first) * 2.0**32, minlength=n_words + 1)[:n_words]
     return np.frombuffer(words.astype(">u4").tobytes(), dtype=np.uint8)[:n_bytes].tolist()
 
 

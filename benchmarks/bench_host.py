@@ -15,12 +15,15 @@ test models (tests/model_factory.py: Grounding DINO, MobileSAM), images served a
 wall time of the job against the sum of its model passes (timed by wrapping the models' methods), host work done in
 line (finish_threads=0) and overlapped with the next batch's passes (finish_threads=1), interleaved rounds.
 
-Run: .venv/bin/python benchmarks/bench_host.py [--rounds 7] [--tasks 24] [--skip-answer] [--skip-bulk]
+Run: .venv/bin/python benchmarks/bench_host.py [--rounds 7] [--tasks 16] [--bulk-rounds 3] [--batch-size 4]
+                                              [--skip-answer] [--skip-bulk]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -45,6 +48,7 @@ from test_labeling import GUIDE_CONFIG  # noqa: E402
 from detections import Detections, LazyMasks  # noqa: E402
 from labeling import parse_label_config  # noqa: E402
 from masks import CleanupParams, cleaned  # noqa: E402
+from pipeline import DetectionParams  # noqa: E402
 from regions import build_regions, prediction  # noqa: E402
 
 WIDTH, HEIGHT, MASKS = 1280, 960, 20
@@ -152,6 +156,99 @@ def bench_answer(args, workdir: Path) -> None:
                   "ms |", flush=True)
 
 
+class PassTimer:
+    """Seconds spent in the models' passes, by wrapping the loaded models' methods (detector.encode_batch and
+    detect, segmenter.embed_batch, embed and decode); the bulk job's passes all run on its own thread."""
+
+    def __init__(self, models):
+        self.seconds = 0.0
+        for owner, names in ((models.detector, ("encode_batch", "detect")),
+                             (models.segmenter, ("embed_batch", "embed", "decode"))):
+            for name in names:
+                setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
+def bench_bulk(args, workdir: Path) -> None:
+    from model_factory import make_groundingdino, make_image, make_mobile_sam, make_text_encoder, service_env
+    from PIL import Image
+    from servers import ImageServer
+
+    from config import Settings
+    from images import ImageLoader
+    from jobs import in_batches
+    from loader import build_models
+    from pipeline import Pipeline, TextQuery
+    from prompts import parse_prompt
+
+    config = parse_label_config(GUIDE_CONFIG)
+    files, base = {}, make_image(WIDTH, HEIGHT, seed=args.seed)
+
+    def tasks_for(run: str) -> list[dict]:
+        """args.tasks tasks of new pictures (one pixel block differs): no cache serves them."""
+        tasks = []
+        for i in range(args.tasks):
+            picture = base.copy()
+            picture[:8, :8] = (len(files) * 7) % 256, len(files) % 251, 17
+            out = io.BytesIO()
+            Image.fromarray(picture).save(out, "JPEG", quality=90)
+            files[f"/data/upload/1/{run}-{i}.jpg"] = out.getvalue()
+            tasks.append({"id": i, "data": {"image": f"/data/upload/1/{run}-{i}.jpg"}})
+        return tasks
+
+    with contextlib.redirect_stdout(io.StringIO()):  # groundingdino prints its text encoder path
+        groundingdino = make_groundingdino(workdir / "groundingdino", seed=args.seed,
+                                           text_encoder_dir=make_text_encoder(workdir / "bert", seed=args.seed))
+        sam = make_mobile_sam(workdir / "mobile_sam.pt", seed=args.seed)
+    with ImageServer(files) as server:  # Label Studio's uploads, with its key
+        settings = Settings.from_env(service_env(groundingdino, sam, MAX_DETECTIONS=str(MASKS),
+                                                 BATCH_SIZE=str(args.batch_size), LABEL_STUDIO_URL=server.url,
+                                                 LABEL_STUDIO_API_KEY=server.token))
+        with contextlib.redirect_stdout(io.StringIO()):
+            models = build_models(settings)
+        pipeline = Pipeline(models, settings, ImageLoader(settings))
+        query = TextQuery(parse_prompt("shape_cats. round thing_house", config.labels).phrases,
+                          DetectionParams(0.05, 0.05, MASKS))
+        timer = PassTimer(models)
+        modes = {"in line": lambda: in_batches(lambda batch: pipeline.predict_tasks(batch, config, query),
+                                               args.batch_size),
+                 "overlapped": lambda: in_batches(lambda batch: pipeline.start_tasks(batch, config, query),
+                                                  args.batch_size, overlap=1)}
+        list(modes["in line"]()(iter(tasks_for("warm-up")[: args.batch_size])))
+        print(f"\n== Part 2: a bulk job of {args.tasks} tasks ({WIDTH}x{HEIGHT} JPEG, loopback), BATCH_SIZE="
+              f"{args.batch_size}, small random-weight Grounding DINO + MobileSAM (tests/model_factory.py), "
+              f"MAX_DETECTIONS={MASKS}, MASK_MIN_AREA=100, {args.bulk_rounds} interleaved rounds, medians")
+        figures = {mode: {"wall": [], "passes": [], "regions": []} for mode in modes}
+        for r in range(args.bulk_rounds):
+            for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+                tasks = tasks_for(f"{mode.replace(' ', '-')}-{r}")
+                timer.seconds = 0.0
+                started = time.perf_counter()
+                pairs = list(modes[mode]()(iter(tasks)))
+                figures[mode]["wall"].append(time.perf_counter() - started)
+                figures[mode]["passes"].append(timer.seconds)
+                failed = [o.failure for _, o in pairs if o.failure]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} task(s) failed: {failed[0]}")
+                figures[mode]["regions"].append(sum(len(o.prediction["result"]) for _, o in pairs))
+    print("| host work | job wall time | model passes | wall - passes | wall / passes | regions |")
+    print("|---|---|---|---|---|---|")
+    for mode, f in figures.items():
+        wall, passes = statistics.median(f["wall"]), statistics.median(f["passes"])
+        ratio = statistics.median(w / p for w, p in zip(f["wall"], f["passes"], strict=True))
+        print(f"| {mode} | {wall:.2f} s | {passes:.2f} s | {wall - passes:.2f} s | {ratio:.2f} | "
+              f"{statistics.median(f['regions']):.0f} |", flush=True)
+
+
 def machine() -> str:
     import torch
 
@@ -163,7 +260,8 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--tasks", type=int, default=24, help="tasks of the bulk job (part 2)")
+    parser.add_argument("--tasks", type=int, default=16, help="tasks of the bulk job (part 2)")
+    parser.add_argument("--bulk-rounds", type=int, default=3, help="rounds of part 2")
     parser.add_argument("--batch-size", type=int, default=4, help="BATCH_SIZE of the bulk job (part 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-answer", action="store_true")
@@ -172,6 +270,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_host_") as tmp:
         if not args.skip_answer:
             bench_answer(args, Path(tmp))
+        if not args.skip_bulk:
+            bench_bulk(args, Path(tmp))
     print(machine())
 
 
