@@ -218,12 +218,14 @@ def clean_mask(mask: np.ndarray, params: CleanupParams) -> np.ndarray:
     return clean_boxed(mask, params)[0]
 
 
-def clean_boxed(mask: np.ndarray, params: CleanupParams) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """clean_mask's mask, with its mask_bounds (found on the way, so the region builder needn't again)."""
+def clean_boxed(mask: np.ndarray, params: CleanupParams, bounds: tuple[int, int, int, int] | None = ()
+                ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """clean_mask's mask, with its mask_bounds (found on the way, so the region builder needn't again).
+    bounds: the input's mask_bounds when the caller has them (the default, (), finds them)."""
     mask = np.asarray(mask, dtype=bool)
     if params.smooth > 0:
-        mask = _smooth(mask, params.smooth)
-    bounds = mask_bounds(mask)
+        mask, bounds = _smooth(mask, params.smooth), ()
+    bounds = mask_bounds(mask) if bounds == () else bounds
     if params.min_area > 0 and not (bounds is not None and _is_clean(mask, bounds, params.min_area)):
         mask, bounds = _remove_small(mask, params.min_area, True, bounds)
         mask, bounds = _remove_small(mask, params.min_area, False, bounds)
@@ -256,8 +258,8 @@ class CleanedMasks(LazyMasks):
             yield clean_mask(mask, self.params)
 
     def with_bounds(self):
-        for mask in self.masks:
-            yield clean_boxed(mask, self.params)
+        for mask, bounds in with_bounds(self.masks):  # the source's own bounds where it has them
+            yield clean_boxed(mask, self.params, bounds)
 
 
 class ConcatMasks(LazyMasks):
@@ -285,7 +287,8 @@ class ConcatMasks(LazyMasks):
 
 def with_bounds(masks) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int] | None]]:
     """Each of `masks` ((N, H, W) bool array or lazy sequence), read in order, with its mask_bounds: for
-    CleanedMasks (and ConcatMasks of them) those its clean-up found, with no further pass over the image."""
+    CleanedMasks (and ConcatMasks of them) those its clean-up found, for sam_wrapper.UpscaledMasks those found on
+    the model's device, with no further pass over the image."""
     own = getattr(masks, "with_bounds", None)
     if own is not None:
         yield from own()
