@@ -232,3 +232,13 @@ def test_cleaned_masks_hand_over_their_bounds():
     assert [b for _, b in pairs] == [None] + [mask_bounds(clean_mask(m, CleanupParams(10, 0))) for m in masks[1:]]
     assert pairs[1][1] == (5, 15, 5, 55)  # the islands of 9, 4 and 1 pixels dropped
     np.testing.assert_array_equal(np.stack([m for m, _ in pairs]), np.asarray(lazy))
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_bounds_from_row_and_column_profiles_are_mask_bounds(name):
+    """detections.profile_bounds, what sam_wrapper.UpscaledMasks finds on a GPU from torch's any() per row and
+    column, against mask_bounds on the host."""
+    from detections import profile_bounds
+
+    mask = EDGE_CASES[name]
+    assert profile_bounds(mask.any(axis=1), mask.any(axis=0)) == mask_bounds(mask)
