@@ -10,6 +10,10 @@ builder (text prompts, clicks, boxes, segment everything; brushes and polygons a
    `utils.amg.remove_small_regions(mask, min_area, "holes")` then `(..., "islands")`, the same steps SAM's
    automatic mask generator runs for `min_mask_region_area` (tests/test_masks.py).
 
+Every step works on the mask's bounding box (mask_bounds, the one pass over the whole image; with the margin each
+step needs), and CleanedMasks hands that box on to the region builder (with_bounds), so the work follows the size
+of the object, not of the image; the outputs are the whole-image algorithms', bit for bit (tests/test_masks.py).
+
 Frames: masks are (H, W) bool in pixels of the displayed image (the image as Label Studio shows it).
 `CleanedMasks` wraps a (possibly lazy) (N, H, W) mask sequence and cleans each mask as it is read, so the
 region builder's memory behaviour (a few full-size masks at a time, sam_wrapper.UpscaledMasks) is kept.
