@@ -47,9 +47,10 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
             if not pipelines:  # the job may be queued while the models still load
                 pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
                                           before_model_pass=foreground.wait_turn))
-            return pipelines[0].predict_tasks(tasks, config, query, connection.url, connection.key)
+            return pipelines[0].start_tasks(tasks, config, query, connection.url, connection.key)
 
-        return in_batches(predict, settings.batch_size)
+        # One batch's host work (clean-up, regions) on a thread while the next batch's model passes run.
+        return in_batches(predict, settings.batch_size, overlap=1)
 
     runner = JobRunner(store, executor_for,
                        lambda params, connection: LabelStudioProject(images.label_studio.sdk(connection),

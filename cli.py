@@ -268,8 +268,8 @@ def annotate(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
     stop = threading.Event()
     ray_address = args.ray or settings.ray_address
-    executor = in_batches(lambda tasks: pipeline.predict_tasks(tasks, config, query, connection.url, connection.key),
-                          settings.batch_size)
+    executor = in_batches(lambda tasks: pipeline.start_tasks(tasks, config, query, connection.url, connection.key),
+                          settings.batch_size, overlap=1)
     if ray_address:
         from ray_executor import RayExecutor, RayOptions
 

@@ -220,5 +220,5 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
         assert set(row) == {"dino", "mobile_sam", "answer mobile_sam"} and all(v > 0 for v in row.values())
     assert figures["bulk"].keys() == {"fp32"} and figures["bulk"]["fp32"].keys() == {"1", "2"}
     assert all(rate > 0 for rate in figures["bulk"]["fp32"].values())
-    assert 0 < figures["deformable_share"] < 1
+    assert 0 < figures["deformable_share fp32"] < 1
     assert "| fp32, compile=false |" in run.stdout and "images/s" in run.stdout
