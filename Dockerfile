@@ -45,6 +45,8 @@ COPY weights.py ./
 RUN if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi
 
 COPY *.py ./
+# The service's page (GET / in a browser): its HTML, CSS and JavaScript.
+COPY ui ./ui
 # The service runs as an unprivileged user (uid/gid 1000) that can write only /data and /models/local (where
 # docker-compose.yml mounts a volume for checkpoints of your own).
 RUN groupadd --gid 1000 app \

@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-quick test-label-studio test-browser lint weights bench constraints \
-	constraints-label-studio test-docker test-docker-ls
+	constraints-label-studio test-docker test-docker-ls docs docs-serve
 
 # pip's progress bars on a terminal; without one (CI, a log file) or with CI set, a line per package and no bars.
 PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
 
 # $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
-# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (see README).
+# --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (docs/how-it-works.md).
 define pip-install
 	@echo "make: installing requirements.txt, requirements-dev.txt and requirements-ray.txt into $(patsubst %/bin,%,$(1))" \
 	  "(the first time: about 3.2 GB to download, mostly PyTorch and its CUDA libraries; 6.6 GB on disk)"
@@ -38,20 +38,22 @@ constraints:
 	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
 	rm -rf .venv-constraints
 
-# The end-to-end tests' Label Studio (its version: LS_VERSION in tests/label_studio_harness.py) is installed with
-# -c tests/label-studio-constraints.txt, and rebuilt when that file changes. To move it to newer dependencies (or
-# after changing LS_VERSION): resolve afresh in a temporary virtualenv and pin the result, then commit the file.
+# The end-to-end tests' Label Studio and moto S3 server (their versions: LS_VERSION and MOTO_VERSION in
+# tests/label_studio_harness.py) are installed with -c tests/label-studio-constraints.txt, and rebuilt when that file
+# changes. To move them to newer dependencies (or after changing a version): resolve afresh in a temporary virtualenv
+# and pin the result, then commit the file.
 LS_VERSION = $(shell sed -n 's/^LS_VERSION = "\(.*\)"$$/\1/p' tests/label_studio_harness.py)
+MOTO_VERSION = $(shell sed -n 's/^MOTO_VERSION = "\([^"]*\)".*/\1/p' tests/label_studio_harness.py)
 LS_CONSTRAINTS := tests/label-studio-constraints.txt
 constraints-label-studio:
 	@test -n "$(LS_VERSION)" || { echo "no LS_VERSION in tests/label_studio_harness.py" >&2; exit 1; }
-	@echo "make: resolving label-studio==$(LS_VERSION) in a fresh virtualenv (about 1 GB; a few minutes)"
+	@echo "make: resolving label-studio==$(LS_VERSION) and moto[server]==$(MOTO_VERSION) in a fresh virtualenv (about 1.2 GB; a few minutes)"
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  $(PYTHON) -m venv "$$tmp/venv" && \
-	  "$$tmp/venv/bin/pip" install --progress-bar $(PIP_PROGRESS) label-studio==$(LS_VERSION) && \
-	  { echo "# Every package of the end-to-end tests' Label Studio virtualenv, as make constraints-label-studio"; \
-	    echo "# resolved label-studio==$(LS_VERSION) (pip freeze; Linux x86_64, Python 3.11). Used with -c by"; \
-	    echo "# tests/label_studio_harness.py, which rebuilds the virtualenv when this file changes."; \
+	  "$$tmp/venv/bin/pip" install --progress-bar $(PIP_PROGRESS) label-studio==$(LS_VERSION) "moto[server]==$(MOTO_VERSION)" && \
+	  { echo "# Every package of the end-to-end tests' server virtualenv (Label Studio and moto's S3-compatible server), as"; \
+	    echo "# make constraints-label-studio resolved label-studio==$(LS_VERSION) and moto[server]==$(MOTO_VERSION) (pip freeze; Linux x86_64,"; \
+	    echo "# Python 3.11). Used with -c by tests/label_studio_harness.py, which rebuilds the virtualenv when this file changes."; \
 	    "$$tmp/venv/bin/pip" freeze --all --exclude pip | grep -v '^#'; } > $(LS_CONSTRAINTS).new && \
 	  mv $(LS_CONSTRAINTS).new $(LS_CONSTRAINTS)
 
@@ -62,7 +64,7 @@ serve: weights
 	$(BIN)/gunicorn _wsgi:app
 
 # Everything but the image's with-label-studio run (make test-docker-ls; it doesn't fit CI's 30 minutes on a fresh
-# machine: README "Checked in CI"). The image tests run beside the others while the Label Studio virtualenv builds
+# machine: docs/docker.md "Checked in CI"). The image tests run beside the others while the Label Studio virtualenv builds
 # (tests/run_suite.sh).
 test: install
 	bash tests/run_suite.sh $(BIN)
@@ -80,7 +82,7 @@ test-browser: install
 	$(BIN)/python -m pytest -m browser
 
 # The real image (Dockerfile, docker-compose*.yml) built and run with a Docker engine: tests/test_docker.py
-# installs Debian's docker.io and debootstrap when missing and starts and stops its own dockerd (README "Docker").
+# installs Debian's docker.io and debootstrap when missing and starts and stops its own dockerd (docs/docker.md).
 test-docker: install
 	$(BIN)/python -m pytest tests/test_docker.py
 
@@ -88,7 +90,7 @@ test-docker: install
 test-docker-ls: install
 	$(BIN)/python -m pytest tests/test_docker.py -m docker_ls
 
-lint: install
+lint: install docs
 	$(BIN)/ruff check .
 	# The Docker files, without a Docker engine: hadolint, and Compose's own schema check of each variant.
 	$(BIN)/hadolint Dockerfile Dockerfile.sam3 tests/docker/base.Dockerfile tests/docker/label-studio.Dockerfile
@@ -98,3 +100,13 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_regions.py
+
+# The documentation site (mkdocs.yml, docs/) into site/ (git-ignored). --strict: a broken link or anchor, or a page
+# of docs/ missing from mkdocs.yml's nav, fails the build (make lint, and so CI, runs it).
+# NO_MKDOCS_2_WARNING: silences Material's notice about its successor, printed on every build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The same site served on http://127.0.0.1:8000, rebuilt as docs/ changes.
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict

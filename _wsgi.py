@@ -20,6 +20,7 @@ from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject
 from model import GroundedSAM
+from page import TryService, index_response, register_page
 from pipeline import Pipeline
 from store import JobStore
 
@@ -46,9 +47,10 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
             if not pipelines:  # the job may be queued while the models still load
                 pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
                                           before_model_pass=foreground.wait_turn))
-            return pipelines[0].predict_tasks(tasks, config, query, connection.url, connection.key)
+            return pipelines[0].start_tasks(tasks, config, query, connection.url, connection.key)
 
-        return in_batches(predict, settings.batch_size)
+        # One batch's host work (clean-up, regions) on a thread while the next batch's model passes run.
+        return in_batches(predict, settings.batch_size, overlap=1)
 
     runner = JobRunner(store, executor_for,
                        lambda params, connection: LabelStudioProject(images.label_studio.sdk(connection),
@@ -60,8 +62,9 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
                            jobs=runner, foreground=foreground)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs)
+    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response)
     app.extensions["model_loader"] = loader
+    register_page(app, TryService(loader, settings, images, foreground), status=loader.state)  # the page's routes
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook
     return app
 

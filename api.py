@@ -1,6 +1,7 @@
 """The HTTP layer: Label Studio's ML backend routes, parsed and validated, as a Flask app.
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics. Every answer is
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics (GET / in a browser: the service's
+page, page.py's, which adds its own routes). Every answer is
 JSON, errors included ({"error": "..."} with a 4xx/5xx status). With BASIC_AUTH_USER and
 BASIC_AUTH_PASS set, every route but /health needs those credentials.
 """
@@ -139,11 +140,13 @@ def create_app(
     health: Callable[[], dict] = dict,
     basic_auth: tuple[str, str] | None = None,
     jobs: JobService | None = None,
+    page: Callable[[], object] | None = None,
 ) -> Flask:
     """A Flask app serving the backend that `factory(project, label_config)` creates per request.
 
     health: extra fields for GET /health (e.g. the model load state); it must answer instantly.
     jobs: the bulk jobs behind /jobs (None: no such routes).
+    page: GET /'s answer to a browser (Accept: text/html before JSON); anything else gets /health's JSON there.
     """
     app = Flask(__name__)
     app.json = FastJSON(app)
@@ -184,9 +187,14 @@ def create_app(
         return jsonify(error=f"internal error: {type(e).__name__}: {e}"), 500
 
     @app.get("/health")
-    @app.get("/")
     def health_route():
         return jsonify(status="UP", **health())
+
+    @app.get("/")
+    def index():
+        if page is not None and request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+            return page()
+        return health_route()
 
     @app.post("/setup")
     def setup():

@@ -55,6 +55,8 @@ class EmbeddingCache:
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
+        self.computed: dict[str, int] = {}  # values computed (a miss) or put, by the first item of a tuple key
+        self._here = threading.local()  # the same, by the calling thread alone (computed_here)
 
     def get(self, key: Hashable, compute: Callable[[], Any], max_age: float | None = None) -> Any:
         """The value cached under `key`, or `compute()`'s result, cached if it fits.
@@ -72,6 +74,7 @@ class EmbeddingCache:
             pending = self._pending.get(key)
             if pending is None:
                 self.misses += 1
+                self._count(key)
                 pending = self._pending[key] = Future()
                 owner = True
             else:
@@ -96,9 +99,23 @@ class EmbeddingCache:
         """Store `value` under `key` (replacing what was there), if it fits: what a batch computed for each of
         its images, read by `get` later."""
         with self._lock:
+            self._count(key)
             if key in self._entries:
                 self._remove(key)
             self._insert(key, value)
+
+    def _count(self, key: Hashable) -> None:
+        """One more value computed for `key`'s kind ("groundingdino-outputs": a detector pass, "sam-embedding": an
+        image encoder pass, ...): the counters that show a re-filter ran no model."""
+        kind = str(key[0]) if isinstance(key, tuple) and key else "other"
+        self.computed[kind] = self.computed.get(kind, 0) + 1
+        here = self._here.__dict__.setdefault("counts", {})
+        here[kind] = here.get(kind, 0) + 1
+
+    def computed_here(self) -> dict[str, int]:
+        """`computed`, counting only what the calling thread computed or put: what one request cost, whatever other
+        threads (a bulk job) compute meanwhile."""
+        return dict(self._here.__dict__.get("counts", {}))
 
     def _insert(self, key: Hashable, value: Any) -> None:
         size = nbytes(value)
@@ -123,4 +140,4 @@ class EmbeddingCache:
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "mb": round(self.bytes / 2**20, 1), "hits": self.hits,
-                    "misses": self.misses, "evictions": self.evictions}
+                    "misses": self.misses, "evictions": self.evictions, "computed": dict(self.computed)}

@@ -1,6 +1,6 @@
 """The command line: the service's pipeline without the service.
 
-    python cli.py predict IMAGE_OR_URL --prompt "brown cat_cats. house" [--config label.xml]
+    python cli.py predict IMAGE_OR_URL | --project 3 --task 17 --prompt "brown cat_cats. house" [--config label.xml]
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
                   [--sam3-score-threshold 0.5] [--out prediction.json] [--overlay overlay.png]
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
@@ -10,7 +10,8 @@
 `predict` loads the models the environment names (the same variables as the service, README "Environment
 variables"), runs the pipeline once and prints the Label Studio prediction JSON (or writes it to --out).
 IMAGE_OR_URL is a local file, an http(s) URL, or a Label Studio /data/... path (with LABEL_STUDIO_URL and
-LABEL_STUDIO_API_KEY set).
+LABEL_STUDIO_API_KEY set). `--project P --task T` predicts a task of a Label Studio project instead, whatever holds
+its image (an upload, a URL, cloud storage), with that project's labeling config unless --config names one.
 
 `annotate` pre-annotates a Label Studio project (all of it, the listed tasks, or a Data Manager view) as a bulk
 job: tasks are paged from Label Studio, predicted, and their predictions imported in chunks while it runs, with a
@@ -52,11 +53,13 @@ class CommandError(Exception):
     """A command that can't run; the message is printed as one line."""
 
 
-def _read_image(source: str, settings: Settings):
-    """(H, W, 3) uint8 RGB from a local file or a URL / Label Studio path; raises CommandError."""
+def _read_image(source: str, settings: Settings, task_id: int | None = None):
+    """(H, W, 3) uint8 RGB from a local file, or from a URL, a Label Studio path or (with the task's id) a cloud
+    storage URI; raises CommandError."""
     from images import ImageLoader, decode_image
 
-    if os.path.exists(source) or not source.startswith(("http://", "https://", "/data/", "data/")):
+    url = "://" in source or source.startswith(("/data/", "data/", "/tasks/", "tasks/"))
+    if task_id is None and (os.path.exists(source) or not url):
         try:
             with open(source, "rb") as f:
                 data = f.read()
@@ -67,7 +70,7 @@ def _read_image(source: str, settings: Settings):
         except ServiceError as e:
             raise CommandError(f"{source}: {e}") from None
     try:
-        return ImageLoader(settings).load(source)
+        return ImageLoader(settings).load(source, task_id=task_id)
     except ServiceError as e:
         raise CommandError(str(e)) from None
 
@@ -98,19 +101,39 @@ def draw_overlay(image: np.ndarray, detections) -> np.ndarray:
     return out
 
 
+def _task(project: int, task_id: int, settings: Settings) -> tuple[dict, str]:
+    """A task of a Label Studio project, as its task API lists it, and the project's labeling config. Read from
+    the task list (GET /api/tasks/{id} would make Label Studio ask its ML backend for a prediction)."""
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
+
+    url = normalise_base(settings.label_studio_url)
+    if not url or not settings.label_studio_api_key:
+        raise CommandError("--task needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the task and its image are read "
+                           "from Label Studio with that key")
+    try:
+        client = LabelStudioClient(settings).sdk(Connection(url, settings.label_studio_api_key))
+        labels = LabelStudioProject(client, project, retries=1)
+        task = next(iter(labels.tasks(Selection(task_ids=(task_id,)))), None)
+        if task is None:
+            raise CommandError(f"project {project} has no task {task_id}")
+        return task, labels.label_config()
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+
+
 def predict(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as e:
         raise CommandError(str(e)) from None
+    task, xml = _task(args.project, args.task, settings) if args.task is not None else (None, "")
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as f:
                 xml = f.read()
         except OSError as e:
             raise CommandError(f"{args.config}: {e.strerror}") from None
-    else:
-        xml = default_label_config(prompt_labels(args.prompt))
+    xml = xml or default_label_config(prompt_labels(args.prompt))
     try:
         config = parse_label_config(xml)
         plan = require_phrases(args.prompt, config.labels, config.predicted_values)
@@ -119,7 +142,13 @@ def predict(args: argparse.Namespace) -> int:
     for phrase, reason in plan.skipped:
         logger.warning("prompt phrase %r ignored: %s", phrase, reason)
     # Cheap checks first: the image is read before the models load (seconds to minutes).
-    image = _read_image(args.image, settings)
+    if task is None:
+        image = _read_image(args.image, settings)
+    else:
+        source = config.image_url(task.get("data"))
+        if source is None:
+            raise CommandError(f"task {args.task} has no image URL under {config.image_key!r}")
+        image = _read_image(source, settings, task_id=args.task)
 
     from cache import image_digest
     from images import ImageLoader
@@ -244,8 +273,8 @@ def annotate(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
     stop = threading.Event()
     ray_address = args.ray or settings.ray_address
-    executor = in_batches(lambda tasks: pipeline.predict_tasks(tasks, config, query, connection.url, connection.key),
-                          settings.batch_size)
+    executor = in_batches(lambda tasks: pipeline.start_tasks(tasks, config, query, connection.url, connection.key),
+                          settings.batch_size, overlap=1)
     if ray_address:
         from ray_executor import RayExecutor, RayOptions
 
@@ -311,6 +340,12 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _detections(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 900:
         raise argparse.ArgumentTypeError(f"must be a whole number between 1 and 900, got {text!r}")
@@ -322,7 +357,11 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True)
     p = commands.add_parser("predict", help="run the pipeline on one image and print the prediction JSON",
                             description="Run the pipeline on one image and print the Label Studio prediction JSON.")
-    p.add_argument("image", metavar="IMAGE_OR_URL", help="a local image file, an http(s) URL or a /data/... path")
+    p.add_argument("image", metavar="IMAGE_OR_URL", nargs="?",
+                   help="a local image file, an http(s) URL or a /data/... path (or --project and --task)")
+    p.add_argument("--task", type=_positive, help="a Label Studio task's id: its image (uploaded, by URL or in cloud "
+                                                  "storage) and, unless --config, its project's labeling config")
+    p.add_argument("--project", type=_positive, help="the task's project (with --task)")
     p.add_argument("--prompt", required=True, help='phrases to detect, e.g. "brown cat_cats. house"')
     p.add_argument("--config", help="a labeling config (XML file); default: the README's config with the "
                                     "prompt's labels")
@@ -374,7 +413,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
+    if args.command == "predict" and (args.image is None) == (args.task is None):
+        command.error("predict: give IMAGE_OR_URL or --task (with --project), not both")
+    if args.command == "predict" and (args.task is None) != (args.project is None):
+        command.error("predict: --task and --project go together")
     configure_logging("info" if args.verbose else "warning")
     try:
         return args.run(args)

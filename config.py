@@ -169,6 +169,8 @@ class Settings:
     image_fetch_timeout: float = 30.0
     image_max_mb: float = 64.0
     image_max_pixels: int = 100_000_000
+    # The URL policy (urlpolicy.py): absolute image URLs only to these hosts; empty: any host
+    image_allowed_hosts: tuple[str, ...] = ()
     # Service
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
@@ -297,6 +299,8 @@ class Settings:
             image_fetch_timeout=_number(env, "IMAGE_FETCH_TIMEOUT", cls.image_fetch_timeout, float, 0.1),
             image_max_mb=_number(env, "IMAGE_MAX_MB", cls.image_max_mb, float, 0.001),
             image_max_pixels=_number(env, "IMAGE_MAX_PIXELS", cls.image_max_pixels, int, 1),
+            image_allowed_hosts=tuple(h.strip() for h in _str(env, "IMAGE_ALLOWED_HOSTS", "").split(",")
+                                      if h.strip()),
             basic_auth_user=_str(env, "BASIC_AUTH_USER", ""),
             basic_auth_pass=_str(env, "BASIC_AUTH_PASS", ""),
             model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),

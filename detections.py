@@ -31,16 +31,26 @@ class LazyMasks:
     def __getitem__(self, index: int) -> np.ndarray:
         return self._chunk(index, index + 1)[0]
 
+    def _chunks(self) -> range:
+        """The start of each chunk: about UPSCALE_CHUNK_PIXELS mask pixels each."""
+        return range(0, len(self), max(1, UPSCALE_CHUNK_PIXELS // (self.shape[1] * self.shape[2])))
+
     def __iter__(self):
-        step = max(1, UPSCALE_CHUNK_PIXELS // (self.shape[1] * self.shape[2]))
-        for start in range(0, len(self), step):
-            yield from self._chunk(start, min(start + step, len(self)))
+        for start in self._chunks():
+            yield from self._chunk(start, min(start + self._chunks().step, len(self)))
 
     def __array__(self, dtype=None, copy=None):
         out = np.empty(self.shape, bool)
         for i, mask in enumerate(self):
             out[i] = mask
         return out if dtype is None else out.astype(dtype)
+
+
+def profile_bounds(rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int] | None:
+    """A mask's bounding box (y0, y1, x0, x1) in its pixels, y1 / x1 exclusive, from whether each of its rows
+    (H,) bool and columns (W,) bool holds foreground; None when none does (masks.mask_bounds' frame)."""
+    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
+    return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1) if len(ys) else None
 
 
 @dataclass(frozen=True)

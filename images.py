@@ -3,7 +3,17 @@
 A task's image field is one of:
   * a path served by Label Studio: ``/data/upload/<project>/<8hex>-name.png`` or
     ``/data/local-files/?d=<path>`` (relative to the Label Studio base URL, needs its API key);
+  * a cloud storage URI as Label Studio stores it (``s3://bucket/key``, ``gs://``, ``azure-blob://``, any
+    ``scheme://`` of a storage): fetched through the task's resolve route,
+    ``/tasks/<task id>/resolve/?fileuri=<url-safe base64 of the URI>``, which needs the task id and the key;
+    Label Studio answers with the bytes, or 303 to a presigned URL on the storage host, which is followed
+    without the key;
+  * that resolve route itself (how the task API shows a storage task), relative or absolute;
   * an absolute ``http(s)://`` URL (fetched without credentials unless it points at Label Studio itself).
+
+Every hop of every download obeys the URL policy (urlpolicy.py: no link-local or metadata addresses, and
+IMAGE_ALLOWED_HOSTS when set). Label Studio's key goes only to Label Studio's own origin: a redirect elsewhere
+drops it for the rest of the download.
 
 Which key a request to Label Studio carries, and the exchange of a personal access token, are ls_client's.
 
@@ -16,6 +26,8 @@ Secrets never reach logs or error messages: URLs are shown only through `redact_
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import logging
@@ -23,7 +35,7 @@ import re
 import struct
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -31,24 +43,40 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Settings
 from errors import LabelStudioError, ServiceError
-from ls_client import Connection, LabelStudioClient
+from ls_client import Connection, LabelStudioClient, origin
+from urlpolicy import UrlPolicy, UrlRefused, guard
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
+MAX_REDIRECTS = 5
+# Label Studio's route that serves (or redirects to) a storage object of a task; /presign/ is its older name.
+RESOLVE_PATH = re.compile(r"/tasks/(\d+)/(?:resolve|presign)/?")
+# How a presigned URL that expired or was refused answers (S3 and Azure: 403, GCS: 400): resolve it afresh once.
+PRESIGN_REFUSED = (400, 401, 403)
+# URL schemes that are not a cloud storage's (every other scheme:// is resolved through Label Studio).
+NOT_STORAGE = ("http", "https", "file", "ftp", "data")
+# What Label Studio's resolve route means by its bare error statuses (it sends no body with them).
+RESOLVE_STATUS = {
+    404: "Label Studio found no storage of the project that holds this URI, or could not presign it",
+    424: "Label Studio could not read the object from its storage",
+}
 
 
 class ImageError(ServiceError):
     """An image could not be fetched or decoded; the message says what failed (URLs redacted).
 
-    kind: what went wrong, for a task's failure record: 'unreachable' (network, HTTP errors), 'denied' (401/403,
-    a refused key), 'too_large' (bytes or pixels over the limits), 'undecodable', 'unsupported' (a URL scheme or
-    path the loader does not read). status: the HTTP status of a refused download, else None.
+    kind: what went wrong, for a task's failure record: 'unreachable' (network, HTTP errors, 404, Label Studio's
+    424 for a storage read that failed), 'denied' (401/403, a refused key), 'refused' (the URL policy), 'too_large'
+    (bytes or pixels over the limits), 'undecodable', 'unsupported' (a URL scheme or path the loader does not
+    read). status: the HTTP status of a refused download, else None. redirected: whether that status came from a
+    redirect's target (a presigned URL) rather than the URL first asked.
     """
 
-    def __init__(self, message: str, kind: str = "unreachable", status: int | None = None):
+    def __init__(self, message: str, kind: str = "unreachable", status: int | None = None,
+                 redirected: bool = False):
         super().__init__(message)
-        self.kind, self.status = kind, status
+        self.kind, self.status, self.redirected = kind, status, redirected
 
 
 # --------------------------------------------------------------------------- decoding
@@ -159,50 +187,77 @@ def _describe_request_error(exc: requests.RequestException) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+def _decode_fileuri(value: str) -> str:
+    """A resolve route's ``fileuri`` as Label Studio reads it: url-safe base64, else URL-quoted."""
+    try:
+        return base64.urlsafe_b64decode(value.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return unquote(value)
+
+
+def _is_storage_uri(url: str, scheme: str) -> bool:
+    """Whether `url` is a cloud storage URI as Label Studio stores it: ``scheme://...`` of a storage (s3, gs,
+    azure-blob, or any other a Label Studio storage uses; not http(s), file, ftp or data)."""
+    return bool(scheme) and scheme not in NOT_STORAGE and url[len(scheme):len(scheme) + 3] == "://"
+
+
 class ImageLoader:
     """Fetches task images over HTTP (or from LOCAL_FILES_DOCUMENT_ROOT) and decodes them with `decode_image`.
 
-    One loader is shared by a process's request threads: it holds one `requests.Session`, and the
-    `LabelStudioClient` that gives requests to Label Studio their key.
+    One loader is shared by a process's request threads: it holds one `requests.Session` (its connections obey
+    the URL policy), and the `LabelStudioClient` that gives requests to Label Studio their key.
     """
 
     def __init__(self, settings: Settings, session: requests.Session | None = None,
-                 label_studio: LabelStudioClient | None = None):
+                 label_studio: LabelStudioClient | None = None, policy: UrlPolicy | None = None):
         self._settings = settings
-        self._session = session if session is not None else requests.Session()
+        self.policy = policy or UrlPolicy(settings.image_allowed_hosts)
+        self._session = guard(session if session is not None else requests.Session(), self.policy)
         self.label_studio = label_studio or LabelStudioClient(settings)
 
-    def load(self, url: str, hostname: str | None = None, access_token: str | None = None) -> np.ndarray:
+    def load(self, url: str, hostname: str | None = None, access_token: str | None = None,
+             task_id: int | None = None) -> np.ndarray:
         """Fetch the image a task's data field points at; return ``(H, W, 3) uint8`` RGB, displayed orientation.
 
         `hostname` and `access_token` are what Label Studio sent in /setup; LABEL_STUDIO_URL/HOST and
-        LABEL_STUDIO_API_KEY/ACCESS_TOKEN take precedence over them. Raises ImageError naming what failed.
+        LABEL_STUDIO_API_KEY/ACCESS_TOKEN take precedence over them. `task_id`: the task's id, which a cloud storage
+        URI needs. Raises ImageError naming what failed.
         """
         url = (url or "").strip()
         if not url:
             raise ImageError("task has an empty image URL", "unsupported")
-        data = self.fetch(url, hostname, access_token)
+        data = self.fetch(url, hostname, access_token, task_id)
         try:
             return decode_image(data, self._settings.image_max_pixels)
         except ImageError as e:
             raise ImageError(f"{redact_url(url)}: {e}", e.kind) from None
 
-    def fetch(self, url: str, hostname: str | None = None, access_token: str | None = None) -> bytes:
+    def cache_key(self, url: str, hostname: str | None = None, access_token: str | None = None) -> str:
+        """What identifies the image `url` names across requests: the storage URI for a cloud storage object
+        (``s3://...`` as /predict sends it, or decoded from the resolve route the task API shows), so both forms
+        share one cache entry and a presigned URL, which expires, is never a key; else the URL itself."""
+        url = (url or "").strip()
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # a malformed URL: `fetch` says so
+            return url
+        if parts.scheme in ("", "http", "https") and RESOLVE_PATH.fullmatch(parts.path) and (
+                not parts.netloc or self.label_studio.connection(hostname, access_token).serves(url)):
+            fileuri = parse_qs(parts.query).get("fileuri", [""])[0]
+            return _decode_fileuri(fileuri) if fileuri else url
+        return url
+
+    def fetch(self, url: str, hostname: str | None = None, access_token: str | None = None,
+              task_id: int | None = None) -> bytes:
         """The raw bytes `url` points at (see `load`)."""
         connection = self.label_studio.connection(hostname, access_token)
-        if url.startswith("data/"):
+        if url.startswith(("data/", "tasks/")):
             url = "/" + url
-        if url.startswith("/data/"):
+        if url.startswith("/data/") or RESOLVE_PATH.fullmatch(url.split("?", 1)[0]):
             local = self._read_local_file(url)
             if local is not None:
                 return local
-            if not connection.url:
-                raise ImageError(
-                    f"{redact_url(url)} is a Label Studio path but the Label Studio URL is unknown: set "
-                    "LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) to the URL the backend can reach Label Studio at, "
-                    "e.g. http://localhost:8080", "unsupported"
-                )
-            return self._fetch_from_label_studio(connection.url + url, connection)
+            return self._fetch_from_label_studio(self._on_label_studio(url, connection), connection)
 
         try:
             parts = urlsplit(url)
@@ -217,11 +272,32 @@ class ImageLoader:
                     if local is not None:
                         return local
                 return self._fetch_from_label_studio(url, connection)
-            return self._download(url, {}, hint="the backend sends no credentials to hosts other than Label Studio")
+            return self._download(url, {}, "the backend sends no credentials to hosts other than Label Studio",
+                                  connection, restricted=True)
+        if _is_storage_uri(url, scheme):
+            if task_id is None:
+                raise ImageError(
+                    f"{redact_url(url)} is a cloud storage URI: the backend fetches it through Label Studio's "
+                    "/tasks/<id>/resolve/ route, which needs the task's id (cli.py predict: use --project and "
+                    "--task)", "unsupported")
+            fileuri = base64.urlsafe_b64encode(url.encode()).decode()  # as label_studio_sdk encodes it
+            route = self._on_label_studio(f"/tasks/{int(task_id)}/resolve/?fileuri={fileuri}", connection)
+            return self._fetch_from_label_studio(route, connection)
         raise ImageError(
-            f"unsupported image URL scheme {scheme!r} in {redact_url(url)}: the backend reads http(s):// URLs and "
-            "Label Studio /data/... paths (let Label Studio serve cloud storage, or use presigned URLs)", "unsupported"
+            f"unsupported image URL scheme {scheme!r} in {redact_url(url)}: the backend reads http(s):// URLs, "
+            "Label Studio /data/... paths and cloud storage URIs (s3://, gs://, azure-blob://)", "unsupported"
         )
+
+    @staticmethod
+    def _on_label_studio(path: str, connection: Connection) -> str:
+        """The absolute URL of a Label Studio path; ImageError when Label Studio's URL is unknown."""
+        if not connection.url:
+            raise ImageError(
+                f"{redact_url(path)} is a Label Studio path but the Label Studio URL is unknown: set "
+                "LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) to the URL the backend can reach Label Studio at, "
+                "e.g. http://localhost:8080", "unsupported"
+            )
+        return connection.url + path
 
     # ----------------------------------------------------------------- local files
 
@@ -263,9 +339,23 @@ class ImageLoader:
     # ----------------------------------------------------------------- Label Studio auth
 
     def _fetch_from_label_studio(self, url: str, connection: Connection) -> bytes:
-        """GET `url` on Label Studio with the connection's key (ls_client picks the header and refreshes it)."""
+        """GET `url` on Label Studio with the connection's key (ls_client picks the header and refreshes it).
+
+        Label Studio may answer with a redirect to a presigned storage URL (followed without the key). Presigned
+        URLs expire: one that is refused is resolved again, once, through `url`."""
+
+        def download(headers: dict[str, str], hint: str) -> bytes:
+            return self._download(url, headers, hint, connection, restricted=False)
+
         try:
-            return self.label_studio.get(connection, url, lambda headers, hint: self._download(url, headers, hint))
+            try:
+                return self.label_studio.get(connection, url, download)
+            except ImageError as e:
+                if not (e.redirected and e.status in PRESIGN_REFUSED):
+                    raise
+                logger.info("%s: the storage refused its presigned URL (HTTP %d); resolving it again once",
+                            redact_url(url), e.status)
+                return self.label_studio.get(connection, url, download)
         except LabelStudioError as e:  # a personal access token that could not be exchanged
             raise ImageError(str(e), "denied") from None
 
@@ -274,54 +364,91 @@ class ImageLoader:
     def _max_bytes(self) -> int:
         return int(self._settings.image_max_mb * 2**20)
 
-    def _download(self, url: str, headers: dict[str, str], hint: str) -> bytes:
-        """GET `url`, streamed, at most IMAGE_MAX_MB, within IMAGE_FETCH_TIMEOUT; `hint` is added to 401/403 errors."""
+    def _download(self, url: str, headers: dict[str, str], hint: str, connection: Connection,
+                  restricted: bool) -> bytes:
+        """GET `url`, streamed, at most IMAGE_MAX_MB, within IMAGE_FETCH_TIMEOUT (all hops together), following at
+        most MAX_REDIRECTS redirects; `hint` is added to 401/403 errors.
+
+        `headers` go only to `url`'s origin: a redirect elsewhere drops them for the rest of the download. Every hop
+        obeys the URL policy; `restricted` (a URL the task named) also holds its hops to IMAGE_ALLOWED_HOSTS, Label
+        Studio's own host excepted."""
         timeout = self._settings.image_fetch_timeout
-        limit = self._max_bytes()
-        shown = redact_url(url)
-        start = time.monotonic()
+        first, start, redirected = url, time.monotonic(), False
         try:
-            with self._session.get(url, headers=headers, timeout=timeout, stream=True) as resp:
-                if not 200 <= resp.status_code < 300:
-                    message = f"fetching {shown} failed: HTTP {resp.status_code}{_detail(resp)}"
-                    if resp.status_code in (401, 403):
-                        message += f" ({hint})"
-                    raise ImageError(message, "denied" if resp.status_code in (401, 403) else "unreachable",
-                                     resp.status_code)
-                declared = resp.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise ImageError(
-                        f"{shown} is {int(declared):,} bytes (Content-Length), over the IMAGE_MAX_MB limit of "
-                        f"{limit:,} bytes", "too_large"
-                    )
-                data = bytearray()
-                for chunk in resp.iter_content(_CHUNK):
-                    data += chunk
-                    if len(data) > limit:
-                        raise ImageError(f"{shown} is over the IMAGE_MAX_MB limit of {limit:,} bytes; download aborted",
-                                         "too_large")
-                    # requests' timeout bounds each read, not the whole transfer; a trickling server must not
-                    # hold a request thread for ever.
-                    if time.monotonic() - start > timeout:
-                        raise ImageError(f"fetching {shown} took over IMAGE_FETCH_TIMEOUT={timeout:g}s; aborted")
+            for _ in range(MAX_REDIRECTS + 1):
+                if urlsplit(url).scheme.lower() not in ("http", "https"):
+                    raise ImageError(f"{redact_url(first)} redirected to {redact_url(url)}, not an http(s) URL",
+                                     "unsupported")
+                self.policy.check_url(url, restricted and not connection.serves(url))
+                with self._session.get(url, headers=headers, timeout=timeout, stream=True,
+                                       allow_redirects=False) as resp:
+                    if not resp.is_redirect:
+                        data = self._read(resp, url, hint, redirected, start)
+                        break
+                    target = urljoin(url, resp.headers["Location"])
+                if origin(target) != origin(first):
+                    headers = {}  # Label Studio's key is for Label Studio only (requests drops it the same way)
+                url, redirected = target, True
+            else:
+                raise ImageError(f"fetching {redact_url(first)} failed: more than {MAX_REDIRECTS} redirects")
+        except UrlRefused as e:
+            raise ImageError(f"{redact_url(url)}: {e}", "refused") from None
         except requests.Timeout:
-            raise ImageError(f"fetching {shown} timed out after IMAGE_FETCH_TIMEOUT={timeout:g}s") from None
+            raise ImageError(f"fetching {redact_url(url)} timed out after IMAGE_FETCH_TIMEOUT={timeout:g}s") from None
         except requests.RequestException as e:
-            raise ImageError(f"fetching {shown} failed: {_describe_request_error(e)}") from None
-        logger.debug("fetched %s: %d bytes in %.0f ms", shown, len(data), (time.monotonic() - start) * 1000)
+            raise ImageError(f"fetching {redact_url(url)} failed: {_describe_request_error(e)}") from None
+        logger.debug("fetched %s: %d bytes in %.0f ms", redact_url(url), len(data), (time.monotonic() - start) * 1000)
+        return data
+
+    def _read(self, resp: requests.Response, url: str, hint: str, redirected: bool, start: float) -> bytes:
+        """The body of a final (non-redirect) answer, or ImageError for an error status or one over the limits."""
+        timeout, limit, shown = self._settings.image_fetch_timeout, self._max_bytes(), redact_url(url)
+        status = resp.status_code
+        if not 200 <= status < 300:
+            where = f"the storage URL Label Studio redirected to ({shown})" if redirected else shown
+            message = f"fetching {where} failed: HTTP {status}{_detail(resp)}"
+            if status in (401, 403) and not redirected:
+                message += f" ({hint})"
+            elif RESOLVE_PATH.fullmatch(urlsplit(url).path) and status in RESOLVE_STATUS:
+                message += f" ({RESOLVE_STATUS[status]})"
+            raise ImageError(message, "denied" if status in (401, 403) else "unreachable", status, redirected)
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ImageError(f"{shown} is {int(declared):,} bytes (Content-Length), over the IMAGE_MAX_MB limit of "
+                             f"{limit:,} bytes", "too_large")
+        data = bytearray()
+        for chunk in resp.iter_content(_CHUNK):
+            data += chunk
+            if len(data) > limit:
+                raise ImageError(f"{shown} is over the IMAGE_MAX_MB limit of {limit:,} bytes; download aborted",
+                                 "too_large")
+            # requests' timeout bounds each read, not the whole transfer; a trickling server must not hold a
+            # request thread for ever.
+            if time.monotonic() - start > timeout:
+                raise ImageError(f"fetching {shown} took over IMAGE_FETCH_TIMEOUT={timeout:g}s; aborted")
         return bytes(data)
 
 
 def _detail(resp: requests.Response) -> str:
-    """': <detail>' from a JSON error body such as Label Studio's {"detail": ...}; '' otherwise.
+    """': <reason>' from an error body: Label Studio's JSON {"detail": ...}, or a storage's XML <Message> (S3,
+    Google Cloud Storage and Azure Blob answer errors so); '' otherwise.
 
     `resp` must be a streamed response whose body is unread; at most 4 KiB of it is read.
     """
-    if "json" not in resp.headers.get("Content-Type", ""):
+    content_type = resp.headers.get("Content-Type", "")
+    if "json" not in content_type and "xml" not in content_type:
         return ""
     try:
-        body = json.loads(resp.raw.read(4096, decode_content=True))
-    except (ValueError, OSError, requests.RequestException):
+        raw = resp.raw.read(4096, decode_content=True)
+    except (OSError, requests.RequestException):
         return ""
-    detail = body.get("detail") if isinstance(body, dict) else None
+    if "xml" in content_type:
+        found = re.search(rb"<Message>([^<]{1,300})</Message>", raw)
+        detail = found.group(1).decode(errors="replace") if found else None
+    else:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return ""
+        detail = body.get("detail") if isinstance(body, dict) else None
     return f": {detail[:200]}" if isinstance(detail, str) and detail else ""

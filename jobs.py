@@ -28,7 +28,9 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -366,13 +368,29 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def in_batches(predict: Callable[[list[dict]], list[TaskOutcome]], size: int) -> Executor:
+def in_batches(predict: Callable[[list[dict]], list[TaskOutcome] | Callable[[], list[TaskOutcome]]], size: int,
+               overlap: int = 0) -> Executor:
     """An Executor that predicts `size` tasks at a time in this process: predict(tasks) -> their outcomes, in
-    order (Pipeline.predict_tasks, which encodes them in batches)."""
+    order (Pipeline.predict_tasks, which encodes them in batches). With `overlap` > 0, predict(tasks) runs the
+    model passes and returns the host work left as a function that builds the outcomes (Pipeline.start_tasks),
+    which runs on one of `overlap` threads while the next batch's passes run; outcomes still come in task order.
+    At most `overlap` batches wait for their host work, so a long job holds no more batches than that at once."""
 
     def run(tasks: Iterator[dict]) -> Iterator[tuple[dict, TaskOutcome]]:
-        for batch in batched(tasks, size):
-            yield from zip(batch, predict(batch), strict=True)
+        if not overlap:
+            for batch in batched(tasks, size):
+                yield from zip(batch, predict(batch), strict=True)
+            return
+        with ThreadPoolExecutor(overlap, thread_name_prefix="host-work") as pool:
+            waiting: deque = deque()
+            for batch in batched(tasks, size):
+                waiting.append((batch, pool.submit(predict(batch))))
+                while len(waiting) > overlap:
+                    done, outcomes = waiting.popleft()
+                    yield from zip(done, outcomes.result(), strict=True)
+            while waiting:
+                done, outcomes = waiting.popleft()
+                yield from zip(done, outcomes.result(), strict=True)
 
     return run
 

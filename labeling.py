@@ -20,6 +20,9 @@ class Control:
     smart: bool = False
 
 
+UNDEFINED_KEY = "$undefined$"  # Label Studio's data key for an object synced from storage as a source file
+
+
 @dataclass(frozen=True)
 class LabelingConfig:
     image_name: str  # the Image tag's name: every region's to_name
@@ -31,6 +34,15 @@ class LabelingConfig:
     keypoints: tuple[Control, ...] = ()
     # label -> extra phrases that mean it, from <Label predicted_values="a,b">
     predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def image_url(self, data) -> str | None:
+        """The image URL of a task's data: under `image_key`, else under Label Studio's "$undefined$" key, which a
+        cloud storage synced with "Treat every bucket object as a source file" writes (the labeling UI reads it as
+        the config's image too). None when there is none."""
+        if not isinstance(data, dict):
+            return None
+        url = data.get(self.image_key, data.get(UNDEFINED_KEY))
+        return url if isinstance(url, str) and url else None
 
     @property
     def wants_masks(self) -> bool:

@@ -186,7 +186,8 @@ class LabelStudioClient:
         try:
             return download(headers, hint)
         except Exception as e:
-            if getattr(e, "status", None) != 401 or not cached:
+            # A 401 from a storage host Label Studio redirected to says nothing about the key.
+            if getattr(e, "status", None) != 401 or getattr(e, "redirected", False) or not cached:
                 raise
         logger.info("Label Studio refused a cached access token; refreshing it once")
         headers, _ = self.authorization(connection, stale=headers["Authorization"].removeprefix("Bearer "))

@@ -116,7 +116,7 @@ Query = TextQuery | ClickQuery
 @dataclass(frozen=True)
 class TaskFailure:
     """Why one task got no prediction. kind: 'no_image_url', or an ImageError kind ('unreachable', 'denied',
-    'too_large', 'undecodable', 'unsupported')."""
+    'refused', 'too_large', 'undecodable', 'unsupported')."""
 
     kind: str
     reason: str
@@ -145,17 +145,19 @@ class Pipeline:
         self._turn = before_model_pass or (lambda: None)
         self.deadline = deadline
 
-    def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None
-                   ) -> tuple[np.ndarray, str]:
+    def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None,
+                   task_id: int | None = None) -> tuple[np.ndarray, str]:
         """A task image (H, W, 3) uint8 RGB and its pixel digest, downloaded and decoded once per
-        IMAGE_CACHE_SECONDS (a series of clicks fetches it once). hostname, access_token: what /setup sent.
+        IMAGE_CACHE_SECONDS (a series of clicks fetches it once), kept under its stored URI (never a presigned
+        URL). hostname, access_token: what /setup sent; task_id: the task's (a cloud storage URI needs it).
         Raises ImageError."""
 
         def fetch():
-            image = self.images.load(url, hostname=hostname, access_token=access_token)
+            image = self.images.load(url, hostname=hostname, access_token=access_token, task_id=task_id)
             return image, image_digest(image)
 
-        return self.models.cache.get(("image", url, hostname), fetch, max_age=self.settings.image_cache_seconds)
+        key = ("image", self.images.cache_key(url, hostname, access_token), hostname)
+        return self.models.cache.get(key, fetch, max_age=self.settings.image_cache_seconds)
 
     def detect(self, image: np.ndarray, image_id: str, query: Query, wants_masks: bool = True) -> Detections:
         """One image: (H, W, 3) uint8 RGB and its identity (cache.image_digest) -> Detections in its pixels.
@@ -273,7 +275,16 @@ class Pipeline:
                       access_token: str | None = None) -> list[TaskOutcome]:
         """Several tasks -> their outcomes, in order, each what `predict_task` gives it alone: the images are
         fetched in parallel, then encoded BATCH_SIZE at a time (`encode`). A task's seconds: its share of the
-        fetching and encoding, plus its own passes."""
+        fetching and encoding, plus its own passes and host work."""
+        return self.start_tasks(tasks, config, query, hostname, access_token)()
+
+    def start_tasks(self, tasks: Sequence[dict], config: LabelingConfig, query: Query, hostname: str | None = None,
+                    access_token: str | None = None) -> Callable[[], list[TaskOutcome]]:
+        """`predict_tasks` in two parts: the model passes now (images fetched and encoded, each image's detections
+        with their low-resolution masks), and returned, the host work left (masks upscaled as they are read,
+        cleaned, turned into regions) as a function that builds the outcomes: call it once, on any thread, so that
+        a bulk job builds one batch's predictions while the next batch's passes run (jobs.in_batches). It waits
+        for labelers (`before_model_pass`) before each task's host work, as the passes do."""
         started = time.perf_counter()
         self.check(query)
         if len(tasks) > 1:
@@ -283,29 +294,44 @@ class Pipeline:
             loaded = [self._load_task(task, config, hostname, access_token) for task in tasks]
         self.encode([item for item in loaded if not isinstance(item, TaskFailure)], query, config.wants_masks)
         share = (time.perf_counter() - started) / max(len(tasks), 1)
-        outcomes = []
-        for task, item in zip(tasks, loaded, strict=True):
-            task_id = task.get("id")
+        found = []  # per task: its failure, or the image's (height, width), detections and seconds so far
+        for item in loaded:
             if isinstance(item, TaskFailure):
-                outcomes.append(TaskOutcome(task_id, failure=item, seconds=share))
+                found.append(item)
                 continue
             own = time.perf_counter()
             image, image_id = item
-            result = self.predict_image(image, image_id, config, query)
-            seconds = share + time.perf_counter() - own
-            logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task_id, image.shape[1], image.shape[0],
-                        len(result["result"]), seconds)
-            outcomes.append(TaskOutcome(task_id, prediction=result, seconds=seconds))
-        return outcomes
+            detections = self.detect(image, image_id, query, wants_masks=config.wants_masks)
+            found.append((image.shape[:2], detections, share + time.perf_counter() - own))
+        del loaded  # the images: the host work needs only their size
+
+        def finish() -> list[TaskOutcome]:
+            outcomes = []
+            for task, item in zip(tasks, found, strict=True):
+                task_id = task.get("id")
+                if isinstance(item, TaskFailure):
+                    outcomes.append(TaskOutcome(task_id, failure=item, seconds=share))
+                    continue
+                (height, width), detections, seconds = item
+                self._turn()
+                own = time.perf_counter()
+                result = prediction(self.regions(detections, config, query, width, height), self.model_version)
+                seconds += time.perf_counter() - own
+                logger.info("task %s: %dx%d image, %d region(s) in %.2f s", task_id, width, height,
+                            len(result["result"]), seconds)
+                outcomes.append(TaskOutcome(task_id, prediction=result, seconds=seconds))
+            return outcomes
+
+        return finish
 
     def _load_task(self, task: dict, config: LabelingConfig, hostname: str | None, access_token: str | None
                    ) -> tuple[np.ndarray, str] | TaskFailure:
-        data = task.get("data")
-        url = data.get(config.image_key) if isinstance(data, dict) else None
-        if not isinstance(url, str) or not url:
+        url = config.image_url(task.get("data"))
+        if url is None:
             return TaskFailure("no_image_url", f"task data has no image URL under {config.image_key!r}")
+        task_id = task.get("id")
         try:
-            return self.load_image(url, hostname, access_token)
+            return self.load_image(url, hostname, access_token, task_id if isinstance(task_id, int) else None)
         except ImageError as e:
             return TaskFailure(e.kind, str(e))
 

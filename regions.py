@@ -14,7 +14,7 @@ import numpy as np
 
 from detections import Detections
 from labeling import LabelingConfig
-from masks import mask_box
+from masks import even_crop, mask_bounds, with_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 _WORD_SIZE = 8
 _RLE_SIZES = (3, 4, 8, 16)  # bits of the run length field for run classes 0..3
 _CHUNK = 2**16  # runs longer than this are split into chunks of exactly 2**16 values
+_CLASS_LIMITS = np.array([8, 16, 256])  # the longest run of classes 0..2
+_SIZE_BITS = np.array(_RLE_SIZES, dtype=np.int64)
+# (flag << 2 | class) << the class's length bits, by flag << 2 | class.
+_HEADS = np.array([(flag << 2 | c) << _RLE_SIZES[c] for flag in (0, 1) for c in range(4)], dtype=np.int64)
 # A mask's parts smaller than this share of its largest part are specks, not polygons; at most this many parts.
 _MIN_PART_SHARE = 0.1
 _MAX_PARTS = 20
@@ -47,16 +51,20 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
     values = np.asarray(values, dtype=np.int64)
 
     # Run class: 0 for length <= 8 (and single values), 1 for <= 16, 2 for <= 256, 3 for longer.
-    cls = (lengths > 8).astype(np.int64) + (lengths > 16) + (lengths > 256)
-    n_bits = np.array(_RLE_SIZES, dtype=np.int64)[cls]
-    # The SDK splits a class-3 run into chunks while more than 2**16 values remain; each chunk covers 2**16 values
-    # and is written with length field 2**16 - 1. The run's final token then carries what is left.
-    n_chunks = np.where(cls == 3, (lengths - 1) // _CHUNK, 0)
-    field = lengths - n_chunks * _CHUNK - 1
-    flag = (lengths > 1).astype(np.int64)  # 0: literal values follow (only length-1 runs here), 1: a repeated value
-    codes = (flag << (2 + n_bits + _WORD_SIZE)) | (cls << (n_bits + _WORD_SIZE)) | (field << _WORD_SIZE) | values
-    widths = 1 + 2 + n_bits + _WORD_SIZE
-    if n_chunks.any():  # only runs over 2**16 values: rare, so the common case skips the expansion
+    cls = np.searchsorted(_CLASS_LIMITS, lengths)
+    # A run's token: a flag (0: literal values follow, only length-1 runs here; 1: a repeated value), its class,
+    # its length - 1 in the class's bits, then the value. The flag and class, shifted past the length field, come
+    # from a table by (flag, class): fewer passes over a ragged mask's hundreds of thousands of runs.
+    head = _HEADS[((lengths > 1) << 2) | cls]
+    n_bits = _SIZE_BITS[cls]
+    codes = ((head | (lengths - 1)) << _WORD_SIZE) | values
+    widths = n_bits + (1 + 2 + _WORD_SIZE)
+    if lengths.max(initial=0) > _CHUNK:
+        # The SDK splits a class-3 run into chunks while more than 2**16 values remain; each chunk covers 2**16
+        # values and is written with length field 2**16 - 1. The run's final token then carries what is left.
+        # Only runs over 2**16 values: rare, so the common case skips this.
+        n_chunks = np.where(cls == 3, (lengths - 1) // _CHUNK, 0)
+        codes = ((head | (lengths - n_chunks * _CHUNK - 1)) << _WORD_SIZE) | values
         per_run = n_chunks + 1
         final = np.cumsum(per_run) - 1
         chunk_code = (1 << (2 + 16 + _WORD_SIZE)) | (3 << (16 + _WORD_SIZE)) | ((_CHUNK - 1) << _WORD_SIZE) | values
@@ -75,25 +83,23 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
 def _pack_bits(codes: np.ndarray, widths: np.ndarray) -> list[int]:
     """Concatenate codes (int64, each < 2**width) MSB first, pad like the SDK, return the bytes as a list of ints.
 
-    Every code is at most 32 bits wide, so it lands in one or two big-endian 32-bit words. The codes cover
-    disjoint bits, so summing their contributions per word is a bitwise OR; float64 sums of integers < 2**32
-    are exact, which lets np.bincount do the scatter.
+    Every code is at most 32 bits wide, so it lands in one or two big-endian 32-bit words: scaled by a power of
+    two to where it ends, its whole part goes to its first word and its fraction (times 2**32) to the next, exact
+    in float64 (at most 32 significant bits). The codes cover disjoint bits, so summing their parts per word is a
+    bitwise OR, which lets np.bincount do the scatter (sums below 2**32, exact too).
     """
-    offsets = np.cumsum(widths) - widths
-    total_bits = int(offsets[-1] + widths[-1])
+    ends = np.cumsum(widths)
+    offsets = ends - widths
+    total_bits = int(ends[-1])
     # The SDK pads with 8 - len % 8 zero bits: a whole zero byte when the length is already a multiple of 8.
     n_bytes = total_bits // 8 + 1
     n_words = (n_bytes + 3) // 4
 
     word = offsets >> 5
-    end = (offsets & 31) + widths  # where the code ends, counted from the start of its first word
-    spill = np.maximum(end - 32, 0)  # bits that run into the next word
-    first = (codes >> spill) << np.maximum(32 - end, 0)
-    second = (codes & ((1 << spill) - 1)) << (32 - spill)
-    has_second = spill > 0
-    index = np.concatenate([word, word[has_second] + 1])
-    weights = np.concatenate([first, second[has_second]]).astype(np.float64)
-    words = np.bincount(index, weights=weights, minlength=n_words).astype(np.uint32)
+    scaled = np.ldexp(codes.astype(np.float64), (32 - (offsets & 31) - widths).astype(np.int32))
+    first = np.floor(scaled)
+    words = np.bincount(word, weights=first, minlength=n_words)
+    words += np.bincount(word + 1, weights=(scaled - first) * 2.0**32, minlength=n_words + 1)[:n_words]
     return np.frombuffer(words.astype(">u4").tobytes(), dtype=np.uint8)[:n_bytes].tolist()
 
 
@@ -107,47 +113,72 @@ def encode_rle(array: np.ndarray) -> list[int]:
     return _encode_runs(lengths, flat[starts], flat.size)
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool mask (row-major, nonzero = foreground) -> Label Studio brush RLE as a list of ints 0..255.
+def mask_to_rle(mask: np.ndarray, bounds: tuple[int, int, int, int] | None = ()) -> list[int]:
+    """(H, W) mask (row-major, nonzero = foreground) -> Label Studio brush RLE as a list of ints 0..255.
+    bounds: masks.mask_bounds(mask) when the caller has it (the default, (), finds them).
 
     Byte for byte label_studio_sdk.converter.brush.mask2rle(mask.astype(np.uint8) * 255): the mask is encoded as
     H*W RGBA pixels, every channel 255 on the foreground and 0 elsewhere. Rather than repeating the image 4x, the
-    runs of the flat mask are found once and their lengths multiplied by 4.
+    runs of the flat mask are found once and their lengths multiplied by 4; and only on the mask's bounding box:
+    the runs of background around it follow from its place in the image.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_rle: mask must be 2-D (H, W), got shape {mask.shape}")
-    flat = mask.reshape(-1).astype(bool, copy=False)
-    if flat.size == 0:
+    height, width = mask.shape
+    total = height * width
+    if total == 0:
         return _pack_bits(*map(np.array, _header_code(0)))
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate([[0], starts])
-    lengths = np.diff(np.append(starts, flat.size)) * 4
-    values = flat[starts].astype(np.int64) * 255
-    return _encode_runs(lengths, values, flat.size * 4)
+    bounds = mask_bounds(mask) if bounds == () else bounds
+    starts, first = np.zeros(1, np.int64), 0  # an empty mask: one run of background
+    if bounds is not None:
+        y0, y1, x0, x1 = bounds
+        h, w = y1 - y0, x1 - x0
+        # The box's rows as they lie in the flat image, each followed by one column standing for the background
+        # up to the next row's box (none when the box spans the width), between a background value on each end.
+        cols = w + (w < width)
+        laid = np.zeros(h * cols + 2, bool)
+        laid[1:-1].reshape(h, cols)[:, :w] = mask[y0:y1, x0:x1]
+        change = np.flatnonzero(laid[1:] != laid[:-1])  # change p: value p of the rows differs from the one before
+        rows, cols_at = np.divmod(change, cols)
+        changes = (y0 + rows) * width + x0 + cols_at  # where each run after a change starts in the flat image
+        changes = changes[changes < total]
+        first = int(changes[0] == 0)  # the image starts with a run of foreground
+        starts = changes if first else np.concatenate([[0], changes])
+    lengths = np.diff(np.append(starts, total)) * 4
+    values = ((np.arange(len(starts)) + first) & 1) * 255  # runs alternate between background and foreground
+    return _encode_runs(lengths, values, total * 4)
 
 
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[np.ndarray]:
+def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, bounds: tuple[int, int, int, int] | None = ()
+                     ) -> list[np.ndarray]:
     """(H, W) bool mask -> one outline per part, each (K, 2) float64 x, y in image pixels, K >= 3.
 
     Parts are the 8-connected pieces of the mask, largest first; pieces under a tenth of the largest are
     dropped as specks (at most 20 parts), and holes are not kept (a Label Studio polygon has none). Each
     outline runs through the centres of the part's boundary pixels, (x + 0.5, y + 0.5), simplified with
     Douglas-Peucker so the outline stays within `tolerance` pixels of it; outlines of fewer than 3 vertices
-    after that (lines one pixel wide) are dropped.
+    after that (lines one pixel wide) are dropped. Computed on the mask's bounding box (masks.even_crop: the
+    parts come in the full image's order); bounds: masks.mask_bounds(mask) when the caller has it (the
+    default, (), finds them).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_polygons: mask must be 2-D (H, W), got shape {mask.shape}")
+    bounds = mask_bounds(mask) if bounds == () else bounds
+    if bounds is None:
+        return []
+    y0, y1, x0, x1 = even_crop(bounds, 0, *mask.shape)
     # Sizes from connected components (C++), so a speckled mask's many specks cost no Python loop.
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1].astype(np.uint8), connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")[:_MAX_PARTS]
     polygons = []
-    for part in order[areas[order] >= _MIN_PART_SHARE * areas[order[0]]] if count > 1 else ():
+    for part in order[areas[order] >= _MIN_PART_SHARE * areas[order[0]]]:
         x, y, w, h = stats[part + 1, :4]
         crop = (labels[y : y + h, x : x + w] == part + 1).astype(np.uint8)
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(int(x), int(y)))
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                       offset=(int(x + x0), int(y + y0)))
         outline = cv2.approxPolyDP(max(contours, key=len), tolerance, True).reshape(-1, 2)
         if len(outline) >= 3:
             polygons.append(outline.astype(np.float64) + 0.5)
@@ -223,28 +254,30 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
                         "value": {**value, kind: [label]}, "score": score})
 
     # Masks are read once each, in order: a lazy mask sequence then computes them a few at a time.
-    masks = iter(detections.masks) if detections.masks is not None else None
+    # Masks are read once each, in order (a lazy mask sequence then computes them a few at a time), with their
+    # bounding boxes: everything below works on those, none of it on the whole image.
+    masks = with_bounds(detections.masks) if detections.masks is not None else None
     for i, label in enumerate(detections.labels):
-        mask = next(masks) if masks is not None else None
+        mask, bounds = next(masks) if masks is not None else (None, None)
         score = round(float(detections.scores[i]), 4)
         box = detections.xyxy[i]
         if mask is not None and detections.box_from_mask[i]:
-            if not mask.any():
+            if bounds is None:
                 continue
-            box = mask_box(mask)  # after the clean-up, which may have dropped or filled parts
+            box = [bounds[2], bounds[0], bounds[3], bounds[1]]  # after the clean-up, which may drop or fill parts
         if label in rect_for:
             add(rect_for[label], "rectanglelabels", {**box_to_percent(box, width, height), "rotation": 0}, label,
                 score)
         if mask is None or (label not in brush_for and label not in polygon_for):
             continue
-        if not mask.any():
+        if bounds is None:
             # An empty mask renders as nothing and only clutters the task.
             logger.debug("skipping the empty mask of detection %d (%s)", i, label)
             continue
         if label in brush_for:
-            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask)}, label, score)
+            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask, bounds)}, label, score)
         if label in polygon_for:
-            for outline in mask_to_polygons(mask, polygon_tolerance):
+            for outline in mask_to_polygons(mask, polygon_tolerance, bounds):
                 points = (outline * 100.0 / np.array([width, height])).tolist()
                 add(polygon_for[label], "polygonlabels", {"points": points, "closed": True}, label, score)
     return regions

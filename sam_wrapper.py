@@ -18,9 +18,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cache import EmbeddingCache
 from config import SEGMENTERS, require_file
-from detections import LazyMasks
+from detections import LazyMasks, profile_bounds
 from device import autocast, resolve_device
 from errors import ModelLoadError
+from masks import mask_bounds
 from sam_decoder import DecoderInput, PromptDecoder
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,22 @@ class UpscaledMasks(LazyMasks):
     def _chunk(self, start: int, stop: int) -> np.ndarray:
         logits = postprocess_masks(self.model, self.low_res[start:stop, None], self.embedding)
         return (logits[:, 0] > self.model.mask_threshold).cpu().numpy()
+
+    @torch.no_grad()
+    def with_bounds(self):
+        """The masks in order, each with its bounding box (masks.mask_bounds), found on the model's device where
+        the masks are made (a GPU: the host then reads each mask only on its box; on CPU with numpy)."""
+        for start in self._chunks():
+            stop = min(start + self._chunks().step, len(self))
+            logits = postprocess_masks(self.model, self.low_res[start:stop, None], self.embedding)
+            masks = logits[:, 0] > self.model.mask_threshold
+            if masks.device.type == "cpu":  # torch's any() over a dimension is ~30x slower than numpy's there
+                for mask in masks.numpy():
+                    yield mask, mask_bounds(mask)
+                continue
+            rows, cols = masks.any(dim=2).cpu().numpy(), masks.any(dim=1).cpu().numpy()
+            for mask, row, col in zip(masks.cpu().numpy(), rows, cols, strict=True):
+                yield mask, profile_bounds(row, col)
 
 
 class Segmenter:

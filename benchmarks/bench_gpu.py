@@ -12,10 +12,10 @@ For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, tru
   peak GB       torch.cuda.max_memory_allocated of each model set while it answered
 
 then bulk pre-annotation with MobileSAM (Pipeline.encode + predict_image, what the bulk job runs per batch) in
-images per second at BATCH_SIZE 1, 4 and 8, ENGINE=sam3's whole answer and peak memory (not with --quick: its
-random-weight checkpoint is 3.4 GB), and the share of a Grounding DINO pass spent in its deformable
-attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel). The straightforward way (fp32,
-eager, one image at a time) is the first row and batch 1.
+images per second at BATCH_SIZE 1, 4 and 8, ENGINE=sam3's whole answer and peak memory (PRECISION=fp32; not
+with --quick: its random-weight checkpoint is 3.4 GB), and the share of a Grounding DINO pass spent in its
+deformable attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel; PRECISION=fp32).
+The straightforward way (fp32, eager, one image at a time) is the first row and batch 1.
 
     .venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--iterations 20] [--models DIR] [--json FILE]
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick
@@ -179,9 +179,10 @@ def bulk_rate(env: dict, images: list[np.ndarray], image_count: int, clock: Cloc
     return image_count / clock(lambda: run(image_count))
 
 
-def sam3_answer(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
-    """ENGINE=sam3 (as its package runs it: float32, eager): the whole answer for a fresh image, and peak memory."""
-    settings = Settings.from_env({**env, "ENGINE": "sam3", "USE_MOBILE_SAM": "false",
+def sam3_answer(env: dict, image: np.ndarray, args, clock: Clock, precision: str = "fp32") -> dict:
+    """ENGINE=sam3 under PRECISION=`precision` (fp32: as its package runs it, float32 and no TF32 matmuls;
+    the default `auto` would allow TF32 on CUDA), eager: the whole answer for a fresh image, and peak memory."""
+    settings = Settings.from_env({**env, "ENGINE": "sam3", "USE_MOBILE_SAM": "false", "PRECISION": precision,
                                   "SAM3_CHECKPOINT": os.path.join(env["MODEL_DIR"], SAM3_CHECKPOINT_NAME)})
     models = build_models(settings)
     if clock.cuda:
@@ -194,11 +195,12 @@ def sam3_answer(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
     return row
 
 
-def deformable_share(env: dict, image: np.ndarray, device: str) -> float:
-    """Share of one Grounding DINO forward pass's device (or CPU) time spent in grid_sampler_2d."""
+def deformable_share(env: dict, image: np.ndarray, device: str, precision: str = "fp32") -> float:
+    """Share of one Grounding DINO forward pass's device (or CPU) time spent in grid_sampler_2d, under
+    PRECISION=`precision` (the fp32 row's DINO column)."""
     from torch.profiler import ProfilerActivity, profile
 
-    settings = Settings.from_env(segmenter_env(env, "mobile_sam"))
+    settings = Settings.from_env({**segmenter_env(env, "mobile_sam"), "PRECISION": precision})
     with contextlib.redirect_stdout(sys.stderr):
         models = build_models(settings)
     models.detector._forward(image, CAPTION, None)
@@ -261,14 +263,15 @@ def main() -> None:
             f"{p}: " + ", ".join(f"batch {b} {r:.2f}" for b, r in rate.items()) for p, rate in rates.items()))
         if not args.quick:
             sam3 = sam3_answer(env, image, args, clock)
-            print("SAM 3 engine: " + ", ".join(f"{k} {v:.2f}" for k, v in sam3.items()), flush=True)
+            print("SAM 3 engine, PRECISION=fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in sam3.items()), flush=True)
         else:
             sam3 = {}
         share = deformable_share(env, image, args.device)
-        print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass")
+        print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass, "
+              "PRECISION=fp32")
         if args.json:
-            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates, "sam3": sam3,
-                                             "deformable_share": share}, indent=1))
+            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates, "sam3 fp32": sam3,
+                                             "deformable_share fp32": share}, indent=1))
 
 
 if __name__ == "__main__":

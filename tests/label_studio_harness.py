@@ -3,11 +3,12 @@
 Used by tests/test_label_studio.py (through the API) and tests/test_browser.py (through the labeling UI): each
 names this module in `pytest_plugins`, so the session fixtures below are shared and Label Studio starts once.
 
-- Label Studio (`LS_VERSION`) lives in its own virtualenv, cached between runs on this machine
-  (`~/.cache/grounded-sam/ls-venv-<version>`, or `$GROUNDED_SAM_LS_VENV`), installed with
-  `-c tests/label-studio-constraints.txt` (every dependency pinned; `make constraints-label-studio` refreshes it)
-  and a stamp file holding that file's SHA-256, written only after a complete install: a machine without the
-  virtualenv, or with one built from other constraints, builds it afresh (about 1 GB, a few minutes from PyPI).
+- Label Studio (`LS_VERSION`) and moto's S3-compatible server (`MOTO_VERSION`) live in their own virtualenv,
+  cached between runs on this machine (`~/.cache/grounded-sam/ls-venv-<LS version>-moto-<moto version>`, or
+  `$GROUNDED_SAM_LS_VENV`), installed with `-c tests/label-studio-constraints.txt` (every dependency pinned;
+  `make constraints-label-studio` refreshes it) and a stamp file holding that file's SHA-256, written only after
+  a complete install: a machine without the virtualenv, or with one built from other constraints, builds it afresh
+  (about 1.2 GB, a few minutes from PyPI).
 - It runs with a temporary data dir, a legacy token, loopback backends allowed and no outbound calls (see
   `label_studio_env`): `LABEL_STUDIO_USER_TOKEN` becomes the legacy token, `ML_BLOCK_LOCAL_IP=false` and
   `SSRF_PROTECTION_ENABLED=false` let it connect a backend on 127.0.0.1, and `--internal-host 127.0.0.1` keeps it
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import json
 import mimetypes
 import os
@@ -49,9 +51,10 @@ ARTIFACTS = ROOT / "artifacts"
 LOGS = ARTIFACTS / "logs"
 
 LS_VERSION = "1.23.2"
+MOTO_VERSION = "5.2.5"  # moto's standalone S3-compatible server, installed beside Label Studio (cloud storage tests)
 LS_CONSTRAINTS = ROOT / "tests" / "label-studio-constraints.txt"  # `make constraints-label-studio` writes it
 LS_VENV = Path(os.environ.get("GROUNDED_SAM_LS_VENV")
-               or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}")
+               or Path.home() / ".cache" / "grounded-sam" / f"ls-venv-{LS_VERSION}-moto-{MOTO_VERSION}")
 LS_STAMP = LS_VENV / f".installed-label-studio-{LS_VERSION}"
 LS_USER, LS_PASSWORD = "ci@example.com", "ci-password-123"
 LS_TOKEN = "grounded-sam-ci-legacy-token"  # LABEL_STUDIO_USER_TOKEN: any string over 5 characters
@@ -179,14 +182,14 @@ def pytest_runtest_makereport(item, call):
 def ls_stamp_text(constraints: Path = LS_CONSTRAINTS) -> str:
     """What the stamp of a complete install says: the version and the SHA-256 of the constraints it was built with."""
     digest = hashlib.sha256(constraints.read_bytes()).hexdigest()
-    return f"label-studio=={LS_VERSION}\nconstraints {constraints.name} sha256 {digest}\n"
+    return f"label-studio=={LS_VERSION}\nmoto[server]=={MOTO_VERSION}\nconstraints {constraints.name} sha256 {digest}\n"
 
 
 def ls_install_commands(python: str, venv: Path = LS_VENV, constraints: Path = LS_CONSTRAINTS) -> list[list[str]]:
     """The commands that build the Label Studio virtualenv: every package at its version in `constraints`."""
     return [[python, "-m", "venv", str(venv)],
             [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "--progress-bar", "off",
-             "-c", str(constraints), f"label-studio=={LS_VERSION}"]]
+             "-c", str(constraints), f"label-studio=={LS_VERSION}", f"moto[server]=={MOTO_VERSION}"]]
 
 
 def ls_installed(venv: Path = LS_VENV, stamp: Path = LS_STAMP, constraints: Path = LS_CONSTRAINTS) -> bool:
@@ -302,8 +305,9 @@ class LabelStudio:
         return answer, time.perf_counter() - started
 
 
-def label_studio_env(data_dir: Path) -> dict[str, str]:
-    """Environment for `label-studio start`: the protocol doc's recipe, and nothing of ours leaking in."""
+def label_studio_env(data_dir: Path, s3_endpoint: str = "") -> dict[str, str]:
+    """Environment for `label-studio start`: the protocol doc's recipe, and nothing of ours leaking in.
+    s3_endpoint: where its S3 storages go (`S3_ENDPOINT`, the operator's setting that a loopback endpoint needs)."""
     keep = {k: v for k, v in os.environ.items()
             if not k.startswith(("LABEL_STUDIO_", "HEARTEX_", "DJANGO_", "GROUNDINGDINO_", "MOBILESAM_", "SAM_"))
             and k not in {"HOST", "PORT", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "DATA_DIR"}}
@@ -321,16 +325,17 @@ def label_studio_env(data_dir: Path) -> dict[str, str]:
         "COLLECT_ANALYTICS": "false",
         "SENTRY_DSN": "",
         "FRONTEND_SENTRY_DSN": "",
+        **({"S3_ENDPOINT": s3_endpoint} if s3_endpoint else {}),
     }
 
 
-def start_label_studio(data_dir: Path) -> LabelStudio:
+def start_label_studio(data_dir: Path, s3_endpoint: str = "") -> LabelStudio:
     """Start Label Studio (installing it first if needed); call `wait_label_studio` before using it."""
     executable = ensure_label_studio()
     port = free_port()
     process = Process("label-studio", [str(executable), "start", "--no-browser", "--data-dir", str(data_dir),
                                        "--internal-host", "127.0.0.1", "-p", str(port)],
-                      label_studio_env(data_dir), port, cwd=data_dir)
+                      label_studio_env(data_dir, s3_endpoint), port, cwd=data_dir)
     return LabelStudio(url=f"http://127.0.0.1:{port}", port=port, process=process, data_dir=data_dir)
 
 
@@ -341,6 +346,84 @@ def wait_label_studio(ls: LabelStudio) -> None:
     me = ls.json("GET", "/api/current-user/whoami")
     assert me["email"] == LS_USER, me
     assert f"http://127.0.0.1:{ls.port}/" in ls.process.log_text(), "Label Studio did not bind 127.0.0.1:<our port>"
+
+
+# --------------------------------------------------------------------------- an S3-compatible storage
+
+
+class CheckedServer(LoopbackServer):
+    """A loopback server whose port must be closed once it is closed."""
+
+    def close(self) -> None:
+        super().close()
+        assert_port_closed(self.port, type(self).__name__)
+
+
+class RecordingProxy(CheckedServer):
+    """Forwards every request to `upstream` (moto's S3 server) as it came, Host header included (presigned URLs are
+    signed for the proxy's address), and records (method, path, headers) of each: the storage host's view."""
+
+    def __init__(self, upstream_port: int):
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body or None, dict(self.headers))
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler)
+        self.start()
+
+
+@dataclass
+class S3:
+    """moto's standalone S3 server and the recording proxy in front of it: `url` is the endpoint Label Studio uses
+    (S3_ENDPOINT), so its presigned URLs point at the proxy too."""
+
+    process: Process
+    proxy: RecordingProxy
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    def put(self, path: str, data: bytes = b"") -> None:
+        """Create a bucket (`/bucket`) or an object (`/bucket/key`), straight on moto (which takes unsigned
+        requests)."""
+        response = requests.put(f"http://127.0.0.1:{self.process.port}{path}", data=data, timeout=30)
+        assert response.status_code == 200, (path, response.status_code, response.text[:300])
+
+
+def start_s3() -> S3:
+    """moto's S3 server from the end-to-end virtualenv, on 127.0.0.1, behind a recording proxy."""
+    port = free_port()
+    moto = Process("moto-s3", [str(LS_VENV / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                   {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, port)
+    moto.wait_http(f"http://127.0.0.1:{port}/moto-api/", 60)
+    return S3(moto, RecordingProxy(port))
 
 
 # --------------------------------------------------------------------------- our service
@@ -399,7 +482,7 @@ def wait_models(backend: Backend) -> None:
 # --------------------------------------------------------------------------- images
 
 
-class StaticServer(LoopbackServer):
+class StaticServer(CheckedServer):
     """Serves `files` (path -> bytes) on 127.0.0.1 with `Access-Control-Allow-Origin: *` (the labeling UI loads
     URL images with `crossorigin`). Records (path, user agent) of every GET."""
 
@@ -429,10 +512,6 @@ class StaticServer(LoopbackServer):
 
         super().__init__(Handler)
         self.start()
-
-    def close(self) -> None:
-        super().close()
-        assert_port_closed(self.port, "static image server")
 
 
 # Displayed sizes differ; the JPEG is stored 40x240 with EXIF orientation 6 and displayed 240x40. Wide pictures
@@ -502,26 +581,31 @@ def write_artifact(name: str, data) -> Path:
 class Stack:
     label_studio: LabelStudio
     backend: Backend
+    s3: S3
     startup_s: float
 
 
 @pytest.fixture(scope="session")
 def e2e_stack(request, tmp_path_factory) -> Stack:
-    """Label Studio and our service (its URL and legacy token), started side by side: checkpoints are generated and
-    models load while Label Studio runs its migrations. Stopped at the end of the session, ports checked closed."""
+    """Label Studio (its S3 storages on moto's server) and our service (its URL and legacy token), started side by
+    side: checkpoints are generated and models load while Label Studio runs its migrations. Stopped at the end of
+    the session, ports checked closed."""
     started = time.perf_counter()
-    ls = start_label_studio(tmp_path_factory.mktemp("label-studio-data"))
-    backend = None
+    ensure_label_studio()
+    s3 = start_s3()
+    ls = backend = None
     try:
+        ls = start_label_studio(tmp_path_factory.mktemp("label-studio-data"), s3.url)
         files = request.getfixturevalue("groundingdino_files")
         mobile_sam = request.getfixturevalue("mobile_sam_checkpoint")
         backend = start_backend("grounded-sam", files, mobile_sam, ls.url, LS_TOKEN,
                                 tmp_path_factory.mktemp("backend-data"))
         wait_label_studio(ls)
         wait_models(backend)
-        yield Stack(ls, backend, round(time.perf_counter() - started, 1))
+        yield Stack(ls, backend, s3, round(time.perf_counter() - started, 1))
     finally:
-        stop_all([backend.process if backend else None, ls.process])
+        stop_all([backend.process if backend else None, ls.process if ls else None, s3.process])
+        s3.proxy.close()
 
 
 @pytest.fixture(scope="session")

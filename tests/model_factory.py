@@ -385,7 +385,7 @@ def make_real_size_groundingdino(directory: Path, seed: int = 0) -> tuple[Path, 
 
 def service_env(groundingdino_files: tuple[Path, Path, Path], mobile_sam_checkpoint: Path, **extra: str
                 ) -> dict[str, str]:
-    """The service's environment variables (README "Environment variables") for these generated models, on CPU."""
+    """The service's environment variables (docs/configuration.md) for these generated models, on CPU."""
     config, checkpoint, text_encoder = groundingdino_files
     return {"GROUNDINGDINO_CONFIG": str(config), "GROUNDINGDINO_CHECKPOINT": str(checkpoint),
             "GROUNDINGDINO_TEXT_ENCODER": str(text_encoder), "USE_MOBILE_SAM": "true",

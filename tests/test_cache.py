@@ -28,7 +28,21 @@ def test_hit_returns_the_cached_object():
     first = cache.get("a", compute)
     assert cache.get("a", compute) is first
     assert compute.calls == 1
-    assert cache.stats() == {"entries": 1, "mb": 0.0, "hits": 1, "misses": 1, "evictions": 0}
+    assert cache.stats() == {"entries": 1, "mb": 0.0, "hits": 1, "misses": 1, "evictions": 0,
+                             "computed": {"other": 1}}
+
+
+def test_computed_counts_misses_and_puts_by_kind():
+    cache, compute = EmbeddingCache(4, 10_000), Counting()
+    cache.get(("sam-embedding", 1, "img"), compute)
+    cache.get(("sam-embedding", 1, "img"), compute)  # a hit: nothing computed
+    cache.put(("groundingdino-outputs", 1, "img", "cat ."), np.zeros(1))
+    assert cache.stats()["computed"] == {"sam-embedding": 1, "groundingdino-outputs": 1}
+    assert cache.computed_here() == cache.stats()["computed"]
+    other = threading.Thread(target=lambda: cache.get(("sam-embedding", 1, "other"), compute))
+    other.start()
+    other.join()
+    assert cache.stats()["computed"]["sam-embedding"] == 2 and cache.computed_here()["sam-embedding"] == 1
 
 
 def test_eviction_by_count_is_least_recently_used():

@@ -100,9 +100,12 @@ def test_missing_checkpoint_is_one_line(env, picture, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("option", [["--box-threshold", "2"], ["--max-detections", "0"], []])
-def test_malformed_options_exit_2(picture, option, capsys):
-    args = ["predict", str(picture), *option] + (["--prompt", "cats"] if option else [])
+@pytest.mark.parametrize("args", [["{picture}", "--box-threshold", "2"], ["{picture}", "--max-detections", "0"],
+                                  ["{picture}"], ["--task", "3"], ["--project", "1", "--task", "0"],
+                                  ["{picture}", "--project", "1", "--task", "3"], []])
+def test_malformed_options_exit_2(picture, args, capsys):
+    args = ["predict", *(a.format(picture=picture) for a in args)] + (["--prompt", "cats"] if args != [
+        "{picture}"] else [])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2
@@ -132,6 +135,27 @@ def per_task(ls) -> dict[int, int]:
     for p in ls.predictions:
         counts[p["task"]] = counts.get(p["task"], 0) + 1
     return counts
+
+
+def test_predict_a_task_of_a_project_with_its_labeling_config(env, picture, tmp_path):
+    from fake_label_studio import FakeLabelStudio
+    from servers import ImageServer
+
+    boxes_only = ('<View><Image name="photo" value="$img"/><RectangleLabels name="boxes" toName="photo">'
+                  '<Label value="cats"/></RectangleLabels></View>')
+    with ImageServer({"/pic.png": picture.read_bytes(), "/broken.png": b"not an image"}) as images, \
+            FakeLabelStudio(boxes_only, {3: {"img": f"{images.url}/pic.png"},
+                                         5: {"img": f"{images.url}/broken.png"}}) as ls:
+        e = annotate_env(env, ls, tmp_path)
+        done = run(e, "predict", "--project", "1", "--task", "3", "--prompt", "shape_cats")
+        assert done.returncode == 0, done.stderr
+        regions = json.loads(done.stdout)["result"]
+        assert regions and {(r["from_name"], r["to_name"], r["type"]) for r in regions} == {
+            ("boxes", "photo", "rectanglelabels")}
+        done = run(e, "predict", "--project", "1", "--task", "99", "--prompt", "cats")
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "error: project 1 has no task 99"
+        done = run(e, "predict", "--project", "1", "--task", "5", "--prompt", "cats")
+        assert done.returncode == 1 and "not a recognised image format" in done.stderr
 
 
 def test_annotate_a_project_then_only_missing(env, project, tmp_path):

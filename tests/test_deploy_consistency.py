@@ -1,11 +1,13 @@
-"""The code, the README, the Dockerfile and docker-compose.yml agree on the environment.
+"""The code, the documentation (docs/, README.md), the Dockerfile and docker-compose.yml agree on the environment.
 
 - Every variable the code reads (config.py's `_str/_bool/_number(env, "NAME", ...)` and `env.get("NAME")`, and any
-  literal os.environ / os.getenv read in the product's *.py) is in README's table, and nothing else is.
-- Setting a variable to the default the README states, or the one the compose file states, changes nothing:
+  literal os.environ / os.getenv read in the product's *.py) is in docs/configuration.md's table, and nothing else
+  is; the README's short table of common settings states the same defaults.
+- Setting a variable to the default the documentation states, or the one the compose file states, changes nothing:
   `Settings.from_env({NAME: that})` equals the defaults. So a default can't drift in one place only.
-- The Dockerfile's ENV agrees with the README except the documented container paths; docker-compose.yml passes
-  every variable that makes sense in a container, each interpolating its own name.
+- The Dockerfile's ENV agrees with the documentation except the container paths docs/docker.md states;
+  docker-compose.yml passes every variable that makes sense in a container, each interpolating its own name.
+- The documentation site: mkdocs.yml's nav lists every page of docs/, the build is strict, README's links resolve.
 - Structure the issue asks for: pinned base image and Label Studio tag, build-time weights from the manifest,
   non-root user, HEALTHCHECK on /health, gunicorn without --preload, offline hub, the GPU reservation.
 
@@ -15,6 +17,7 @@ No Docker engine is needed (CI has none); `make lint` runs hadolint and `docker-
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 import shutil
@@ -30,11 +33,12 @@ from config import GROUNDINGDINO_PACKAGED_CONFIG, SAM3_PACKAGED_TOKENIZER, Serve
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = ROOT / "docs"
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
 SERVICE = "grounded-sam"
 
-# Set by the image to paths inside it (documented in README "Docker"); every other ENV must equal the README.
+# Set by the image to paths inside it (documented in docs/docker.md); every other ENV must equal the documented default.
 CONTAINER_OVERRIDES = {"MODEL_DIR": "/models", "DATA_DIR": "/data",
                        "GROUNDINGDINO_TEXT_ENCODER": "/models/bert-base-uncased"}
 # Read by the code but deliberately not in the compose file (the image fixes them; see the comment there).
@@ -98,25 +102,29 @@ def product_modules() -> list[Path]:
     return sorted(p for p in ROOT.glob("*.py"))
 
 
-def readme_section(title: str) -> str:
-    match = re.search(rf"(?ms)^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README)
-    assert match, f"README has no '## {title}' section"
-    return match.group(1)
+def page(name: str) -> str:
+    """A page of the documentation: docs/<name>."""
+    return (DOCS / name).read_text(encoding="utf-8")
 
 
-def readme_table() -> dict[str, str]:
-    """variable -> default cell of README's "Environment variables" table."""
+def variable_rows(text: str, where: str) -> dict[str, str]:
+    """variable -> default cell of the `| `NAME` | default | meaning |` rows of a table in `text`."""
     rows = {}
-    for line in readme_section("Environment variables").splitlines():
+    for line in text.splitlines():
         match = re.match(r"\|\s*`([A-Z0-9_]+)`\s*\|([^|]*)\|", line)
         if match:
-            assert match.group(1) not in rows, f"{match.group(1)} is in the README table twice"
+            assert match.group(1) not in rows, f"{match.group(1)} is in {where}'s table twice"
             rows[match.group(1)] = match.group(2).strip()
     return rows
 
 
+def documented_table() -> dict[str, str]:
+    """variable -> default cell of docs/configuration.md's table (the one list of every variable)."""
+    return variable_rows(page("configuration.md"), "docs/configuration.md")
+
+
 def readme_default(cell: str) -> str | None:
-    """The value a README default cell stands for; None for *(unset)*."""
+    """The value a documented default cell stands for; None for *(unset)*."""
     if cell == "*(unset)*":
         return None
     if cell == "*(empty)*":
@@ -126,7 +134,7 @@ def readme_default(cell: str) -> str | None:
     if cell.startswith("open_clip_torch's"):
         return SAM3_PACKAGED_TOKENIZER
     match = re.match(r"`([^`]*)`", cell)
-    assert match, f"README default {cell!r} is neither *(empty)*, *(unset)* nor a `value`"
+    assert match, f"documented default {cell!r} is neither *(empty)*, *(unset)* nor a `value`"
     return match.group(1).replace("$MODEL_DIR", Settings().model_dir)
 
 
@@ -193,7 +201,7 @@ def settings(env: dict) -> tuple:
     return Settings.from_env(env), ServerSettings.from_env(env)
 
 
-# ---------------------------------------------------------------------------------------------- code and README
+# ---------------------------------------------------------------------------------------------- code and docs
 
 def test_config_parsing_finds_the_variables():
     assert {"USE_SAM", "SAM_CHECKPOINT", "BOX_THRESHOLD", "DEFAULT_PROMPT", "LABEL_STUDIO_HOST", "WORKERS",
@@ -208,32 +216,45 @@ def test_config_py_is_the_only_module_that_reads_the_environment():
 
 
 def test_every_variable_the_code_reads_is_documented_and_nothing_else():
-    table = readme_table()
-    assert CODE_VARIABLES - table.keys() == set(), "read by config.py, missing from README's table"
-    assert table.keys() - CODE_VARIABLES == set(), "in README's table, never read by config.py"
+    table = documented_table()
+    assert CODE_VARIABLES - table.keys() == set(), "read by config.py, missing from docs/configuration.md's table"
+    assert table.keys() - CODE_VARIABLES == set(), "in docs/configuration.md's table, never read by config.py"
 
 
 @pytest.mark.parametrize("name", sorted(CODE_VARIABLES))
-def test_readme_default_is_the_code_default(name):
-    value = readme_default(readme_table()[name])
+def test_documented_default_is_the_code_default(name):
+    value = readme_default(documented_table()[name])
     if value is None:  # *(unset)*: the code must tell unset from empty
         assert name in UNSET_MATTERS
         assert getattr(Settings.from_env({}), name.lower()) is None
         assert getattr(Settings.from_env({name: ""}), name.lower()) == ""
         return
-    assert settings({name: value}) == settings({}), f"README says {name} defaults to {value!r}; the code differs"
+    assert settings({name: value}) == settings({}), \
+        f"docs/configuration.md says {name} defaults to {value!r}; the code differs"
+
+
+def test_readme_settings_are_the_documented_ones():
+    """README's short table of the settings most users change: real variables, with the configuration page's
+    default cell each."""
+    rows = variable_rows(README, "README")
+    assert 3 <= len(rows) <= 8, "README's table is the few settings most users change; the rest: docs/configuration.md"
+    table = documented_table()
+    for name, cell in rows.items():
+        assert name in table, f"README's settings table names {name}, which docs/configuration.md does not list"
+        assert cell == table[name], f"README: {name} defaults to {cell}; docs/configuration.md: {table[name]}"
 
 
 # ---------------------------------------------------------------------------------------------- Dockerfile
 
-def test_dockerfile_env_agrees_with_the_readme():
+def test_dockerfile_env_agrees_with_the_docs():
     env = dockerfile_env()
     for name, value in env.items():
         if name in CONTAINER_OVERRIDES:
             assert value == CONTAINER_OVERRIDES[name], f"Dockerfile ENV {name}={value}"
-            assert f"{name}={value}" in readme_section("Docker"), f"README's Docker section must state {name}={value}"
+            assert f"{name}={value}" in page("docker.md"), f"docs/docker.md must state {name}={value}"
         elif name in CODE_VARIABLES:
-            assert settings({name: value}) == settings({}), f"Dockerfile ENV {name}={value} contradicts the README"
+            assert settings({name: value}) == settings({}), \
+                f"Dockerfile ENV {name}={value} contradicts docs/configuration.md"
     assert env.get("HF_HUB_OFFLINE") == "1" and env.get("TRANSFORMERS_OFFLINE") == "1"
     assert CONTAINER_OVERRIDES.keys() <= env.keys()
 
@@ -355,9 +376,9 @@ def test_cpu_override_only_drops_the_gpu():
     assert "!reset" in (ROOT / "docker-compose.cpu.yml").read_text(encoding="utf-8")
 
 
-def test_readme_compose_examples_are_valid(tmp_path):
-    """The YAML examples of README's Docker section, merged over docker-compose.yml by Compose itself."""
-    blocks = re.findall(r"```yaml\n(# (docker-compose\.[\w.]+\.yml).*?)```", readme_section("Docker"), re.S)
+def test_docs_compose_examples_are_valid(tmp_path):
+    """The YAML examples of docs/docker.md, merged over docker-compose.yml by Compose itself."""
+    blocks = re.findall(r"```yaml\n(# (docker-compose\.[\w.]+\.yml).*?)```", page("docker.md"), re.S)
     assert len(blocks) >= 2
     for name in ("docker-compose.yml", "docker-compose.cpu.yml", "Dockerfile"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -370,27 +391,27 @@ def test_readme_compose_examples_are_valid(tmp_path):
         (tmp_path / name).write_text(text, encoding="utf-8")
         result = subprocess.run([compose, "-f", "docker-compose.yml", "-f", name, "config", "--quiet"],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"README's {name}: {result.stderr}"
+        assert result.returncode == 0, f"docs/docker.md's {name}: {result.stderr}"
 
 
 # ---------------------------------------------------------------------------------------------- first run, tests, CI
 
-def readme_test_table_files() -> set[str]:
-    """tests/*.py names in the first column of README's test table (`tests/test_a.py`, `test_b.py` | what)."""
+def documented_test_files() -> set[str]:
+    """tests/*.py names in the first column of docs/testing.md's table (`tests/test_a.py`, `test_b.py` | what)."""
     names = set()
-    for line in readme_section("Tests").splitlines():
+    for line in page("testing.md").splitlines():
         cells = line.split("|")
         if len(cells) > 2:
             names.update(re.findall(r"`(?:tests/)?([\w]+\.py)`", cells[1]))
     return names
 
 
-def test_readme_test_table_lists_every_test_file():
+def test_test_table_lists_every_test_file():
     files = {path.name for path in (ROOT / "tests").glob("test_*.py")}
-    missing = sorted(files - readme_test_table_files())
-    assert missing == [], f"add a row to README's test table (## Tests) for {missing}"
-    gone = sorted(name for name in readme_test_table_files() if not (ROOT / "tests" / name).exists())
-    assert gone == [], f"README's test table names files that don't exist: {gone}"
+    missing = sorted(files - documented_test_files())
+    assert missing == [], f"add a row to docs/testing.md's table for {missing}"
+    gone = sorted(name for name in documented_test_files() if not (ROOT / "tests" / name).exists())
+    assert gone == [], f"docs/testing.md's table names files that don't exist: {gone}"
 
 
 def make_dry_run(target: str, *args: str, **env: str | None) -> str:
@@ -430,7 +451,8 @@ def test_label_studio_is_installed_with_its_constraints(tmp_path):
     assert "pip" not in constraints
     venv, install = harness.ls_install_commands("python3.11")
     assert install[install.index("-c") + 1] == str(harness.LS_CONSTRAINTS)
-    assert install[-1] == f"label-studio=={harness.LS_VERSION}"
+    assert install[-2:] == [f"label-studio=={harness.LS_VERSION}", f"moto[server]=={harness.MOTO_VERSION}"]
+    assert constraints["moto"] == harness.MOTO_VERSION, "run make constraints-label-studio"
     # The stamp holds the constraints' digest: another file means another stamp, so the venv is built again.
     other = tmp_path / harness.LS_CONSTRAINTS.name
     other.write_bytes(harness.LS_CONSTRAINTS.read_bytes() + b"extra==1.0\n")
@@ -465,11 +487,69 @@ def test_ci_installs_chromium_without_recommends():
 CONTINUES = {"EMBEDDING_CACHE_MB": "EMBEDDING_CACHE_SIZE", "TEXT_THRESHOLD": "BOX_THRESHOLD"}
 
 
-def test_readme_table_rows_that_continue_follow_their_row():
-    rows = re.findall(r"^\|\s*`([A-Z0-9_]+)`\s*\|[^|]*\|\s*([^|]*)\|", readme_section("Environment variables"), re.M)
+def test_table_rows_that_continue_follow_their_row():
+    rows = re.findall(r"^\|\s*`([A-Z0-9_]+)`\s*\|[^|]*\|\s*([^|]*)\|", page("configuration.md"), re.M)
     names = [name for name, _ in rows]
     for index, (name, meaning) in enumerate(rows):
         if meaning.startswith("..."):
             assert name in CONTINUES, f"{name}'s meaning continues another row's: add it to CONTINUES"
             assert index and names[index - 1] == CONTINUES[name], \
-                f"README's table: {name} ({meaning[:30]}...) must come right after {CONTINUES[name]}"
+                f"docs/configuration.md's table: {name} ({meaning[:30]}...) must come right after {CONTINUES[name]}"
+
+
+# ---------------------------------------------------------------------------------------------- documentation site
+
+def mkdocs_config() -> dict:
+    # mkdocs.yml may hold !!python/name tags (plugins' options); this file has none, and a plain load keeps it so.
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+
+
+def nav_pages(nav) -> list[str]:
+    """The page files of mkdocs.yml's nav (entries are {title: page} or {title: [entries]})."""
+    pages = []
+    for entry in nav:
+        for value in entry.values() if isinstance(entry, dict) else [entry]:
+            pages.extend(nav_pages(value) if isinstance(value, list) else [value])
+    return pages
+
+
+def test_docs_nav_lists_every_page_once():
+    pages = nav_pages(mkdocs_config()["nav"])
+    files = sorted(str(path.relative_to(DOCS)) for path in DOCS.rglob("*.md"))
+    assert sorted(pages) == files, "mkdocs.yml's nav and the pages of docs/ differ"
+    assert len(pages) == len(set(pages))
+
+
+def test_docs_build_is_strict_and_offline():
+    config = mkdocs_config()
+    # Each of these a warning, so that --strict (make docs, make lint) fails on it.
+    assert config["validation"]["nav"] == {"omitted_files": "warn", "not_found": "warn", "absolute_links": "warn"}
+    assert config["validation"]["links"] == {"not_found": "warn", "anchors": "warn", "absolute_links": "warn",
+                                             "unrecognized_links": "warn"}
+    assert config["theme"]["name"] == "material" and config["theme"]["font"] is False  # no Google Fonts
+    assert "offline" not in config.get("plugins", [])  # it adds a script from unpkg.com
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^docs: install\n\t.*mkdocs build --strict --site-dir site$", makefile, re.M)
+    assert re.search(r"^docs-serve: install\n\t.*mkdocs serve", makefile, re.M)
+    assert re.search(r"^lint: install docs$", makefile, re.M)  # .ci/run runs make lint
+    assert "site/" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_readme_links_resolve():
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README):
+        if not re.match(r"[a-z]+:", target):
+            assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_readme_labeling_config_is_the_documented_one():
+    block = r"(?s)```xml\n(<View>.*?)```"
+    assert re.search(block, README).group(1) == re.search(block, page("connect.md")).group(1)
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """`make docs` in a second: a broken link or anchor, or a page missing from the nav, fails here too."""
+    pytest.importorskip("mkdocs")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The real image: the repo's Dockerfile built and run the way README "Docker" tells users, against a real engine.
+"""The real image: the repo's Dockerfile built and run the way docs/docker.md tells users, against a real engine.
 
 Two things a test machine can't have are bridged, and nothing else:
 - no base image can be pulled (no Docker Hub): a stand-in base is built here from Debian's own packages
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "docker"
 ARTIFACTS = ROOT / "artifacts"
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+CONNECT_PAGE = (ROOT / "docs" / "connect.md").read_text(encoding="utf-8")
 
 PROJECT = "grounded-sam-test"  # the compose project (containers, network and volumes are named after it)
 COMPOSE_FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "-f", "tests/docker/compose.test.yml"]
@@ -394,7 +394,7 @@ def image_id(engine: Engine, image: str) -> str:
 
 @pytest.fixture(scope="module")
 def backend_image(request, engine, base_image, mirror) -> str:
-    """`docker compose build` of the backend with WEIGHTS="" (README: the same build a user runs, here on the
+    """`docker compose build` of the backend with WEIGHTS="" (docs/docker.md: the same build a user runs, here on the
     stand-in base and the host network), and WITH_RAY=true (so it is also a Ray node)."""
     started = time.perf_counter()
     with mirror:
@@ -415,8 +415,9 @@ def write_artifact(name: str, text: str) -> None:
 
 
 def readme_labeling_config() -> str:
-    match = re.search(r"(?ms)^## Labeling config\n.*?```xml\n(.*?)```", README)
-    assert match, "README has no labeling config"
+    """The labeling config users paste (docs/connect.md; the README shows the same, test_deploy_consistency.py)."""
+    match = re.search(r"(?ms)^#+ Labeling config\n.*?```xml\n(.*?)```", CONNECT_PAGE)
+    assert match, "docs/connect.md has no labeling config"
     return match.group(1)
 
 
@@ -504,7 +505,7 @@ def test_empty_weights_bakes_in_no_model_file(engine, backend_image):
 
 
 def test_with_ray_the_image_is_a_ray_node(engine, backend_image):
-    """WITH_RAY=true: the `ray` command of README "Many GPUs" (ray start --head / --address) is in the image."""
+    """WITH_RAY=true: the `ray` command of docs/ray.md (ray start --head / --address) is in the image."""
     done = run(["docker", "run", "--rm", "--network", "none", backend_image, "ray", "--version"], env=engine.env)
     assert "2.60.0" in done.stdout
 
@@ -654,8 +655,8 @@ class LabelStudioAPI:
 def test_with_label_studio_profile_answers_a_text_prompt_through_label_studio(
         request, engine, backend_image, label_studio_image, base_image, test_files):
     compose_down(engine)  # the backend alone (above) may still be there: start from nothing, as a user would
-    # README "With Label Studio": the backend reaches Label Studio by its name on the compose network, with a token
-    # of that instance (here the first user's legacy token, set through the stand-in's environment).
+    # docs/docker.md "With Label Studio": the backend reaches Label Studio by its name on the compose network, with a
+    # token of that instance (here the first user's legacy token, set through the stand-in's environment).
     env = compose_env(GS_TEST_BASE_IMAGE=base_image, GS_TEST_PORT=str(free_port()), GS_TEST_FILES=str(test_files),
                       GS_TEST_LS_PORT=str(free_port()), GS_TEST_LS_USER=LS_USER, GS_TEST_LS_PASSWORD=LS_PASSWORD,
                       GS_TEST_LS_TOKEN=LS_TOKEN, WEIGHTS="", WITH_RAY="true", LABEL_STUDIO_URL="http://label-studio:8080",
@@ -683,7 +684,7 @@ def test_with_label_studio_profile_answers_a_text_prompt_through_label_studio(
                 files={"file": ("wide.png", (test_files / "images" / "wide.png").read_bytes(), "image/png")})
         [task] = ls.json("GET", "/api/tasks/", params={"project": project})["tasks"]
         assert task["data"]["image"].startswith("/data/upload/")  # fetched by the backend from Label Studio
-        # Settings → Model → Connect Model with the URL of README step 3.
+        # Settings → Model → Connect Model with the URL of step 3 there.
         ml = ls.json("POST", "/api/ml/", json={"url": "http://grounded-sam:9090", "project": project,
                                                 "is_interactive": True, "title": "Grounded SAM"})
         context = {"result": [{"value": {"text": ["shape_cats"]}, "id": "VliPI9QKLV", "from_name": "prompt",

@@ -6,11 +6,13 @@ import base64
 import io
 import json
 import logging
+import re
 import struct
 import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -60,6 +62,10 @@ class FakeServer(ThreadingHTTPServer):
         self.max_bytes = 0  # set by the oversize tests
         self.refuse_refresh = False  # /api/token/refresh/ answers 401 (revoked PAT)
         self.remember_access = True  # False: hands out access tokens it then refuses
+        # /tasks/<id>/resolve/: 'presign' (303 to storage_url), 'stream' (the bytes), or an error status
+        self.resolve_mode: str | int = "presign"
+        self.storage_url = ""  # the storage host a presigned redirect points at
+        self.expired = 0  # as a storage host: answer this many requests 403 "Request has expired"
 
     def authorized(self, header: str | None) -> bool:
         if header == f"Token {LEGACY}":
@@ -96,6 +102,34 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, IMAGE, "image/png")
             else:
                 self._json(401, {"detail": "Authentication credentials were not provided."})
+        elif re.fullmatch(r"/tasks/\d+/(resolve|presign)/", path):
+            if not srv.authorized(self.headers.get("Authorization")):
+                self._json(401, {"detail": "Authentication credentials were not provided."})
+            elif srv.resolve_mode == "presign":  # as Label Studio with the storage's presign on
+                uri = base64.urlsafe_b64decode(parse_qs(urlsplit(self.path).query)["fileuri"][0]).decode()
+                self.send_response(303)
+                self.send_header("Location", f"{srv.storage_url}/{uri.split('://', 1)[1]}?X-Amz-Signature=SECRET")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif srv.resolve_mode == "stream":
+                self._send(200, IMAGE, "image/png")
+            elif srv.resolve_mode == 424:
+                self._json(424, {"error": "Storage stream failed while proxying data", "detail": "NoSuchKey"})
+            else:  # Label Studio's bare 403 and 404
+                self._send(srv.resolve_mode, b"")
+        elif path.startswith("/bucket/"):  # as a storage host serving presigned URLs
+            with srv.lock:
+                expired, srv.expired = srv.expired > 0, max(srv.expired - 1, 0)
+            if expired:
+                self._send(403, b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Request has "
+                                b"expired</Message></Error>", "application/xml")
+            else:
+                self._send(200, IMAGE, "image/png")
+        elif path == "/redirect":  # to wherever ?to= says
+            self.send_response(302)
+            self.send_header("Location", parse_qs(urlsplit(self.path).query)["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif path == "/plain.jpg":
             self._send(200, IMAGE, "image/png")
         elif path == "/big":
@@ -372,8 +406,6 @@ def test_connection_refused():
 @pytest.mark.parametrize(
     "url, scheme",
     [
-        ("s3://bucket/key.jpg?X-Amz-Signature=SECRET", "s3"),
-        ("gs://bucket/key.jpg", "gs"),
         ("file:///etc/passwd", "file"),
         ("ftp://example.com/x.png", "ftp"),
         ("static/x.png", ""),
@@ -536,6 +568,105 @@ def test_huge_dimensions_rejected_from_header(width, height, max_pixels, match):
 def test_garbage_bytes(data):
     with pytest.raises(ImageError, match="image"):
         decode_image(data, max_pixels=1_000_000)
+
+
+# ------------------------------------------------------------- cloud storage (Label Studio's resolve route)
+
+
+def fileuri(uri: str) -> str:
+    return base64.urlsafe_b64encode(uri.encode()).decode()
+
+
+@pytest.fixture
+def storage(ls, third_party):
+    """Label Studio (`ls`) whose resolve route redirects to presigned URLs on `third_party`, the storage host."""
+    ls.storage_url = third_party.url
+    return third_party
+
+
+def gets(server: FakeServer) -> list[str]:
+    return [path for method, path, _ in server.requests if method == "GET"]
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/a/img.png", "gs://bucket/img.png", "azure-blob://bucket/img.png"])
+def test_storage_uri_is_fetched_through_the_tasks_resolve_route_and_the_storage_never_sees_the_key(
+        ls, storage, uri):
+    image = loader(label_studio_url=ls.url, label_studio_api_key=LEGACY).load(uri, task_id=7)
+    assert image.shape == (4, 6, 3)
+    assert gets(ls) == [f"/tasks/7/resolve/?fileuri={fileuri(uri)}"] and auth_headers(ls) == [f"Token {LEGACY}"]
+    assert gets(storage) == [f"/{uri.split('://')[1]}?X-Amz-Signature=SECRET"]
+    assert auth_headers(storage) == [None]
+
+
+@pytest.mark.parametrize("form", ["/tasks/7/resolve/?fileuri={b64}", "tasks/7/presign/?fileuri={b64}",
+                                  "{ls}/tasks/7/resolve/?fileuri={b64}"])
+def test_the_task_apis_resolve_form_is_fetched_as_it_is(ls, storage, form):
+    url = form.format(b64=fileuri("s3://bucket/img.png"), ls=ls.url)
+    assert loader(label_studio_url=ls.url, label_studio_api_key=LEGACY).load(url).shape == (4, 6, 3)
+    assert len(gets(ls)) == 1 and auth_headers(storage) == [None]
+
+
+def test_presign_off_label_studio_streams_the_bytes(ls):
+    ls.resolve_mode = "stream"
+    assert loader(label_studio_url=ls.url, label_studio_api_key=LEGACY).load("s3://b/k.png", task_id=3).shape == (
+        4, 6, 3)
+
+
+def test_an_expired_presigned_url_is_resolved_again_once(ls, storage):
+    images = loader(label_studio_url=ls.url, label_studio_api_key=LEGACY)
+    storage.expired = 1
+    assert images.load("s3://bucket/img.png", task_id=7).shape == (4, 6, 3)
+    assert len(gets(ls)) == 2 and len(gets(storage)) == 2
+    storage.expired = 5  # refused every time: resolved again once only, and the storage's reason is named
+    with pytest.raises(ImageError) as info:
+        images.load("s3://bucket/img.png", task_id=7)
+    assert len(gets(ls)) == 4 and len(gets(storage)) == 4
+    assert info.value.kind == "denied" and info.value.status == 403
+    assert "redirected to" in str(info.value) and "Request has expired" in str(info.value)
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize("status, kind, reason", [(403, "denied", "legacy tokens may be disabled"),
+                                                  (404, "unreachable", "found no storage of the project"),
+                                                  (424, "unreachable", "NoSuchKey")])
+def test_resolve_route_refusals_are_the_tasks_failure_with_label_studios_reason(ls, status, kind, reason):
+    ls.resolve_mode = status
+    with pytest.raises(ImageError) as info:
+        loader(label_studio_url=ls.url, label_studio_api_key=LEGACY).load("s3://bucket/missing.png", task_id=7)
+    assert info.value.kind == kind and f"HTTP {status}" in str(info.value) and reason in str(info.value)
+    assert len(gets(ls)) == 1  # a refusal by Label Studio itself is not retried
+
+
+def test_a_storage_uri_without_its_task_names_what_is_missing(ls):
+    with pytest.raises(ImageError, match="cloud storage URI.*needs the task's id") as info:
+        loader(label_studio_url=ls.url, label_studio_api_key=LEGACY).load("s3://bucket/img.png?sig=SECRET")
+    assert info.value.kind == "unsupported" and "SECRET" not in str(info.value) and ls.requests == []
+
+
+def test_the_cache_key_of_a_storage_object_is_its_stored_uri(ls, third_party):
+    images = loader(label_studio_url=ls.url, label_studio_api_key=LEGACY)
+    uri = "s3://bucket/a b/img.png"
+    for form in (uri, f"/tasks/3/resolve/?fileuri={fileuri(uri)}", f"{ls.url}/tasks/9/presign/?fileuri={fileuri(uri)}",
+                 "/tasks/3/resolve/?fileuri=s3%3A//bucket/a%20b/img.png"):  # Label Studio's unquote fallback
+        assert images.cache_key(form) == uri, form
+    # Another host's lookalike path is not Label Studio's word for the object.
+    lookalike = f"{third_party.url}/tasks/3/resolve/?fileuri={fileuri(uri)}"
+    assert images.cache_key(lookalike) == lookalike
+    presigned = third_party.url + "/x.png?X-Amz-Signature=1"
+    assert images.cache_key(presigned) == presigned
+    assert images.cache_key("http://[::1/x.png") == "http://[::1/x.png"  # malformed: fetching it says so
+
+
+def test_the_pipeline_fetches_a_storage_object_once_whichever_form_names_it(ls, storage):
+    from cache import EmbeddingCache
+    from loader import Models
+    from pipeline import Pipeline
+
+    settings = Settings(label_studio_url=ls.url, label_studio_api_key=LEGACY)
+    pipeline = Pipeline(Models(None, None, EmbeddingCache(8, 2**26)), settings, loader(settings))
+    first, _ = pipeline.load_image("s3://bucket/img.png", task_id=7)
+    again, _ = pipeline.load_image(f"/tasks/7/resolve/?fileuri={fileuri('s3://bucket/img.png')}")
+    assert again is first and len(gets(ls)) == 1 and len(gets(storage)) == 1
 
 
 # --------------------------------------------------------------------------- redaction and logs

@@ -15,7 +15,7 @@ from test_labeling import GUIDE_CONFIG
 
 from config import Settings
 from errors import LabelStudioNotFound, LabelStudioRefused, ParamsError
-from jobs import BulkJob, Foreground, JobParams, job_status, parse_task_ranges
+from jobs import BulkJob, Foreground, JobParams, in_batches, job_status, parse_task_ranges
 from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
 from pipeline import DetectionParams, TaskFailure, TaskOutcome
 from store import JobStore
@@ -524,3 +524,37 @@ def test_job_params_keep_the_projects_cleanup_and_everything_across_a_resume():
     config, query = again.query()
     assert query.cleanup == CleanupParams(40, 2) and query.everything.points_per_side == 8
     assert [ph.label for ph in query.phrases] == ["cats"]
+
+
+def test_in_batches_builds_one_batch_while_the_next_batchs_passes_run():
+    """Batch n's host work runs on a thread during batch n + 1's passes (the passes wait to see it start), no more
+    than `overlap` batches wait for theirs when a batch's passes begin, and outcomes come in task order."""
+    started = {}  # batch number -> set when its host work starts
+    waiting_at_pass, building, lock = [], set(), threading.Lock()
+
+    def predict(batch):
+        number = batch[0]["id"] // 3
+        with lock:
+            waiting_at_pass.append(len(building))
+        if number > 0:
+            assert started[number - 1].wait(5), "the previous batch's host work did not start during these passes"
+        started[number] = threading.Event()
+        with lock:
+            building.add(number)
+
+        def finish():
+            started[number].set()
+            time.sleep(0.02)
+            with lock:
+                building.discard(number)
+            return [TaskOutcome(task["id"], prediction={"result": [], "score": 0.0, "model_version": "v"})
+                    for task in batch]
+
+        return finish
+
+    pairs = list(in_batches(predict, 3, overlap=1)(iter([{"id": i} for i in range(11)])))
+    assert [task["id"] for task, _ in pairs] == [outcome.task_id for _, outcome in pairs] == list(range(11))
+    assert max(waiting_at_pass) <= 1 and not building
+    in_line = in_batches(lambda batch: [TaskOutcome(t["id"]) for t in batch], 4)
+    plain = list(in_line(iter([{"id": i} for i in range(5)])))
+    assert [outcome.task_id for _, outcome in plain] == list(range(5))

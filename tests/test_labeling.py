@@ -76,3 +76,13 @@ def test_controls_of_other_images_are_ignored():
 def test_unusable_configs(xml, message):
     with pytest.raises(LabelConfigError, match=message):
         parse_label_config(xml)
+
+
+@pytest.mark.parametrize("data, url", [
+    ({"image": "s3://b/k.png"}, "s3://b/k.png"),
+    ({"$undefined$": "s3://b/k.png"}, "s3://b/k.png"),  # a storage synced as "every object is a source file"
+    ({"image": "a.png", "$undefined$": "b.png"}, "a.png"),
+    ({"image": ""}, None), ({"other": "a.png"}, None), ({"image": 3}, None), (None, None), ("a.png", None),
+])
+def test_image_url_of_task_data(data, url):
+    assert parse_label_config(GUIDE_CONFIG).image_url(data) == url

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from segment_anything.utils.amg import remove_small_regions
 
 from errors import ParamsError
-from masks import CleanedMasks, CleanupParams, ConcatMasks, clean_mask, cleanup_params, mask_box
+from masks import (
+    CleanedMasks,
+    CleanupParams,
+    ConcatMasks,
+    clean_boxed,
+    clean_mask,
+    cleanup_params,
+    mask_bounds,
+    mask_box,
+    with_bounds,
+)
 
 
 def reference(mask, area):
@@ -35,9 +46,11 @@ def test_identical_to_remove_small_regions_on_random_masks(seed):
         expected = reference(mask, area)
         np.testing.assert_array_equal(clean_mask(mask, CleanupParams(area, 0)), expected)
     for mode in ("holes", "islands"):  # each step alone, through the module's own function
-        from masks import _remove_small
+        from masks import _remove_small, mask_bounds
 
-        np.testing.assert_array_equal(_remove_small(mask, 20, mode == "holes"), remove_small_regions(mask, 20, mode)[0])
+        out, bounds = _remove_small(mask, 20, mode == "holes", mask_bounds(mask))
+        np.testing.assert_array_equal(out, remove_small_regions(mask, 20, mode)[0])
+        assert bounds == mask_bounds(out)
 
 
 def test_identical_on_a_photo_sized_mask_with_holes_islands_and_a_tie():
@@ -111,3 +124,121 @@ def test_bad_params_name_the_key(values, message):
         cleanup_params(values, 100, 0, "x.")
     assert cleanup_params({}, 100, 0) == CleanupParams(100, 0)
     assert cleanup_params({"mask_min_area": 0, "mask_smooth": 3.0}, 100, 0) == CleanupParams(0, 3)
+
+
+def edge_cases() -> dict[str, np.ndarray]:
+    """Masks (H, W) bool where computing on the bounding box could go wrong: the mask at the image's border,
+    holes on the box's edge, several islands, nothing, everything, one pixel."""
+    rng = np.random.default_rng(7)
+    cases = {}
+
+    def new(height=48, width=64):
+        return np.zeros((height, width), bool)
+
+    for name, rows, cols in (("top", slice(0, 10), slice(20, 40)), ("bottom", slice(38, 48), slice(20, 40)),
+                             ("left", slice(15, 30), slice(0, 12)), ("right", slice(15, 30), slice(50, 64)),
+                             ("corner", slice(0, 14), slice(0, 18)), ("full height", slice(0, 48), slice(25, 35)),
+                             ("full width", slice(20, 30), slice(0, 64))):
+        mask = new()
+        mask[rows, cols] = True
+        mask[rows, cols] &= rng.random(mask[rows, cols].shape) < 0.8  # ragged: holes and specks on every edge
+        cases[f"touches the {name} border"] = mask
+    mask = new()
+    mask[10:30, 10:30] = True
+    mask[10:13, 18:21] = False  # a notch on the box's top edge: background outside, not a hole
+    mask[20:23, 27:30] = False  # the same on its right edge
+    mask[15:17, 15:17] = False  # a real hole
+    cases["notches on the box's edges"] = mask
+    mask = new()
+    mask[0:20, 10:30] = True
+    mask[0:3, 18:21] = False  # a notch at the image border: a small hole in remove_small_regions' sense
+    cases["notch at the image border"] = mask
+    mask = new()
+    mask[:, 3:61] = True  # the crop (x 2..62) spans the height: bands of 2 columns (96 pixels) left and right
+    mask[24, :] = False  # joined through the crop: one component of over 200 pixels
+    mask[10:12, 10:12] = False
+    cases["thin bands outside, joined through the box"] = mask
+    cases["thin bands outside, apart"] = mask.copy()
+    cases["thin bands outside, apart"][24, 30] = True
+    mask = new()
+    mask[1:47, 1:63] = True  # a one-pixel ring outside the box: small for large min_area
+    mask[20:22, 20:22] = False
+    cases["one-pixel ring outside"] = mask
+    mask = new()
+    for y, x, size in ((5, 5, 6), (30, 40, 3), (40, 10, 2), (10, 50, 5), (44, 60, 1)):
+        mask[y : y + size, x : x + size] = True
+    cases["several islands"] = mask
+    mask = new()
+    mask[5:25, 5:25] = True
+    mask[8:22, 8:22] = False
+    mask[12:18, 12:18] = True  # an island in the hole of another
+    cases["island in a hole"] = mask
+    cases["empty"] = new()
+    cases["everything"] = np.ones((48, 64), bool)
+    full = np.ones((48, 64), bool)
+    full[0, 0] = full[20, 30] = full[47, 63] = False
+    cases["everything but three pixels"] = full
+    for y, x in ((0, 0), (47, 63), (20, 30), (0, 31)):
+        mask = new()
+        mask[y, x] = True
+        cases[f"one pixel at {y},{x}"] = mask
+    cases["odd-sized image"] = speckled(37, 53, 3, density=0.6)
+    return cases
+
+
+EDGE_CASES = edge_cases()
+
+
+@pytest.mark.parametrize("area", [1, 4, 10, 30, 100, 300, 500, 5000])
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_identical_to_remove_small_regions_on_edge_cases(name, area):
+    mask = EDGE_CASES[name]
+    out = clean_mask(mask, CleanupParams(area, 0))
+    np.testing.assert_array_equal(out, reference(mask, area))
+    assert clean_boxed(mask, CleanupParams(area, 0))[1] == mask_bounds(out)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_identical_to_remove_small_regions_on_blobs_with_flaws(seed):
+    """Smooth shapes (what _is_clean passes) and the same with one small flaw (what it must not)."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(8, 80, 2))
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx = rng.uniform(-5, height + 5), rng.uniform(-5, width + 5)
+    mask = ((yy - cy) / rng.uniform(2, height)) ** 2 + ((xx - cx) / rng.uniform(2, width)) ** 2 < 1
+    flawed = mask.copy()
+    y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+    flawed[y : y + 2, x : x + 2] ^= True
+    for m in (mask, flawed):
+        for area in (3, 50, 400):
+            np.testing.assert_array_equal(clean_mask(m, CleanupParams(area, 0)), reference(m, area))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("radius", [1, 3])
+def test_smoothing_on_the_box_equals_the_whole_image(seed, radius):
+    mask = EDGE_CASES[list(EDGE_CASES)[seed]] if seed < 8 else speckled(40, 50, seed, density=0.7, corner=True)
+    size = 2 * radius + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    whole = cv2.morphologyEx(cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+    np.testing.assert_array_equal(clean_mask(mask, CleanupParams(0, radius)), whole.astype(bool))
+    np.testing.assert_array_equal(clean_mask(mask, CleanupParams(30, radius)), reference(whole.astype(bool), 30))
+
+
+def test_cleaned_masks_hand_over_their_bounds():
+    masks = np.stack([EDGE_CASES["empty"], EDGE_CASES["several islands"], EDGE_CASES["touches the left border"]])
+    lazy = ConcatMasks([masks[:1], CleanedMasks(masks[1:], CleanupParams(10, 0))])
+    pairs = list(with_bounds(lazy))
+    assert [b for _, b in pairs] == [None] + [mask_bounds(clean_mask(m, CleanupParams(10, 0))) for m in masks[1:]]
+    assert pairs[1][1] == (5, 15, 5, 55)  # the islands of 9, 4 and 1 pixels dropped
+    np.testing.assert_array_equal(np.stack([m for m, _ in pairs]), np.asarray(lazy))
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_bounds_from_row_and_column_profiles_are_mask_bounds(name):
+    """detections.profile_bounds, what sam_wrapper.UpscaledMasks finds on a GPU from torch's any() per row and
+    column, against mask_bounds on the host."""
+    from detections import profile_bounds
+
+    mask = EDGE_CASES[name]
+    assert profile_bounds(mask.any(axis=1), mask.any(axis=0)) == mask_bounds(mask)

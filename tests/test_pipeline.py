@@ -124,7 +124,8 @@ def test_a_task_is_predicted_as_through_the_http_layer(pipeline, models, env, se
         ({"image": "/data/upload/1/missing.png"}, "unreachable", "HTTP 404"),
         ({"image": "/data/upload/1/garbage.png"}, "undecodable", "not a recognised image format"),
         ({"image": "/data/upload/1/huge.png"}, "too_large", "over the IMAGE_MAX_PIXELS limit"),
-        ({"image": "s3://bucket/a.png"}, "unsupported", "unsupported image URL scheme 's3'"),
+        ({"image": "ftp://example.test/a.png"}, "unsupported", "unsupported image URL scheme 'ftp'"),
+        ({"image": "s3://bucket/a.png"}, "unreachable", "found no storage of the project"),  # resolve route: 404
     ],
 )
 def test_a_task_that_cannot_be_predicted_is_a_failure_with_its_kind(pipeline, data, kind, reason):
@@ -158,3 +159,24 @@ def test_the_pipeline_imports_no_http_layer():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_start_tasks_runs_the_model_passes_and_leaves_the_host_work(pipeline, monkeypatch):
+    tasks = [{"id": i, "data": {"image": "/data/upload/1/a.png"}} for i in (1, 2)] + [{"id": 3, "data": {}}]
+    expected = pipeline.predict_tasks(tasks, CONFIG, text_query())
+    passes = []
+    for owner, name in ((pipeline.models.detector, "detect"), (pipeline.models.segmenter, "decode"),
+                        (pipeline.models.segmenter, "embed_batch")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: passes.append(_n) or _f(*a, **k))
+    finish = pipeline.start_tasks(tasks, CONFIG, text_query())
+    during_passes = list(passes)
+    outcomes = finish()
+    assert "decode" in during_passes and passes == during_passes  # the host work runs no model pass
+
+    def without_ids(outcome):
+        return outcome.failure or [{k: v for k, v in r.items() if k != "id"} for r in outcome.prediction["result"]]
+
+    assert [o.task_id for o in outcomes] == [1, 2, 3] and outcomes[2].failure.kind == "no_image_url"
+    assert [without_ids(o) for o in outcomes] == [without_ids(o) for o in expected]
+    assert outcomes[0].prediction["result"] and all(o.seconds > 0 for o in outcomes)

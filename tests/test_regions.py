@@ -451,3 +451,66 @@ def test_build_regions_polygon_region_in_percent():
                 [29.5 * 100 / W, 39.5 * 100 / H], [29.5 * 100 / W, 6.5 * 100 / H]]
     assert sorted(poly["value"]["points"]) == sorted(expected)
     assert json.loads(json.dumps(poly)) == poly
+
+
+def full_image_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[np.ndarray]:
+    """mask_to_polygons as it was (25a3cc2): the same steps on the whole image, the reference for the crop."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    order = np.argsort(-areas, kind="stable")[:20]
+    polygons = []
+    for part in order[areas[order] >= 0.1 * areas[order[0]]] if count > 1 else ():
+        x, y, w, h = stats[part + 1, :4]
+        crop = (labels[y : y + h, x : x + w] == part + 1).astype(np.uint8)
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(int(x), int(y)))
+        outline = cv2.approxPolyDP(max(contours, key=len), tolerance, True).reshape(-1, 2)
+        if len(outline) >= 3:
+            polygons.append(outline.astype(np.float64) + 0.5)
+    return polygons
+
+
+def bounding_box_cases() -> dict[str, np.ndarray]:
+    """test_masks' edge cases, islands of equal size (their order), and masks of one bounding box at odd places."""
+    from test_masks import EDGE_CASES
+
+    cases = dict(EDGE_CASES)
+    ties = np.zeros((40, 41), bool)
+    for y, x in ((3, 30), (3, 5), (21, 17), (22, 2), (35, 36)):
+        ties[y : y + 3, x : x + 3] = True  # five 9-pixel islands: their order is the labelling's
+    cases["equal islands"] = ties
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        mask = np.zeros((int(rng.integers(5, 60)), int(rng.integers(5, 60))), bool)
+        y0, x0 = int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
+        block = mask[y0 : y0 + int(rng.integers(1, 30)), x0 : x0 + int(rng.integers(1, 30))]
+        block[...] = rng.random(block.shape) < 0.6
+        cases[f"a ragged box {i}"] = mask
+    return cases
+
+
+BOX_CASES = bounding_box_cases()
+
+
+@pytest.mark.parametrize("name", BOX_CASES)
+def test_rle_on_the_bounding_box_matches_sdk(name):
+    mask = BOX_CASES[name]
+    assert mask_to_rle(mask) == sdk_rle(mask)
+    assert mask_to_rle(mask.astype(np.uint8) * 3) == sdk_rle(mask)
+
+
+@pytest.mark.parametrize("name", BOX_CASES)
+def test_polygons_on_the_bounding_box_are_the_whole_image_ones(name):
+    mask = BOX_CASES[name]
+    for tolerance in (0.0, 1.0):
+        got, expected = mask_to_polygons(mask, tolerance), full_image_polygons(mask, tolerance)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_rle_and_polygons_of_a_photo_sized_mask_near_the_border():
+    yy, xx = np.mgrid[0:960, 0:1280]
+    mask = ((xx - 1250) / 200) ** 2 + ((yy - 30) / 90) ** 2 < 1  # cut by the top and right borders
+    mask[40:45, 1200:1205] = False
+    assert mask_to_rle(mask) == sdk_rle(mask)
+    assert [p.tolist() for p in mask_to_polygons(mask)] == [p.tolist() for p in full_image_polygons(mask)]

@@ -154,3 +154,22 @@ def test_click_and_box_prompts_identical_to_sam_predictor(tiny, points, labels, 
 def test_a_prompt_needs_a_point_or_a_box(tiny):
     with pytest.raises(ValueError, match="at least one point or a box"):
         Segmenter(tiny, "cpu").segment_prompt(make_image(20, 20), np.zeros((0, 2)), np.zeros(0), None)
+
+
+def test_upscaled_masks_come_with_their_bounding_boxes(tiny, monkeypatch):
+    """UpscaledMasks.with_bounds: the masks iteration gives, each with masks.mask_bounds of it, found before the
+    masks leave the device; cleaned masks take them over."""
+    from masks import CleanupParams, cleaned, mask_bounds, with_bounds
+
+    monkeypatch.setattr(detections, "UPSCALE_CHUNK_PIXELS", 3 * 320 * 240)  # three masks a chunk
+    image = make_image(320, 240, seed=4)
+    lazy, _ = Segmenter(tiny, "cpu").segment_boxes(image, boxes_for(320, 240, 7, seed=2))
+    pairs = list(lazy.with_bounds())
+    expected = np.asarray(lazy)
+    np.testing.assert_array_equal(np.stack([m for m, _ in pairs]), expected)
+    assert [b for _, b in pairs] == [mask_bounds(m) for m in expected]
+    assert any(b is not None and b != (0, 240, 0, 320) for _, b in pairs)  # boxes that say something
+    params = CleanupParams(50, 0)
+    got = list(with_bounds(cleaned(lazy, params)))
+    cleaned_here = cleaned(expected, params)
+    assert [b for _, b in got] == [mask_bounds(m) for m, _ in got] == [mask_bounds(m) for m in cleaned_here]
