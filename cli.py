@@ -4,7 +4,7 @@
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
                   [--sam3-score-threshold 0.5] [--out prediction.json] [--overlay overlay.png]
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
-                  [--only-missing] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
+                  [--redo] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
     python cli.py annotate --resume JOB_ID
 
 `predict` loads the models the environment names (the same variables as the service, README "Environment
@@ -14,9 +14,11 @@ LABEL_STUDIO_API_KEY set). `--project P --task T` predicts a task of a Label Stu
 its image (an upload, a URL, cloud storage), with that project's labeling config unless --config names one.
 
 `annotate` pre-annotates a Label Studio project (all of it, the listed tasks, or a Data Manager view) as a bulk
-job: tasks are paged from Label Studio, predicted, and their predictions imported in chunks, with a progress bar
-and a summary. It acts with LABEL_STUDIO_API_KEY at LABEL_STUDIO_URL (or --url); the job's state is kept under
-DATA_DIR, so Ctrl-C (after the chunk in flight) or a killed process resumes with `--resume JOB_ID`.
+job: tasks are paged from Label Studio, predicted, and their predictions imported in chunks while it runs, with a
+progress bar and a summary. Tasks that hold a prediction of this model version are skipped (`--redo` replaces it).
+It acts with LABEL_STUDIO_API_KEY at LABEL_STUDIO_URL (or --url); the job's state is kept under DATA_DIR, so
+Ctrl-C (after the task in flight and the import of what was predicted) or a killed process resumes with
+`--resume JOB_ID`.
 
 Errors are one line on stderr and exit status 1 (2 for a malformed command line).
 """
@@ -212,7 +214,7 @@ class _Progress:
 
 
 def annotate(args: argparse.Namespace) -> int:
-    from jobs import BulkJob, JobParams, in_batches, parse_task_ranges
+    from jobs import BulkJob, JobParams, in_batches, job_chunking, parse_task_ranges
     from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
     from store import JobStore
 
@@ -240,8 +242,11 @@ def annotate(args: argparse.Namespace) -> int:
             if args.project is None or args.prompt is None:
                 raise CommandError("--project and --prompt are needed (or --resume JOB_ID)")
             selection = Selection(task_ids=parse_task_ranges(args.tasks)) if args.tasks else Selection(view=args.view)
-            params = JobParams(args.project, args.prompt, _detection_params(args, settings), selection,
-                               args.only_missing, settings.model_version, "", args.chunk_size)
+            chunking = job_chunking(settings)
+            if args.chunk_size:
+                chunking.update(chunk_size=args.chunk_size, chunk_max=max(chunking["chunk_max"], args.chunk_size))
+            params = JobParams(args.project, args.prompt, _detection_params(args, settings), selection, args.redo,
+                               settings.model_version, "", **chunking)
         project = LabelStudioProject(client, params.project)
         if not params.label_config:
             params = replace(params, label_config=project.label_config())
@@ -283,7 +288,8 @@ def annotate(args: argparse.Namespace) -> int:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after the task in flight and its chunk's import (Ctrl-C again to quit at once)",
+        print("\nstopping after the task in flight and the import of what was predicted (Ctrl-C again to quit "
+              "at once)",
               file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, interrupted)
@@ -377,13 +383,20 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--tasks", help="task ids, e.g. 1,5-9")
     which.add_argument("--view", type=int, help="a Data Manager view (tab) id: its filtered tasks")
     which.add_argument("--all", action="store_true", help="every task of the project (the default)")
-    a.add_argument("--only-missing", action="store_true",
-                   help="skip tasks that already hold a prediction of this model version")
+    existing = a.add_mutually_exclusive_group()
+    existing.add_argument("--only-missing", action="store_true",
+                          help="skip tasks that already hold a prediction of this model version: the default, "
+                               "kept for older scripts")
+    existing.add_argument("--redo", action="store_true",
+                          help="predict tasks that hold a prediction of this model version too, and replace it "
+                               "(the new one lands first; never two)")
     a.add_argument("--box-threshold", type=_unit_float, help="default: BOX_THRESHOLD")
     a.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
     a.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
-    a.add_argument("--chunk-size", type=_detections, default=50, help="predictions per import (default 50)")
+    a.add_argument("--chunk-size", type=_detections,
+                   help="predictions a chunk holds before it is imported without waiting JOB_IMPORT_WAIT (default: "
+                        "JOB_CHUNK_SIZE, 50)")
     a.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")
     a.add_argument("--ray", metavar="ADDRESS", help="predict on Ray actors: 'local' (a cluster in this process), "
                                                    "'auto' (the running cluster) or its address (default: "

@@ -180,6 +180,10 @@ class Settings:
     # Retrieve Predictions: the tasks past the budget go to a background bulk job that imports their predictions.
     background_predictions: bool = True
     job_chunk_size: int = 50
+    # A bulk job's imports run beside its predicting: a chunk goes out when it holds JOB_CHUNK_SIZE predictions or
+    # its oldest has waited JOB_IMPORT_WAIT s; while one import is in flight the next grows, up to JOB_CHUNK_MAX.
+    job_import_wait: float = 10.0
+    job_chunk_max: int = 500
     # cli.py annotate runs its job on this Ray cluster when set ("auto", or an address); "": in the process.
     ray_address: str = ""
     data_dir: str = "data"
@@ -237,6 +241,10 @@ class Settings:
         device = _str(env, "DEVICE", cls.device).lower()
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
+        chunk_size = _number(env, "JOB_CHUNK_SIZE", cls.job_chunk_size, int, 1, 1000)
+        chunk_max = _number(env, "JOB_CHUNK_MAX", max(cls.job_chunk_max, chunk_size), int, 1, 5000)
+        if chunk_max < chunk_size:
+            raise ConfigError(f"JOB_CHUNK_MAX ({chunk_max}) must be at least JOB_CHUNK_SIZE ({chunk_size})")
         return cls(
             engine=engine,
             model_dir=model_dir,
@@ -298,7 +306,9 @@ class Settings:
             model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),
             predict_time_budget=_number(env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0),
             background_predictions=_bool(env, "BACKGROUND_PREDICTIONS", cls.background_predictions),
-            job_chunk_size=_number(env, "JOB_CHUNK_SIZE", cls.job_chunk_size, int, 1, 1000),
+            job_chunk_size=chunk_size,
+            job_import_wait=_number(env, "JOB_IMPORT_WAIT", cls.job_import_wait, float, 0.0, 3600.0),
+            job_chunk_max=chunk_max,
             ray_address=_str(env, "RAY_ADDRESS", ""),
             data_dir=_str(env, "DATA_DIR", cls.data_dir),
         )

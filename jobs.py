@@ -2,9 +2,15 @@
 Studio in chunks through its bulk route (`POST /api/projects/{id}/import/predictions`), resumable at any point.
 
     tasks  LabelStudioProject.tasks (paged: never the whole project in memory), or the tasks of a /predict
-    each   skipped (final in the job already, or Label Studio holds a prediction of this model_version) or
-           predicted (`predict(task) -> pipeline.TaskOutcome`): a failure is recorded with its reason, the job goes on
-    chunk  recorded 'importing' (with its number) before the import, 'done' after it
+    each   skipped (final in the job already, or Label Studio holds a prediction of this model_version, unless the
+           job redoes them) or predicted (`predict(task) -> pipeline.TaskOutcome`): a failure is recorded with its
+           reason, the job goes on
+    chunk  the job's importer thread takes predictions from a bounded queue and sends a chunk when its oldest has
+           waited `import_wait` s, or sooner once it holds `chunk_size`: as soon as its oldest has waited as long as
+           the last import took, so chunks grow with the job's rate up to `chunk_max` and the import rate follows
+           the prediction rate (a full queue holds the predicting back). Recorded 'importing' (with its number)
+           before the import, 'done' after it; a redo deletes the task's older predictions of this model_version in
+           between.
 
 Killed at any moment, a job resumes with `BulkJob.run` again: tasks still 'importing' are looked up in Label Studio
 (a prediction of the job's model_version made since the job was created means the import landed), the others are
@@ -18,6 +24,7 @@ on an executor of its own (Ray). State lives in store.JobStore, shared by every 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -50,6 +57,7 @@ from store import FINAL, JobStore
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 0.5  # how often a running job writes its heartbeat and reports its progress
 
 
 def parse_task_ranges(text: str) -> tuple[int, ...]:
@@ -75,12 +83,14 @@ class JobParams:
     prompt: str
     detection: DetectionParams
     selection: Selection = field(default_factory=Selection)
-    only_missing: bool = False  # skip tasks that already hold a prediction of this model_version
+    redo: bool = False  # predict tasks that hold a prediction of this model_version too, and replace it
     model_version: str = ""
     label_config: str = ""  # the project's, read from Label Studio when the job is created
-    chunk_size: int = 50
+    chunk_size: int = 50  # a chunk this full is imported at once
     cleanup: CleanupParams | None = None  # the project's mask clean-up (None: the environment's)
     everything: EverythingParams | None = None  # the project's segment-everything parameters (None: ditto)
+    import_wait: float = 10.0  # seconds a prediction may wait for its chunk to fill
+    chunk_max: int = 500  # the largest chunk (and the queue's bound)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,6 +98,7 @@ class JobParams:
     @classmethod
     def from_json(cls, data: dict) -> JobParams:
         data = dict(data)
+        data.pop("only_missing", None)  # jobs stored before skipping became the default
         data["detection"] = DetectionParams(**data["detection"])
         selection = data.get("selection") or {}
         data["selection"] = Selection(tuple(selection.get("task_ids") or ()), selection.get("view"))
@@ -157,7 +168,8 @@ class BulkJob:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """End after the task in flight and its chunk's import, for good (a stop, by contrast, is resumed)."""
+        """End after the task in flight and the import of what was predicted, for good (a stop, by contrast, is
+        resumed)."""
         self.cancelled = True
         self.stop.set()
 
@@ -174,30 +186,35 @@ class BulkJob:
         (a /predict's), else they are listed from Label Studio."""
         store, started = self.store, time.perf_counter()
         store.set_state(self.job_id, "running")
+        importer = None
         try:
             self._reconcile()
             source = self.project.tasks(self.params.selection) if tasks is None else iter(tasks)
-            buffer: list[tuple[int, TaskOutcome]] = []
+            importer, tick = Importer(self), 0.0
             for task, outcome in self.executor(self._to_predict(source)):
                 task_id = task["id"]
-                store.beat(self.job_id)
                 if outcome.failure is not None:
                     logger.warning("job %s: task %s failed (%s): %s", self.job_id, task_id, outcome.failure.kind,
                                    outcome.failure.reason)
                     store.record(self.job_id, [(task_id, "failed", outcome.failure.kind, outcome.failure.reason,
                                                 None, outcome.seconds)])
                 else:
-                    buffer.append((task_id, outcome))
-                if len(buffer) >= self.params.chunk_size:
-                    self._import(buffer)
-                    buffer = []
-                self.progress(store.counts(self.job_id))
-            self._import(buffer)
+                    importer.put(task_id, outcome)
+                if time.monotonic() >= tick:  # a write and a query: per task, they would cap a fast job
+                    store.beat(self.job_id)
+                    self.progress(store.counts(self.job_id))
+                    tick = time.monotonic() + PROGRESS_EVERY_S
+            importer.close()
+            importer.check()
         except LabelStudioUnavailable as e:
+            if importer is not None:  # Label Studio is down: what is queued is predicted again on resume
+                importer.close(flush=False)
             store.set_state(self.job_id, "paused", str(e))
             logger.error("job %s paused: %s", self.job_id, e)
             return self.report(time.perf_counter() - started)
         except BaseException as e:
+            if importer is not None:  # what was predicted still goes out, unless the process is told to quit now
+                importer.close(flush=isinstance(e, Exception))
             store.set_state(self.job_id, "failed" if isinstance(e, Exception) else "paused", f"{type(e).__name__}: {e}")
             raise
         # Stopped (Ctrl-C): resumable; cancelled (DELETE /jobs/{id}): final.
@@ -210,23 +227,21 @@ class BulkJob:
         """The tasks still to predict, a page at a time: not final in this job, not skipped; none once stopped."""
         for page in batched(source, PAGE_SIZE):
             known = self.store.statuses(self.job_id, [t["id"] for t in page])
-            for task in page:
+            todo = [t for t in page if known.get(t["id"]) not in FINAL]
+            skipped = [] if self.params.redo else [t["id"] for t in todo
+                                                    if has_prediction(t, self.params.model_version)]
+            if skipped:  # a page's skips in one write
+                reason = f"holds a prediction of {self.params.model_version}"
+                self.store.record(self.job_id, [(task_id, "skipped", None, reason, None, 0.0) for task_id in skipped])
+                self.progress(self.store.counts(self.job_id))
+            for task in todo:
                 if self.stop.is_set():
                     return
-                task_id = task["id"]
-                if known.get(task_id) in FINAL:
-                    continue
-                if has_prediction(task, self.params.model_version) and (
-                        self.params.only_missing or known.get(task_id) == "pending"):
-                    self.store.record(self.job_id, [(task_id, "skipped", None, "holds a prediction of "
-                                                     f"{self.params.model_version}", None, 0.0)])
-                    self.progress(self.store.counts(self.job_id))
-                    continue
-                yield task
+                if task["id"] not in skipped:
+                    yield task
 
     def _import(self, buffer: list[tuple[int, TaskOutcome]]) -> None:
-        if not buffer:
-            return
+        """One chunk out: 'importing', the import, (a redo's clean-up), 'done'. Runs in the importer thread."""
         chunk = self.store.next_chunk(self.job_id)
         self.store.record(self.job_id, [(task_id, "importing", None, None, chunk, outcome.seconds)
                                         for task_id, outcome in buffer])
@@ -236,6 +251,8 @@ class BulkJob:
         if created != len(buffer):
             logger.warning("job %s: chunk %d: Label Studio created %d of %d prediction(s)", self.job_id, chunk,
                            created, len(buffer))
+        if self.params.redo:
+            self.project.keep_newest([task_id for task_id, _ in buffer], self.params.model_version)
         self.store.record(self.job_id, [(task_id, "done", None, None, chunk, outcome.seconds)
                                         for task_id, outcome in buffer])
         self.store.beat(self.job_id)
@@ -248,6 +265,8 @@ class BulkJob:
             return
         created = self.store.job(self.job_id)["created"]
         landed = self.project.predicted(importing, self.params.model_version, since=created)
+        if self.params.redo:  # the new prediction is in: the old one goes, if the interrupted run had not done it
+            self.project.keep_newest(sorted(landed), self.params.model_version)
         self.store.record(self.job_id, [(t, "done" if t in landed else "pending", None, None, None, None)
                                         for t in importing])
         logger.info("job %s: %d of %d task(s) of the interrupted chunk had landed; the others are predicted again",
@@ -257,6 +276,84 @@ class BulkJob:
         job = self.store.job(self.job_id)
         return JobReport(self.job_id, job["state"], self.store.counts(self.job_id), seconds,
                          self.store.failures(self.job_id), job["reason"])
+
+
+class Importer:
+    """A running job's imports, in a thread of their own beside its predicting: predictions come in through a
+    bounded queue (`put` blocks while it is full) and go out in chunks (`BulkJob._import`): when `chunk_max` are
+    buffered; when `chunk_size` are and the oldest has waited as long as the last import took (an import costs
+    Label Studio about the same whatever its size, so a chunk gathers what the job predicts in that time: it grows
+    with the job's rate); when the oldest has waited `import_wait` s; at `close`. Its first error ends its imports
+    and is raised in the job's thread by `put` or `check`."""
+
+    _END = object()
+
+    def __init__(self, job: BulkJob):
+        self.job = job
+        self.queue: queue.Queue = queue.Queue(maxsize=job.params.chunk_max)
+        self.error: BaseException | None = None
+        self._drop = False
+        self._import_s = 0.0  # how long the last import took
+        self._thread = threading.Thread(target=self._work, name=f"import-{job.job_id}", daemon=True)
+        self._thread.start()
+
+    def put(self, task_id: int, outcome: TaskOutcome) -> None:
+        self.check()
+        self.queue.put((task_id, outcome, time.monotonic()))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, flush: bool = True) -> None:
+        """Import what is queued (flush) or drop it, and wait for the import in flight."""
+        if self._thread.is_alive():
+            self._drop = not flush
+            self.queue.put(self._END)
+            self._thread.join()
+
+    def _work(self) -> None:
+        params, buffer, ended = self.job.params, [], False
+        while not ended or buffer:
+            if not ended:
+                ended = self._collect(buffer)
+            if buffer and (ended or time.monotonic() >= self._due(buffer)):
+                chunk, buffer = buffer[:params.chunk_max], buffer[params.chunk_max:]
+                if self._drop or self.error is not None:
+                    continue  # dropped: predicted again on resume
+                try:
+                    started = time.monotonic()
+                    self.job._import([(task_id, outcome) for task_id, outcome, _ in chunk])
+                    self._import_s = time.monotonic() - started
+                except BaseException as e:  # raised in the job's thread; the queue is still drained, so put never hangs
+                    self.error = e
+
+    def _due(self, buffer: list) -> float:
+        """When the buffered predictions go out (time.monotonic)."""
+        params, oldest = self.job.params, buffer[0][2]
+        if len(buffer) >= params.chunk_max:
+            return oldest
+        if len(buffer) >= params.chunk_size:
+            return oldest + min(self._import_s, params.import_wait)
+        return oldest + params.import_wait
+
+    def _collect(self, buffer: list) -> bool:
+        """Wait for a prediction (no longer than the buffered ones are due), then take what else is queued, up to
+        a full chunk; whether the end came."""
+        wait = None if not buffer else max(self._due(buffer) - time.monotonic(), 0)
+        try:
+            item = self.queue.get(timeout=wait)
+        except queue.Empty:
+            return False
+        while item is not self._END:
+            buffer.append(item)
+            if len(buffer) >= self.job.params.chunk_max:
+                return False
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+        return True
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -296,6 +393,12 @@ def in_batches(predict: Callable[[list[dict]], list[TaskOutcome] | Callable[[], 
                 yield from zip(done, outcomes.result(), strict=True)
 
     return run
+
+
+def job_chunking(settings) -> dict:
+    """JobParams' import settings from the service's Settings."""
+    return {"chunk_size": settings.job_chunk_size, "import_wait": settings.job_import_wait,
+            "chunk_max": settings.job_chunk_max}
 
 
 def job_status(store: JobStore, job_id: str) -> dict | None:
@@ -348,7 +451,8 @@ class JobRunner:
         return job.job_id
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a queued or running job of this process (a running one after the chunk in flight)."""
+        """Stop a queued or running job of this process (a running one after the task in flight, once what it
+        predicted is imported)."""
         with self._lock:
             for job, _ in list(self._queue):
                 if job.job_id == job_id:
@@ -392,14 +496,22 @@ class JobService:
         return connection, LabelStudioProject(self.label_studio.sdk(connection), project, retries=1)
 
     def create(self, body: dict, key: str) -> dict:
-        """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "only_missing", "box_threshold",
-        "text_threshold", "max_detections", "sam3_score_threshold", "label_studio_url"}. Checks the project and
-        the key with Label Studio before anything is queued."""
+        """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "redo", "only_missing" (the
+        default: accepted, changes nothing), "box_threshold", "text_threshold", "max_detections",
+        "sam3_score_threshold", "label_studio_url"}. Checks the project and the key with Label Studio before
+        anything is queued."""
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, int) or project < 1:
             raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
         selection = self._selection(body)
         detection = self._detection(body)
+        flags = {name: body.get(name, False) for name in ("redo", "only_missing")}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ParamsError(f"'{name}' must be true or false, got {value!r}")
+        if flags["redo"] and flags["only_missing"]:
+            raise ParamsError("'redo' and 'only_missing' contradict each other: 'redo' replaces the predictions "
+                              "'only_missing' keeps (skipping them is the default)")
         url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
                                                                                                 "hostname")
         if not isinstance(url, str) or not url:
@@ -416,11 +528,8 @@ class JobService:
         require_phrases(prompt, config.labels, config.predicted_values)
         if selection.view is not None and next(iter(label_project.tasks(selection)), None) is None:
             raise ParamsError(f"view {selection.view} of project {project} holds no task")
-        only_missing = body.get("only_missing", False)
-        if not isinstance(only_missing, bool):
-            raise ParamsError(f"'only_missing' must be true or false, got {only_missing!r}")
-        params = JobParams(project, prompt, detection, selection, only_missing, self.model_version, label_config,
-                           self.settings.job_chunk_size)
+        params = JobParams(project, prompt, detection, selection, flags["redo"], self.model_version, label_config,
+                           **job_chunking(self.settings))
         job_id = self.runner.submit(params, connection)
         return job_status(self.store, job_id)
 
@@ -463,7 +572,8 @@ class JobService:
         return [job_status(self.store, job_id) for job_id in self.store.jobs()[:100]]
 
     def cancel(self, job_id: str, key: str) -> dict:
-        """Cancel after the chunk in flight; the key must be one Label Studio accepts for the job's project."""
+        """Cancel after the task in flight and the import of what was predicted; the key must be one Label Studio
+        accepts for the job's project."""
         status = self.status(job_id)
         url = self.settings.label_studio_url or self.store.get(str(status["project"]), "hostname") or ""
         self._project(url, key, status["project"])[1].label_config()

@@ -1,6 +1,6 @@
 """The connection to Label Studio: which URL and key to use, the Authorization header a key needs,
 label_studio_sdk's REST client for it, and a project's calls the bulk job makes (`LabelStudioProject`: paged task
-listing, the bulk prediction import, predictions by task), retried with backoff.
+listing, the bulk prediction import, predictions by task and their clean-up), retried with backoff.
 
 Label Studio accepts two kinds of key: a legacy token (``Authorization: Token <key>``) and JWTs. A personal
 access token (PAT) is a JWT *refresh* token that must first be exchanged for a short-lived access JWT
@@ -278,13 +278,17 @@ class LabelStudioProject:
 
     def __init__(self, client, project: int, retries: int = 5, backoff: float = 1.0):
         self.client, self.project, self.retries, self.backoff = client, project, retries, backoff
+        # One request at a time: a job lists tasks while its importer imports, and Label Studio on SQLite serves
+        # the two together slower than one after the other (benchmarks/bench_bulk.py).
+        self._one_at_a_time = threading.Lock()
 
     def _call(self, what: str, call: Callable):
         from label_studio_sdk.core.api_error import ApiError
 
         for attempt in range(self.retries + 1):
             try:
-                return call()
+                with self._one_at_a_time:
+                    return call()
             except ApiError as e:
                 status = e.status_code or 0
                 if status in (401, 403):
@@ -364,6 +368,24 @@ class LabelStudioProject:
                 if p.model_version == model_version and stamp >= since - 1.0:
                     found.add(task_id)
         return found
+
+    def keep_newest(self, task_ids: Iterable[int], model_version: str) -> int:
+        """Delete every prediction of `model_version` on these tasks but each task's newest (the highest id: Label
+        Studio numbers them in order), so that none holds two and none is left without one; how many were
+        deleted. One already gone (a resumed job deleting again) counts as deleted."""
+        deleted = 0
+        for task_id in task_ids:
+            predictions = self._call(f"predictions of task {task_id}",
+                                     lambda t=task_id: self.client.predictions.list(task=t))
+            ids = sorted(p.id for p in predictions if p.model_version == model_version)
+            for prediction_id in ids[:-1]:
+                try:
+                    self._call(f"delete of prediction {prediction_id}",
+                               lambda i=prediction_id: self.client.predictions.delete(id=i))
+                except LabelStudioNotFound:
+                    pass
+                deleted += 1
+        return deleted
 
     def import_predictions(self, predictions: list[dict]) -> int:
         """predictions: {"task", "result", "score", "model_version"} each; returns how many Label Studio created."""

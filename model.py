@@ -16,7 +16,7 @@ from config import Settings
 from errors import InteractiveError, LabelConfigError, ParamsError
 from everything import EverythingParams, everything_params
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner
+from jobs import Foreground, JobParams, JobRunner, job_chunking
 from labeling import LabelingConfig, parse_label_config
 from loader import ModelLoader
 from ls_client import Selection
@@ -276,7 +276,7 @@ class GroundedSAM(LabelStudioMLBase):
         ids = _task_ids(tasks)
         params = JobParams(int(self.project_id), self.prompt or "", query.params, Selection(task_ids=tuple(ids)),
                            model_version=self.model_version, label_config=self.label_config or self.get("label_config"),
-                           chunk_size=self.settings.job_chunk_size, cleanup=query.cleanup, everything=query.everything)
+                           cleanup=query.cleanup, everything=query.everything, **job_chunking(self.settings))
         return self.jobs.submit(params, connection, queued=ids, tasks=tasks)
 
 

@@ -6,18 +6,24 @@ the small random-weight test models, and the driver's memory against a loopback 
                     holds a prediction: how many clicks and how long, against ONE click plus the background job,
                     both under the same PREDICT_TIME_BUDGET
   clicks            a smart click's latency while a job runs against an idle click (target <= 2x + one model pass)
+  import rate       predictions per second a job imports when its model time is negligible (a stub predictor),
+                    against the real Label Studio: now (imports beside the predicting, chunks growing from
+                    JOB_CHUNK_SIZE to JOB_CHUNK_MAX), with chunks held at 50, and before (jobs.py of --before,
+                    loaded from git: fixed chunks of 50 imported in line), in the same run
   listing memory    peak RSS of a process paging through 10,000 and 100,000 tasks (LabelStudioProject.tasks,
                     streamed), against collecting the same listing into a list first
   Ray               tasks per second of the same job in-process (one worker, two torch threads) and on a local Ray
                     cluster with two single-threaded actors, and Ray's overhead per task (against the imitation)
 
     .venv/bin/python benchmarks/bench_bulk.py [--tasks 200] [--budget 10] [--clicks 5] [--ray-tasks 40]
+                                              [--rate-tasks 2000] [--before 25a3cc2] [--rate-only]
                                               [--skip-label-studio] [--skip-ray]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -162,16 +168,130 @@ def ray_figures(count: int, work: Path) -> None:
           f"{pipeline_s:.1f} s, per task)")
 
 
+BEFORE = "25a3cc2"  # main before bulk jobs imported beside their predicting (issue #22)
+
+
+def jobs_at(commit: str):
+    """jobs.py as it was at `commit`, as a module of its own (the rest of the code is today's)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:jobs.py"], capture_output=True, text=True,
+                            check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-bulk-before-")) / "jobs_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("jobs_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jobs_before"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_rates(ls, pictures, count: int, before: str) -> dict:
+    """Predictions/s imported into the real Label Studio by a job whose predictor takes no time, each way on a
+    fresh project of `count` tasks; the imports' sizes."""
+    from test_labeling import GUIDE_CONFIG
+
+    import jobs
+    from config import Settings
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
+    from pipeline import DetectionParams, TaskOutcome
+    from store import JobStore
+
+    class Counted(LabelStudioProject):
+        """Each import's size, and the seconds spent in Label Studio's task listing and its imports."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.sizes, self.seconds = [], {"listing": 0.0, "import": 0.0}
+
+        def import_predictions(self, predictions):
+            self.sizes.append(len(predictions))
+            return super().import_predictions(predictions)
+
+        def _call(self, what, call):
+            started = time.perf_counter()
+            try:
+                return super()._call(what, call)
+            finally:
+                kind = "listing" if "tasks page" in what else "import" if "import of" in what else None
+                if kind:
+                    self.seconds[kind] += time.perf_counter() - started
+
+    result = [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 96,
+               "original_height": 32, "value": {"x": 10, "y": 10, "width": 30, "height": 40, "rotation": 0,
+                                                "rectanglelabels": ["cats"]}, "score": 0.9}]
+
+    def stub(task):
+        return TaskOutcome(task["id"], prediction={"result": result, "score": 0.9, "model_version": "bench-stub"},
+                           seconds=0.0)
+
+    client = LabelStudioClient(Settings()).sdk(Connection(ls.url, LS_TOKEN))
+    store = JobStore(tempfile.mkdtemp(prefix="bench-rate-"))
+    ways = {"now": (jobs, {"chunk_size": 50, "chunk_max": 500}),
+            "now, chunks held at 50": (jobs, {"chunk_size": 50, "chunk_max": 50}),
+            f"before ({before})": (jobs_at(before), {"chunk_size": 50})}
+    # Label Studio's own ceiling: the same predictions in chunks of 500, back to back, no listing, no job.
+    pid, ids = project(ls, pictures, "bench import rate: ceiling", count)
+    labels = Counted(client, pid)
+    started = time.perf_counter()
+    for start in range(0, count, 500):
+        labels.import_predictions([{"task": t, **stub({"id": t}).prediction} for t in ids[start:start + 500]])
+    import_s = time.perf_counter() - started
+    rates = {"Label Studio alone, chunks of 500": count / import_s}
+    print(f"  {'Label Studio alone, chunks of 500:':<36}{count / import_s:7.1f} predictions/s "
+          f"({len(labels.sizes)} imports back to back, no listing, no job)")
+    # A job lists its tasks too (pages of 100 with their predictions): the ceiling of a job is both, one after the
+    # other, when Label Studio serves one request at a time.
+    started = time.perf_counter()
+    assert sum(1 for _ in labels.tasks(Selection())) == count
+    listing_s = time.perf_counter() - started
+    rates["Label Studio alone, listing and importing"] = count / (listing_s + import_s)
+    print(f"  {'... and listing the tasks:':<36}{count / (listing_s + import_s):7.1f} predictions/s (listing "
+          f"{listing_s:.1f} s + importing {import_s:.1f} s)")
+    for way, (module, chunking) in ways.items():
+        pid, _ = project(ls, pictures, f"bench import rate: {way}", count)
+        labels = Counted(client, pid)
+        params = module.JobParams(pid, PROMPT, DetectionParams(0.3, 0.25, 5), model_version="bench-stub",
+                                  label_config=GUIDE_CONFIG, **chunking)
+        started = time.perf_counter()
+        report = module.BulkJob.create(store, params, project=labels, predict=stub).run()
+        seconds = time.perf_counter() - started
+        assert report.state == "done" and report.counts["done"] == count, report
+        rates[way] = count / seconds
+        print(f"  {way + ':':<36}{rates[way]:7.1f} predictions/s ({seconds:.1f} s; {len(labels.sizes)} imports, "
+              f"largest {max(labels.sizes)}; in Label Studio's listing {labels.seconds['listing']:.1f} s, in its "
+              f"imports {labels.seconds['import']:.1f} s, waits for each other included)")
+    return rates
+
+
+def rate_only(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
+    pictures = StaticServer({f"/bulk/{i}.png": encode(make_image(96, 32, seed=i), "PNG")
+                             for i in range(args.rate_tasks)})
+    (work / "ls").mkdir()
+    ls = start_label_studio(work / "ls")
+    try:
+        wait_label_studio(ls)
+        print(f"import rate: {args.rate_tasks} tasks, a stub predictor (no model time), the real Label Studio")
+        import_rates(ls, pictures, args.rate_tasks, args.before)
+    finally:
+        stop_all([ls.process])
+        pictures.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--budget", type=float, default=10.0, help="PREDICT_TIME_BUDGET of both backends")
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--ray-tasks", type=int, default=40)
+    parser.add_argument("--rate-tasks", type=int, default=2000, help="tasks of each import-rate job (0: none)")
+    parser.add_argument("--before", default=BEFORE, help="the commit whose jobs.py is the import rate's 'before'")
     parser.add_argument("--skip-label-studio", action="store_true", help="no Label Studio part")
     parser.add_argument("--skip-ray", action="store_true", help="no Ray part")
+    parser.add_argument("--rate-only", action="store_true", help="only the import rate (Label Studio, no backend)")
     args = parser.parse_args()
     silence_third_party_warnings()
+    if args.rate_only:
+        return rate_only(args)
     print("listing memory (peak RSS of the listing process, MiB):")
     for count in (10_000, 100_000):
         streamed, collected = listing_rss(count, False), listing_rss(count, True)
@@ -185,7 +305,8 @@ def main() -> None:
     bert = make_text_encoder(work / "bert")
     files = make_groundingdino(work / "gd", text_encoder_dir=bert)
     mobile = make_mobile_sam(work / "mobile_sam.pt")
-    pictures = StaticServer({f"/bulk/{i}.png": encode(make_image(96, 32, seed=i), "PNG") for i in range(args.tasks)})
+    pictures = StaticServer({f"/bulk/{i}.png": encode(make_image(96, 32, seed=i), "PNG")
+                             for i in range(max(args.tasks, args.rate_tasks))})
     (work / "ls").mkdir()
     ls = start_label_studio(work / "ls")
     budget = {"PREDICT_TIME_BUDGET": str(args.budget)}
@@ -248,11 +369,15 @@ def main() -> None:
         idle_m, busy_m = statistics.median(idle), statistics.median(busy)
         print(f"  clicks:         idle {idle_m:.3f} s, during a job {busy_m:.3f} s (job {still}); target <= "
               f"2 x idle + one model pass = {2 * idle_m + per_task:.3f} s (medians of {args.clicks})")
+        rates = {}
+        if args.rate_tasks:
+            print(f"\nimport rate: {args.rate_tasks} tasks, a stub predictor (no model time), the real Label Studio")
+            rates = import_rates(ls, pictures, args.rate_tasks, args.before)
         (ROOT / "artifacts").mkdir(exist_ok=True)
         (ROOT / "artifacts" / "bench-bulk.json").write_text(json.dumps({
             "tasks": args.tasks, "budget_s": args.budget, "sync_clicks": clicks, "sync_s": sync_s,
-            "one_click_s": one_click_s, "job_overhead": overhead, "click_idle_s": idle_m, "click_busy_s": busy_m},
-            indent=1))
+            "one_click_s": one_click_s, "job_overhead": overhead, "click_idle_s": idle_m, "click_busy_s": busy_m,
+            "import_rate_tasks": args.rate_tasks, "imported_per_s": rates}, indent=1))
     finally:
         stop_all([sync.process, click.process, ls.process])
         pictures.close()

@@ -1,6 +1,6 @@
 """A loopback imitation of the parts of Label Studio's REST API the bulk job uses, for unit tests and benchmarks:
 a project's label config, its tasks paged (`GET /api/tasks/`, with `selectedItems` queries and 404 past the last
-page, as Label Studio answers), the bulk prediction import, and predictions by task. It can fail on purpose
+page, as Label Studio answers), the bulk prediction import, predictions by task and their delete. It can fail on purpose
 (`fail_next` answers 503 to that many requests) and counts what it was asked. The real Label Studio is
 tests/test_label_studio.py's."""
 
@@ -23,7 +23,8 @@ class FakeLabelStudio(LoopbackServer):
         self.label_config, self.token = label_config, token
         self.tasks = tasks or {}
         self.task_source = task_source
-        self.predictions: list[dict] = []
+        self.predictions: list[dict] = []  # those a test adds itself take ids below 1000
+        self.next_id = 1000
         self.requests: list[tuple[str, str]] = []
         self.fail_next = 0
         self.lock = threading.Lock()
@@ -78,10 +79,27 @@ class FakeLabelStudio(LoopbackServer):
                     now = datetime.now(UTC).isoformat()
                     with server.lock:
                         for p in body:
-                            server.predictions.append({"id": len(server.predictions) + 1, "created_at": now, **p})
+                            server.predictions.append({"id": server.next_id, "created_at": now, **p})
+                            server.next_id += 1
                     self._send(201, {"created": len(body)})
                 else:
                     self._send(404, {"detail": "Not found."})
+
+            def do_DELETE(self):
+                if not self._guard():
+                    return
+                parts = self.path.strip("/").split("/")
+                if parts[:2] == ["api", "predictions"] and len(parts) == 3 and parts[2].isdigit():
+                    with server.lock:
+                        found = [p for p in server.predictions if p["id"] == int(parts[2])]
+                        for p in found:
+                            server.predictions.remove(p)
+                    if found:
+                        self.send_response(204)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                self._send(404, {"detail": "Not found."})
 
         super().__init__(Handler, poll_interval=0.05)
 

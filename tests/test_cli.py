@@ -206,6 +206,18 @@ def test_annotate_stopped_by_ctrl_c_or_killed_resumes_without_doubles(env, proje
     assert per_task(project) == {i: 1 for i in range(1, 13) if i != 5}
 
 
+def test_annotate_skips_by_default_and_redo_is_asked_for(capsys):
+    parse = cli.parser().parse_args
+    assert parse(["annotate", "--project", "1", "--redo"]).redo
+    assert not parse(["annotate", "--project", "1", "--only-missing"]).redo
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["annotate", "--project", "1", "--redo", "--only-missing"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["annotate", "--help"])
+    assert "the default, kept for older scripts" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(
     "args, env_changes, message",
     [

@@ -33,6 +33,10 @@ def test_defaults():
         ({"MODEL_DIR": "/m"}, "sam3_checkpoint", "/m/sam3.pt"),
         ({"SAM3_SCORE_THRESHOLD": "0.4"}, "sam3_score_threshold", 0.4),
         ({}, "sam3_score_threshold", 0.5),
+        ({}, "job_import_wait", 10.0),
+        ({"JOB_IMPORT_WAIT": "2.5"}, "job_import_wait", 2.5),
+        ({}, "job_chunk_max", 500),
+        ({"JOB_CHUNK_SIZE": "800"}, "job_chunk_max", 800),  # the bound follows a larger chunk
     ],
 )
 def test_variables(env, attr, value):
@@ -51,6 +55,8 @@ def test_variables(env, attr, value):
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"ENGINE": "sam2"}, "ENGINE must be one of grounded_sam, sam3, got 'sam2'"),
         ({"SAM3_SCORE_THRESHOLD": "2"}, "SAM3_SCORE_THRESHOLD"),
+        ({"JOB_IMPORT_WAIT": "-1"}, "JOB_IMPORT_WAIT"),
+        ({"JOB_CHUNK_SIZE": "60", "JOB_CHUNK_MAX": "40"}, r"JOB_CHUNK_MAX \(40\) must be at least JOB_CHUNK_SIZE"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):

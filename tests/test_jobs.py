@@ -1,6 +1,7 @@
 """The bulk job against a loopback imitation of Label Studio's REST API (tests/fake_label_studio.py), with a fake
-predictor: paging, chunked imports, skips, failures, resume after an interrupted import, pauses when Label Studio
-is down, the jobs routes. The real Label Studio runs these paths in tests/test_label_studio.py."""
+predictor: paging, chunked imports beside the predicting (on time, on size, growing with the rate, held back by a
+slow Label Studio), skips, redo, failures, resume after an interrupted import, pauses when Label Studio is down,
+the jobs routes. The real Label Studio runs these paths in tests/test_label_studio_bulk.py."""
 
 from __future__ import annotations
 
@@ -43,9 +44,26 @@ def store(tmp_path):
     return JobStore(str(tmp_path))
 
 
-def project(ls, retries=2):
+class Recorded(LabelStudioProject):
+    """The project's calls, each import kept (when it ended, its task ids), after `delay` s (a slow Label Studio)."""
+
+    def __init__(self, client, delay: float = 0.0, **kwargs):
+        super().__init__(client, 1, **kwargs)
+        self.delay, self.imports = delay, []
+
+    def import_predictions(self, predictions):
+        time.sleep(self.delay)
+        created = super().import_predictions(predictions)
+        self.imports.append((time.monotonic(), [p["task"] for p in predictions]))
+        return created
+
+    def sizes(self) -> list[int]:
+        return [len(tasks) for _, tasks in self.imports]
+
+
+def project(ls, retries=2, delay=0.0):
     client = LabelStudioClient(Settings()).sdk(Connection(ls.url, ls.token))
-    return LabelStudioProject(client, 1, retries=retries, backoff=0.01)
+    return Recorded(client, delay, retries=retries, backoff=0.01)
 
 
 def params(**changes):
@@ -73,83 +91,138 @@ def test_bad_task_ranges_name_the_part(text):
 
 
 def test_a_whole_project_paged_imported_in_chunks_with_a_failure_recorded(ls, store):
-    job = BulkJob.create(store, params(), project=project(ls), predict=predict_ok)
+    labels = project(ls)
+    job = BulkJob.create(store, params(), project=labels, predict=predict_ok)
     report = job.run()
     assert report.state == "done"
     assert report.counts == {"pending": 0, "importing": 0, "done": 249, "failed": 1, "skipped": 0}
     assert report.failures == [{"task": 7, "kind": "undecodable", "reason": "not a recognised image format"}]
     assert imported(ls) == {i: 1 for i in range(1, 251) if i != 7}
     assert all(p["model_version"] == MV and p["result"] for p in ls.predictions)
-    imports = [path for method, path in ls.requests if method == "POST"]
-    assert len(imports) == 7  # 249 predictions in chunks of 40
+    sizes = labels.sizes()  # full chunks of 40 or more (what queued during an import), the rest at the end
+    assert sum(sizes) == 249 and all(40 <= n <= 500 for n in sizes[:-1]) and len(sizes) <= 7, sizes
+    assert [path for method, path in ls.requests if method == "POST"] == ["/api/projects/1/import/predictions"] * len(
+        sizes)
     pages = [path for method, path in ls.requests if path.startswith("/api/tasks/")]
     assert len(pages) == 3  # 100 + 100 + 50: the last page is short, nothing more is asked
 
 
-def test_a_selection_and_only_missing(ls, store):
-    ls.predictions.append({"task": 3, "model_version": MV, "result": [], "created_at": "2020-01-01T00:00:00Z"})
-    ls.predictions.append({"task": 4, "model_version": "other", "result": [], "created_at": "2020-01-01T00:00:00Z"})
-    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5")), only_missing=True),
+def old_prediction(task: int, prediction_id: int, model_version: str = MV) -> dict:
+    return {"id": prediction_id, "task": task, "model_version": model_version, "result": [],
+            "created_at": "2020-01-01T00:00:00Z"}
+
+
+def ours(ls, task: int) -> list[int]:
+    """The ids of the task's predictions of this model version."""
+    return [p["id"] for p in ls.predictions if p["task"] == task and p["model_version"] == MV]
+
+
+def test_tasks_holding_a_prediction_of_this_version_are_skipped_by_default(ls, store):
+    ls.predictions += [old_prediction(3, 1), old_prediction(4, 2, "other")]
+    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5"))),
                          project=project(ls), predict=predict_ok)
     report = job.run()
     assert report.counts["done"] == 3 and report.counts["skipped"] == 1
-    assert imported(ls) == {2: 1, 3: 1, 4: 2, 5: 1}
+    assert imported(ls) == {2: 1, 3: 1, 4: 2, 5: 1} and ours(ls, 3) == [1]
 
 
-def test_resume_after_an_interrupted_import_doubles_nothing(ls, store):
-    """The process dies after chunk 2 went out but before its 'done' was written: the resumed job asks Label
-    Studio, counts the chunk as landed, and predicts only what had not been predicted."""
-    p = params(selection=Selection(task_ids=tuple(range(1, 101))), chunk_size=10)
+def test_redo_replaces_the_prediction_of_this_version_and_leaves_one(ls, store):
+    """Task 3 holds two predictions of this version (what a job that did not skip left), task 4 one of another
+    version: after a redo each task holds exactly one of this version, the new one, and task 4 keeps the other."""
+    ls.predictions += [old_prediction(3, 1), old_prediction(3, 2), old_prediction(4, 3, "other"),
+                       old_prediction(5, 4)]
+    job = BulkJob.create(store, params(selection=Selection(task_ids=parse_task_ranges("2-5")), redo=True),
+                         project=project(ls), predict=predict_ok)
+    report = job.run()
+    assert report.state == "done" and report.counts["done"] == 4 and report.counts["skipped"] == 0
+    assert all(len(ours(ls, t)) == 1 and ours(ls, t)[0] >= 1000 for t in (2, 3, 4, 5)), ls.predictions
+    assert [p["id"] for p in ls.predictions if p["model_version"] == "other"] == [3]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (the importer drops what is queued)."""
+
+
+@pytest.mark.parametrize("redo", [False, True])
+@pytest.mark.parametrize("when", ["before the import", "after the import", "after the old ones went",
+                                  "after the bookkeeping"])
+def test_resume_after_an_interrupted_import_leaves_one_prediction_per_task(ls, store, redo, when):
+    """The process dies at some point of chunk 2's import; the resumed job asks Label Studio whether it landed
+    (and a redo deletes the old predictions it had not deleted yet): every task ends with exactly one prediction
+    of this version, the job's. With redo, every task held one of an earlier run."""
+    if redo:
+        ls.predictions += [old_prediction(t, t) for t in range(1, 31)]
+    p = params(selection=Selection(task_ids=tuple(range(1, 31))), chunk_size=5, redo=redo)
     job = BulkJob.create(store, p, project=project(ls), predict=predict_ok)
-    calls = []
+    dying = project(ls)
+    calls = {"import_predictions": 0, "keep_newest": 0}
 
-    def dying(task):
-        calls.append(task["id"])
-        if len(calls) == 25:
-            raise KeyboardInterrupt  # stands in for SIGKILL at a task boundary
-        return predict_ok(task)
+    def die_at(name, before):
+        real = getattr(dying, name)
 
-    real_record = store.record
-    chunks = []
+        def call(*args):
+            calls[name] += 1
+            if calls[name] == 2 and before:
+                raise Killed
+            answer = real(*args)
+            if calls[name] == 2:
+                raise Killed
+            return answer
 
-    def record(job_id, rows):
-        rows = list(rows)
-        if rows and rows[0][1] == "done" and rows[0][4] == 2:
-            chunks.append(2)
-            raise KeyboardInterrupt  # killed between the import and the bookkeeping
-        real_record(job_id, rows)
+        setattr(dying, name, call)
 
-    store.record = record
-    with pytest.raises(KeyboardInterrupt):
-        BulkJob(job.job_id, p, store, project(ls), dying).run()
-    store.record = real_record
-    assert chunks == [2] and len(store.tasks_in(job.job_id, "importing")) == 10
+    if when == "before the import":
+        die_at("import_predictions", before=True)
+    elif when == "after the import":
+        die_at("import_predictions", before=False)
+    elif when == "after the old ones went":
+        die_at("keep_newest" if redo else "import_predictions", before=False)
+    else:
+        real_record = store.record
+
+        def record(job_id, rows):
+            rows = list(rows)
+            if rows and rows[0][1] == "done" and rows[0][4] == 2:
+                raise Killed  # between the import and its bookkeeping
+            real_record(job_id, rows)
+
+        store.record = record
+    with pytest.raises(Killed):
+        BulkJob(job.job_id, p, store, dying, predict_ok).run()
+    store.record = JobStore.record.__get__(store)
+    interrupted = store.tasks_in(job.job_id, "importing")
+    assert interrupted and len(ls.predictions) < 30 + 30 * redo  # chunk 2 was cut short, the job did not end
     report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
-    assert report.state == "done" and report.counts["done"] == 99 and report.counts["failed"] == 1
-    assert imported(ls) == {i: 1 for i in range(1, 101) if i != 7}
+    assert report.state == "done" and report.counts["done"] == 29 and report.counts["failed"] == 1
+    # task 7's image is broken: it keeps the old prediction a redo found, and gets none otherwise
+    assert {t: len(ours(ls, t)) for t in range(1, 31)} == {t: 1 if t != 7 or redo else 0 for t in range(1, 31)}
+    assert all(ours(ls, t)[0] >= 1000 for t in range(1, 31) if t != 7), ls.predictions  # the job's, not the old
 
 
 def test_label_studio_down_pauses_the_job_and_resume_loses_nothing(ls, store):
     p = params(selection=Selection(task_ids=tuple(range(1, 61))), chunk_size=20)
     job = BulkJob.create(store, p, project=project(ls, retries=1), predict=predict_ok)
-    done = []
+    labels, done = project(ls, retries=1), []
 
     def predict_then_fail(task):
         done.append(task["id"])
         if len(done) == 30:
+            deadline = time.monotonic() + 10
+            while not labels.imports and time.monotonic() < deadline:  # the first chunk is in
+                time.sleep(0.01)
             ls.fail_next = 100  # Label Studio goes down: the next import fails every retry
         return predict_ok(task)
 
-    report = BulkJob(job.job_id, p, store, project(ls, retries=1), predict_then_fail).run()
+    report = BulkJob(job.job_id, p, store, labels, predict_then_fail).run()
     assert report.state == "paused" and "unavailable after 2 attempts" in report.reason
     status = job_status(store, job.job_id)
-    assert status["state"] == "paused" and status["counts"]["done"] == 20
+    assert status["state"] == "paused" and 20 <= status["counts"]["done"] < 59
     ls.fail_next = 0
     report = BulkJob(job.job_id, p, store, project(ls), predict_ok).run()
     assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 61) if i != 7}
 
 
-def test_a_stop_ends_after_the_chunk_in_flight(ls, store):
+def test_a_stop_ends_after_the_task_in_flight_and_imports_what_was_predicted(ls, store):
     stop = threading.Event()
     p = params(selection=Selection(task_ids=tuple(range(1, 51))), chunk_size=10)
 
@@ -160,6 +233,59 @@ def test_a_stop_ends_after_the_chunk_in_flight(ls, store):
 
     report = BulkJob.create(store, p, project=project(ls), predict=predict, stop=stop).run()
     assert report.state == "stopped" and sorted(imported(ls)) == [i for i in range(1, 16) if i != 7]
+
+
+def test_a_chunk_goes_out_when_its_oldest_prediction_has_waited(ls, store):
+    """A slow job (0.15 s a task) never fills a chunk of 50: each prediction is imported about JOB_IMPORT_WAIT
+    (0.3 s) after it was made, while the job runs, not all at its end."""
+    labels = project(ls)
+    predicted: dict[int, float] = {}
+
+    def slow(task):
+        time.sleep(0.15)
+        predicted[task["id"]] = time.monotonic()
+        return predict_ok(task)
+
+    p = params(selection=Selection(task_ids=tuple(range(1, 13))), chunk_size=50, import_wait=0.3)
+    report = BulkJob.create(store, p, project=labels, predict=slow).run()
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 13) if i != 7}
+    assert len(labels.imports) >= 3, labels.sizes()  # 1.8 s of predicting, one import every 0.3 s or so
+    first_import, first_tasks = labels.imports[0]
+    assert first_import < predicted[12]  # before the last task was predicted
+    for ended, tasks in labels.imports[:-1]:
+        waited = ended - min(predicted[t] for t in tasks)
+        assert 0.25 <= waited < 0.3 + 0.15 + 0.3, (waited, tasks)  # the wait, at most one task more, the request
+
+
+def test_a_slow_label_studio_holds_the_predicting_back_through_the_bounded_queue(ls, store):
+    """Imports of 0.2 s each and predictions in no time: the predicting runs at most a queue (chunk_max) and a
+    chunk ahead of the imports, and no chunk is larger than chunk_max."""
+    labels = project(ls, delay=0.2)
+    ahead = []
+
+    def fast(task):
+        ahead.append(len(ahead) + 1 - sum(labels.sizes()))  # predicted, not imported yet
+        return predict_ok(task)
+
+    p = params(selection=Selection(task_ids=tuple(range(1, 81))), chunk_size=5, chunk_max=10)
+    report = BulkJob.create(store, p, project=labels, predict=fast).run()
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 81) if i != 7}
+    assert max(labels.sizes()) == 10 and max(ahead) <= 10 + 10 + 2, (labels.sizes(), max(ahead))
+
+
+def test_chunks_grow_with_the_jobs_rate_up_to_the_bound(ls, store):
+    """Each import costs 0.5 s whatever its size (as Label Studio's ~0.6 s) and the predictions come in no time:
+    the chunks grow from 5 to the bound (100) and 240 tasks need a few imports, not 48 (240 / 5), so the job ends
+    in a fraction of what fixed chunks of 5 would take (48 x 0.5 s = 24 s)."""
+    labels = project(ls, delay=0.5)
+    p = params(selection=Selection(task_ids=tuple(range(1, 241))), chunk_size=5, chunk_max=100)
+    started = time.monotonic()
+    report = BulkJob.create(store, p, project=labels, predict=predict_ok).run()
+    seconds = time.monotonic() - started
+    assert report.state == "done" and imported(ls) == {i: 1 for i in range(1, 241) if i != 7}
+    sizes = labels.sizes()
+    assert sizes[0] >= 5 and max(sizes) == 100 and len(sizes) <= 8, sizes
+    assert seconds < 8, (seconds, sizes)
 
 
 def test_pending_tasks_are_claimed_and_a_prediction_already_there_is_skipped(ls, store):
@@ -177,7 +303,7 @@ def test_label_studio_errors_name_the_problem(ls):
         LabelStudioProject(LabelStudioClient(Settings()).sdk(Connection(ls.url, "wrong")), 1, retries=0
                            ).label_config()
     with pytest.raises(LabelStudioNotFound, match="404"):
-        project(ls).__class__(project(ls).client, 99, retries=0).label_config()
+        LabelStudioProject(project(ls).client, 99, retries=0).label_config()
 
 
 def test_foreground_requests_hold_the_background_job_back():
@@ -254,6 +380,11 @@ def test_post_jobs_runs_a_job_with_the_callers_key(service):
         ({"project": 1, "prompt": "cats", "all": True, "box_threshold": 3}, None, 400,
          "box_threshold must be a number between 0.0 and 1.0"),
         ({"project": 1, "prompt": "tree", "all": True}, None, 422, "gives nothing to detect"),
+        ({"project": 1, "prompt": "cats", "all": True, "redo": "yes"}, None, 400, "'redo' must be true or false"),
+        ({"project": 1, "prompt": "cats", "all": True, "only_missing": 1}, None, 400,
+         "'only_missing' must be true or false"),
+        ({"project": 1, "prompt": "cats", "all": True, "redo": True, "only_missing": True}, None, 400,
+         "'redo' and 'only_missing' contradict each other"),
     ],
 )
 def test_bad_job_requests_are_4xx_naming_the_problem(service, body, headers, status, message):
@@ -261,6 +392,30 @@ def test_bad_job_requests_are_4xx_naming_the_problem(service, body, headers, sta
     response = service.post("/jobs", json=body, headers=headers)
     assert response.status_code == status and message in response.json["error"], response.json
     assert service.get("/jobs").json["jobs"] == []
+
+
+def test_a_second_job_skips_what_the_first_imported_and_redo_replaces_it(service):
+    """A job over tasks 1-12, then one over the whole project: the first 12 are skipped (before skipping became
+    the default this left two identical predictions on each), and only_missing is the same job. Then a redo of
+    1-3: each of them holds one prediction, a new one."""
+    auth = {"Authorization": f"Token {service.ls.token}"}
+
+    def job(**body):
+        response = service.post("/jobs", json={"project": 1, "prompt": "cats", **body}, headers=auth)
+        assert response.status_code == 201, response.json
+        status = wait_job(service, response.json["id"])
+        assert status["state"] == "done", status
+        return status["counts"]
+
+    assert job(tasks="1-12")["done"] == 12
+    assert job(all=True) == {"pending": 0, "importing": 0, "done": 18, "failed": 0, "skipped": 12}
+    assert job(all=True, only_missing=True)["skipped"] == 30
+    first = {p["task"]: p["id"] for p in service.ls.predictions}
+    assert imported(service.ls) == {i: 1 for i in range(1, 31)}
+    assert job(tasks="1-3", redo=True)["done"] == 3
+    assert imported(service.ls) == {i: 1 for i in range(1, 31)}
+    again = {p["task"]: p["id"] for p in service.ls.predictions}
+    assert all(again[t] > first[t] for t in (1, 2, 3)) and all(again[t] == first[t] for t in range(4, 31))
 
 
 def test_jobs_never_act_with_the_setup_token(service):
@@ -363,6 +518,9 @@ def test_job_params_keep_the_projects_cleanup_and_everything_across_a_resume():
                prompt="*_cats")
     again = JobParams.from_json(json.loads(json.dumps(p.to_json())))
     assert again == p
+    older = {**p.to_json(), "only_missing": True}  # stored before skipping became the default
+    del older["redo"], older["import_wait"], older["chunk_max"]
+    assert JobParams.from_json(older) == p
     config, query = again.query()
     assert query.cleanup == CleanupParams(40, 2) and query.everything.points_per_side == 8
     assert [ph.label for ph in query.phrases] == ["cats"]

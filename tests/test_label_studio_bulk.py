@@ -1,7 +1,7 @@
 """Pre-annotating a whole project against the real Label Studio 1.23.2 of the e2e suite: one Retrieve Predictions
-(the tasks past PREDICT_TIME_BUDGET go to a background job that imports their predictions), `cli.py annotate
---only-missing` on the same project, a CLI job killed with SIGKILL and resumed, a broken image recorded as failed,
-and a click answered while a job runs."""
+(the tasks past PREDICT_TIME_BUDGET go to a background job whose predictions land while it runs), `cli.py annotate
+--only-missing` on the same project, a second job that skips what is there and a redo that replaces it, a CLI job
+killed with SIGKILL and resumed, a broken image recorded as failed, and a click answered while a job runs."""
 
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ def pictures():
 
 @pytest.fixture(scope="module")
 def bulk_backend(label_studio: LabelStudio, groundingdino_files, mobile_sam_checkpoint, tmp_path_factory):
-    """A backend whose budget answers a few tasks per /predict, so one Retrieve Predictions needs the job."""
+    """A backend whose budget answers a few tasks per /predict, so one Retrieve Predictions needs the job. Its chunk
+    (JOB_CHUNK_SIZE, 50) is larger than the job: its predictions go out on time (JOB_IMPORT_WAIT)."""
     backend = start_backend("grounded-sam-bulk", groundingdino_files, mobile_sam_checkpoint, label_studio.url,
                             LS_TOKEN, tmp_path_factory.mktemp("bulk-backend-data"), PREDICT_TIME_BUDGET="2",
-                            JOB_CHUNK_SIZE="5")
+                            JOB_IMPORT_WAIT="0.5")
     try:
         wait_models(backend)
         yield backend
@@ -82,9 +83,16 @@ def wait_for(condition, timeout: float, what: str):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def project_predictions(ls: LabelStudio, pid: int) -> list[dict]:
+    """Our predictions in the project, in one request."""
+    return [p for p in ls.json("GET", "/api/predictions/", params={"project": pid})
+            if p["model_version"] == MODEL_VERSION]
+
+
 @pytest.fixture(scope="module")
 def retrieved(label_studio: LabelStudio, bulk_backend, pictures):
-    """A project pre-annotated by ONE Retrieve Predictions."""
+    """A project pre-annotated by ONE Retrieve Predictions; how many of the job's predictions Label Studio held
+    while the job was still running (Label Studio asked first, then the job)."""
     ls = label_studio
     pid, tasks = make_project(ls, pictures, "Grounded SAM bulk")
     ml = ls.connect_backend(pid, bulk_backend.url, {"prompt": PROMPT})
@@ -94,20 +102,27 @@ def retrieved(label_studio: LabelStudio, bulk_backend, pictures):
     TIMINGS["retrieve_answer_s"] = round(time.perf_counter() - started, 2)
     answered = [t for t in tasks if ours(ls, t)]
     (job,) = requests.get(bulk_backend.url + "/jobs", timeout=5).json()["jobs"]
+    landed_while_running = [0]
 
     def finished():
+        landed = sum(1 for p in project_predictions(ls, pid) if p["task"] not in answered)
         status = requests.get(f"{bulk_backend.url}/jobs/{job['id']}", timeout=5).json()
-        return status if status["state"] not in ("queued", "running") else None
+        if status["state"] not in ("queued", "running"):
+            return status
+        if landed and not landed_while_running[0]:
+            landed_while_running[0] = landed
+            TIMINGS["first_job_predictions_s"] = round(time.perf_counter() - started, 2)
+        return None
 
     status = wait_for(finished, 600, "the background job")
     TIMINGS["all_predicted_s"] = round(time.perf_counter() - started, 2)
     write_artifact("bulk-timings.json", TIMINGS)
-    return pid, tasks, answered, status
+    return pid, tasks, answered, status, landed_while_running[0]
 
 
 def test_one_retrieve_predictions_pre_annotates_the_whole_project(label_studio: LabelStudio, retrieved):
     ls = label_studio
-    pid, tasks, answered, status = retrieved
+    pid, tasks, answered, status, landed_while_running = retrieved
     assert 0 < len(answered) < N_TASKS - 1, answered  # the budget answered a few, the job the others
     assert status["state"] == "done", status
     for task in tasks[:-1]:
@@ -117,8 +132,14 @@ def test_one_retrieve_predictions_pre_annotates_the_whole_project(label_studio: 
     assert status["counts"]["done"] + len(answered) == N_TASKS - 1
 
 
+def test_the_jobs_first_predictions_land_while_it_runs(retrieved):
+    """The job's chunk (50) is larger than the job: its predictions went out on time, not all at its end."""
+    *_, status, landed_while_running = retrieved
+    assert 0 < landed_while_running < status["counts"]["done"], (landed_while_running, status["counts"], TIMINGS)
+
+
 def test_a_broken_image_is_recorded_as_failed_and_the_others_complete(label_studio: LabelStudio, retrieved):
-    pid, tasks, answered, status = retrieved
+    pid, tasks, answered, status, _ = retrieved
     assert status["counts"]["failed"] == 1
     (failure,) = status["recent_failures"]
     assert failure["task"] == tasks[-1] and failure["kind"] == "undecodable"
@@ -139,7 +160,7 @@ def cli_env(label_studio: LabelStudio, groundingdino_files, mobile_sam_checkpoin
 
 def test_cli_only_missing_on_the_same_project(label_studio: LabelStudio, retrieved, cli_env):
     ls = label_studio
-    pid, tasks, _, _ = retrieved
+    pid, tasks, *_ = retrieved
     removed = ls.delete_predictions(tasks[:3])
     assert removed == 3
     proc = cli(cli_env, "--project", str(pid), "--prompt", PROMPT, "--only-missing")
@@ -148,6 +169,34 @@ def test_cli_only_missing_on_the_same_project(label_studio: LabelStudio, retriev
     assert f"3 done, 1 failed, {N_TASKS - 4} skipped" in err, err
     for task in tasks[:-1]:
         assert len(ours(ls, task)) == 1, task
+
+
+def test_a_second_job_skips_the_predicted_tasks_and_redo_replaces_a_prediction(label_studio: LabelStudio,
+                                                                                retrieved, bulk_backend):
+    ls = label_studio
+    pid, tasks, *_ = retrieved
+    before = {p["task"]: p["id"] for p in project_predictions(ls, pid)}
+    assert len(before) == N_TASKS - 1
+
+    def job(**body) -> dict:
+        response = requests.post(bulk_backend.url + "/jobs", headers={"Authorization": f"Token {LS_TOKEN}"},
+                                 json={"project": pid, "prompt": PROMPT, **body}, timeout=60)
+        assert response.status_code == 201, response.text
+
+        def ended():
+            status = requests.get(f"{bulk_backend.url}/jobs/{response.json()['id']}", timeout=5).json()
+            return status if status["state"] not in ("queued", "running") else None
+
+        return wait_for(ended, 300, "a job")
+
+    status = job(all=True)
+    assert status["state"] == "done" and status["counts"]["skipped"] == N_TASKS - 1, status
+    status = job(tasks=tasks[:2], redo=True)
+    assert status["state"] == "done" and status["counts"]["done"] == 2, status
+    after = project_predictions(ls, pid)
+    assert sorted(p["task"] for p in after) == sorted(before)  # one each, never two
+    replaced = {p["task"]: p["id"] for p in after}
+    assert all(replaced[t] != before[t] for t in tasks[:2]) and all(replaced[t] == before[t] for t in tasks[2:-1])
 
 
 @pytest.fixture(scope="module")
