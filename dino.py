@@ -109,16 +109,6 @@ class GroundingDino:
             raise ModelLoadError(f"GROUNDINGDINO_CHECKPOINT={checkpoint_path}: could not load: {e}") from e
         return cls(model, device, cache, dtype)
 
-    def compile(self) -> None:
-        """torch.compile the Swin backbone and warm it up on a 4:3 image, so the first request doesn't pay for
-        compilation. An image of another aspect ratio compiles once more, with its sizes dynamic from then on
-        (torch.compile's automatic dynamic shapes)."""
-        backbone = self.model.backbone  # a Joiner (Swin, position embedding), maybe inside an Autocast
-        backbone = getattr(backbone, "module", backbone)
-        backbone[0] = torch.compile(backbone[0])
-        with self._lock, torch.no_grad():
-            self._backbone(torch.zeros(1, 3, 800, 1066, device=self.device))
-
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, h, w) float tensor, short side 800 (long side <= 1333), normalised."""
         tensor, _ = self._transform(Image.fromarray(image), None)

@@ -65,17 +65,19 @@ def build_models(settings: Settings) -> Models:
     runtime = {"device": device, "precision": dtype_name(dtype), "compiled": []}
     if s.engine == "grounded_sam":
         runtime["deformable_attention"] = deformable_attention_kernel(device)
-    compiles = []  # (name, how), as COMPILE asks
     if segmenter is not None and s.compile in ("segmenter", "true"):
-        compiles.append(("segmenter", lambda: segmenter.compile((1, s.batch_size))))  # the batch sizes it will see
-    if s.engine == "grounded_sam" and s.compile == "true":
-        compiles.append(("detector", detector.compile))
-    for name, compile_model in compiles:
+        sizes = (1, s.batch_size)  # one image (a click, a single task) and a bulk batch; smaller batches are padded
         started = time.perf_counter()
-        compile_model()
-        logger.info("torch.compile: the %s's encoder compiled and warmed up in %.1f s", name,
-                    time.perf_counter() - started)
-        runtime["compiled"].append(name)
+        if segmenter.compile(sizes):
+            logger.info("torch.compile: the segmenter's image encoder compiled and warmed up at batch sizes %s in "
+                        "%.1f s", ", ".join(map(str, sorted(set(sizes)))), time.perf_counter() - started)
+            runtime["compiled"].append("segmenter")
+    if s.engine == "grounded_sam" and s.compile == "true":
+        # Its input size follows each image's aspect ratio: static shapes would compile again on requests, dynamic
+        # ones did not finish compiling in 125 s on an H200, and padding to a few sizes changes Swin's features
+        # (docs/gpu.md). So COMPILE=true compiles what `segmenter` does.
+        logger.warning("COMPILE=true: Grounding DINO's backbone is not compiled (docs/gpu.md says why); "
+                       "only the segmenter's image encoder is")
     return Models(detector, segmenter, cache, engine=s.engine, runtime=runtime)
 
 

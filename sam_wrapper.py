@@ -102,6 +102,7 @@ class Segmenter:
         # On CPU, prompts go through the mask decoder 4 at a time (sam_decoder.PromptDecoder: cache-sized passes).
         self.decoder = PromptDecoder(self.model, chunk=4 if torch.device(device).type == "cpu" else None)
         self._lock = threading.Lock()
+        self._warmed: tuple[int, ...] = ()  # the batch sizes the compiled encoder was warmed up at (compile)
 
     @classmethod
     def load(cls, kind: str, checkpoint: str, device: str, model_type: str = "vit_h",
@@ -135,14 +136,39 @@ class Segmenter:
             for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
                 self.cache.put(self._key(image_id), embedding)
 
-    def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """torch.compile the image encoder (its input is always 1024x1024: static shapes) and warm it up at each
-        batch size a caller will use, so no request pays for compilation."""
-        self.model.image_encoder = torch.compile(self.model.image_encoder, dynamic=False)
-        size = self.model.image_encoder.img_size
-        for batch in sorted(set(batch_sizes)):
-            with self._lock, torch.no_grad(), autocast(self.device, self.dtype):
-                self.model.image_encoder(torch.zeros(batch, 3, size, size, device=self.device))
+    def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> bool:
+        """torch.compile the image encoder with static shapes (its input is always (B, 3, 1024, 1024)) and warm it up
+        at each of `batch_sizes`. From then on every encoder pass runs at a warmed batch size (`_encode`), so no
+        request compiles. If compiling or a warm-up fails (no C compiler, an op inductor can't lower), the encoder
+        stays eager, the error is logged and False is returned: the service still starts."""
+        eager = self.model.image_encoder
+        size = eager.img_size
+        try:
+            self.model.image_encoder = torch.compile(eager, dynamic=False)
+            for batch in sorted(set(batch_sizes)):
+                with self._lock, torch.no_grad(), autocast(self.device, self.dtype):
+                    self.model.image_encoder(torch.zeros(batch, 3, size, size, device=self.device))
+        except Exception:  # a failed compile must not take the service down: it runs eager, as without COMPILE
+            logger.exception("torch.compile of the segmenter's image encoder failed; it runs eager")
+            self.model.image_encoder = eager
+            return False
+        self._warmed = tuple(sorted(set(batch_sizes)))
+        return True
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """(k, 3, 1024, 1024) preprocessed images -> (k, 256, 64, 64) features. Compiled, a batch runs at the smallest
+        warmed batch size >= k, padded with blank images whose outputs are dropped (larger batches: in chunks of the
+        largest), since any other size would compile again (dynamic=False) in the middle of a request. The images
+        of a batch don't interact (each is its own sequence of tokens), so padding changes no image's features
+        beyond float rounding. Eager, the batch runs as it is."""
+        if not self._warmed:
+            return self.model.image_encoder(batch)
+        largest, out = self._warmed[-1], []
+        for chunk in batch.split(largest):
+            size = next(s for s in self._warmed if s >= len(chunk))
+            padded = torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
+            out.append(self.model.image_encoder(padded)[: len(chunk)])
+        return torch.cat(out)
 
     @torch.no_grad()
     def _embed(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
@@ -156,7 +182,7 @@ class Segmenter:
             inputs.append(self.model.preprocess(tensor))  # normalised, padded to (3, 1024, 1024)
         with self._lock:
             with autocast(self.device, self.dtype):
-                features = self.model.image_encoder(torch.stack(inputs))
+                features = self._encode(torch.stack(inputs))
             features = features.float()  # (B, 256, 64, 64)
             prepared = [self.decoder.prepare(features[i : i + 1]) for i in range(len(images))]
         return [ImageEmbedding(d, input_size, original_size) for d, (input_size, original_size)

@@ -2,7 +2,7 @@
 published sizes, generated here (nothing is downloaded). Built to run on one lent GPU in one command of about
 8 minutes; `--device cpu --quick` runs the same code on CPU with the small test models (tests/test_gpu_path.py).
 
-For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, true) it prints the median over
+For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, segmenter) it prints the median over
 --iterations, after warm-up, of:
 
   dino          one Grounding DINO Swin-T forward pass (backbone, BERT, transformer) on a fresh image
@@ -15,9 +15,14 @@ then bulk pre-annotation with MobileSAM (Pipeline.encode + predict_image, what t
 images per second at BATCH_SIZE 1, 4 and 8, ENGINE=sam3's whole answer and peak memory (PRECISION=fp32; not
 with --quick: its random-weight checkpoint is 3.4 GB), and the share of a Grounding DINO pass spent in its
 deformable attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel; PRECISION=fp32).
-The straightforward way (fp32, eager, one image at a time) is the first row and batch 1.
+The straightforward way (fp32, eager, one image at a time) is the first row and batch 1. The compiled row's models
+are compiled and warmed up at load (build_models: batch sizes 1 and BATCH_SIZE, smaller batches padded), so it times
+no compilation. Each section starts only while the run is inside --budget-s (default 450 s: an 8-minute command with
+room to set up); one that would start later is skipped with a line saying so, and --json is rewritten after each
+section, so a cut run still leaves what it measured.
 
     .venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--iterations 20] [--models DIR] [--json FILE]
+                                             [--budget-s 450] [--no-compile]
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick
 """
 
@@ -223,7 +228,9 @@ def main() -> None:
                              "warm-up")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--models", type=Path, help="where the checkpoints are generated (reused if there)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the COMPILE=true row")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the COMPILE=segmenter row")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="start no section after this many seconds of the run (default 450)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     silence_third_party_warnings()
@@ -232,6 +239,21 @@ def main() -> None:
     if args.quick:
         args.iterations = 1
     args.warmup = 1 if args.quick else 3
+    run_started, figures = time.perf_counter(), {}
+
+    def within_budget(section: str) -> bool:
+        """Whether `section` may start; says so when it may not."""
+        spent = time.perf_counter() - run_started
+        if spent < args.budget_s:
+            return True
+        print(f"  skipped {section}: {spent:.0f} s of the {args.budget_s:.0f} s budget spent", flush=True)
+        return False
+
+    def save(**measured) -> None:
+        figures.update(measured)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         env = generate(args.models or Path(tmp), args.quick)
         env = {**env, "DEVICE": args.device, "MAX_DETECTIONS": "20"}
@@ -239,39 +261,45 @@ def main() -> None:
         kinds = ["mobile_sam"] if args.quick else ["vit_h", "vit_b", "mobile_sam"]
         settings_rows = [("fp32", "false"), ("bf16", "false")]
         if not (args.quick or args.no_compile):
-            settings_rows.append(("bf16", "true"))
+            settings_rows.append(("bf16", "segmenter"))
         clock = Clock(args.device)
         device_name = torch.cuda.get_device_name() if clock.cuda else "CPU"
         print(f"device: {device_name}; image {image.shape[1]}x{image.shape[0]}; median of {args.iterations} after "
               f"{args.warmup} warm-up; milliseconds", flush=True)
         rows = {}
+        save(device=device_name, rows=rows)
         for precision, compiled in settings_rows:
+            if not within_budget(f"{precision}, compile={compiled}"):
+                continue
             started = time.perf_counter()
             rows[f"{precision}, compile={compiled}"] = measure(
                 {**env, "PRECISION": precision, "COMPILE": compiled}, kinds, image, args, clock)
             print(f"  ({precision}, compile={compiled} measured in {time.perf_counter() - started:.0f} s)",
                   flush=True)
-        columns = list(next(iter(rows.values())))
+            save(rows=rows)
+        columns = list(next(iter(rows.values()), {}))
         print("| setting | " + " | ".join(columns) + " |")
         print("|---" * (len(columns) + 1) + "|")
         for name, row in rows.items():
             print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if "GB" not in c else f"{row[c]:.2f}"
                                               for c in columns) + " |")
         image_count, sizes, precisions = (2, [1, 2], ["fp32"]) if args.quick else (64, [1, 4, 8], ["fp32", "bf16"])
-        rates = {p: bulk(env, image, image_count, sizes, clock, p, warmup=not args.quick) for p in precisions}
+        rates = {p: bulk(env, image, image_count, sizes, clock, p, warmup=not args.quick) for p in precisions
+                 if within_budget(f"bulk {p}")}
+        save(bulk=rates)
         print(f"bulk, Grounding DINO + MobileSAM, {image_count} images, images/s: " + "; ".join(
             f"{p}: " + ", ".join(f"batch {b} {r:.2f}" for b, r in rate.items()) for p, rate in rates.items()))
-        if not args.quick:
+        if not args.quick and within_budget("SAM 3"):
             sam3 = sam3_answer(env, image, args, clock)
             print("SAM 3 engine, PRECISION=fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in sam3.items()), flush=True)
         else:
             sam3 = {}
-        share = deformable_share(env, image, args.device)
-        print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass, "
-              "PRECISION=fp32")
-        if args.json:
-            args.json.write_text(json.dumps({"device": device_name, "rows": rows, "bulk": rates, "sam3 fp32": sam3,
-                                             "deformable_share fp32": share}, indent=1))
+        save(**{"sam3 fp32": sam3})
+        if within_budget("the deformable attention's share"):
+            share = deformable_share(env, image, args.device)
+            print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass, "
+                  "PRECISION=fp32")
+            save(**{"deformable_share fp32": share})
 
 
 if __name__ == "__main__":

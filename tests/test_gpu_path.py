@@ -109,29 +109,60 @@ def test_health_says_how_the_models_run(env):
     assert ModelLoader(Settings.from_env(env)).state()["models"] == "not started"
 
 
-def test_compile_warms_the_segmenter_up_before_the_models_are_ready(env, fp32, caplog):
-    """COMPILE=segmenter: SAM's image encoder compiled (inductor, on CPU here) and run at batch 1 and BATCH_SIZE while
-    loading, so /health says ready only after that, and no request compiles again. (COMPILE=true also compiles
-    Grounding DINO's Swin backbone: over 8 minutes on this 2-core machine, so it is measured by bench_gpu.py.)"""
+def test_compile_warms_every_batch_size_up_before_the_models_are_ready(env, fp32, caplog):
+    """COMPILE=true: SAM's image encoder compiled (inductor, on CPU here) and warmed up at batch 1 and BATCH_SIZE while
+    loading, so /health says ready only after that; then batches of every size, 1 to BATCH_SIZE + 1, compile nothing
+    (the smaller ones padded to BATCH_SIZE, the larger in chunks) and give the eager encoder's embeddings. Grounding
+    DINO's backbone stays eager (docs/gpu.md says why), with a warning."""
     import torch._dynamo.utils
 
     caplog.set_level("INFO", logger="loader")
-    loader = ModelLoader(Settings.from_env({**env, "COMPILE": "segmenter", "BATCH_SIZE": "2"}))
+    loader = ModelLoader(Settings.from_env({**env, "COMPILE": "true", "BATCH_SIZE": "3"}))
     loader.start()
     models = loader.get(timeout=900)
     assert loader.state()["compiled"] == ["segmenter"]
     messages = [r.getMessage() for r in caplog.records if r.name == "loader"]
-    compiled = next(i for i, m in enumerate(messages) if m.startswith("torch.compile: the segmenter's encoder"))
+    compiled = next(i for i, m in enumerate(messages) if m.startswith("torch.compile: the segmenter's image encoder"))
     assert compiled < next(i for i, m in enumerate(messages) if m.startswith("models ready"))
-    assert " warmed up in " in messages[compiled] and messages[compiled].endswith(" s")
+    assert " warmed up at batch sizes 1, 3 in " in messages[compiled] and messages[compiled].endswith(" s")
+    assert any(m.startswith("COMPILE=true: Grounding DINO's backbone is not compiled") for m in messages)
+    backbone = models.detector.model.backbone
+    assert not isinstance(backbone[0], torch._dynamo.eval_frame.OptimizedModule)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120]], np.float32)
-    masks, _ = models.segmenter.segment_boxes(IMAGE, boxes)
-    models.segmenter.embed_batch([make_image(64, 48, seed=1), make_image(48, 64, seed=2)], ["a", "b"])
+    images = [make_image(64 + 8 * n, 48, seed=n) for n in range(4)]
+    with torch.compiler.set_stance("fail_on_recompile"):  # any compile on a request raises
+        for k in range(1, 5):
+            models.segmenter.embed_batch(images[:k], [f"batch{k}-{n}" for n in range(k)])
+        boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120]], np.float32)
+        masks, _ = models.segmenter.segment_boxes(IMAGE, boxes)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled on a request
+    for k in range(1, 5):
+        for n in range(k):
+            got = models.cache.get(models.segmenter._key(f"batch{k}-{n}"), lambda: pytest.fail("not encoded"))
+            assert relative_error(fp32.segmenter.embed(images[n]).decoder_input.src, got.decoder_input.src) <= 1e-4
     eager, _ = fp32.segmenter.segment_boxes(IMAGE, boxes)
     for a, b in zip(np.asarray(masks), np.asarray(eager), strict=True):
         assert (a & b).sum() / (a | b).sum() >= 0.99
+
+
+def test_a_failed_compile_leaves_the_encoder_eager(fp32, monkeypatch, caplog):
+    """A compile or warm-up that raises (no C compiler, an op inductor can't lower) is logged, and the segmenter runs
+    eager, as without COMPILE: the service still starts."""
+    from sam_wrapper import Segmenter
+
+    segmenter = Segmenter(fp32.segmenter.model, "cpu")
+    encoder = segmenter.model.image_encoder
+
+    def broken(module, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor: no C compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert segmenter.compile((1, 4)) is False
+    assert segmenter.model.image_encoder is encoder
+    assert "torch.compile of the segmenter's image encoder failed" in caplog.text
+    assert segmenter.embed(IMAGE).decoder_input.src.shape == (1, 256, 64, 64)
 
 
 @pytest.fixture
