@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,13 +54,44 @@ def deformable_attention_kernel(device: str) -> str:
     return "cuda op" if compiled and torch.device(device).type == "cuda" else "pytorch"
 
 
+class TextFeatures(torch.nn.Module):
+    """Grounding DINO's text encoder (BERT), run once per caption: wraps `model.bert` and keeps the last
+    `size` captions' outputs, keyed by the exact tensors the model hands it (token ids, its sub-sentence attention
+    mask, position ids), so every image of a bulk job, and every repeated prompt, reuses the first one's. A batch
+    whose rows are one caption is encoded from its first row and expanded (a bulk batch shares its prompt).
+
+    Called with (1 or B, T) integer tensors as keywords; returns {"last_hidden_state": (B, T, 768)}, what the
+    model reads. Not thread-safe by itself: GroundingDino runs the model under its lock."""
+
+    def __init__(self, encoder: torch.nn.Module, size: int = 16):
+        super().__init__()
+        self.encoder, self.size = encoder, size
+        self._outputs: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def forward(self, **inputs: torch.Tensor) -> dict:
+        batch = next(iter(inputs.values())).shape[0]
+        first = {name: value[:1] for name, value in inputs.items()}
+        if any(not torch.equal(value, first[name].expand_as(value)) for name, value in inputs.items()):
+            return self.encoder(**inputs)  # different captions in one batch: not what the service sends
+        key = tuple((name, value.shape, value.cpu().numpy().tobytes()) for name, value in sorted(first.items()))
+        hidden = self._outputs.get(key)
+        if hidden is None:
+            hidden = self.encoder(**first)["last_hidden_state"]
+            self._outputs[key] = hidden
+            while len(self._outputs) > self.size:
+                self._outputs.popitem(last=False)
+        self._outputs.move_to_end(key)
+        return {"last_hidden_state": hidden.expand(batch, *hidden.shape[1:])}
+
+
 class GroundingDino:
     """Owns one Grounding DINO model. `detect` is safe to call from several threads: the
     model keeps per-call image features on itself, so calls are serialised by a lock.
 
     With a cache, an image's backbone features are computed once (the text-independent part of
     the model), and the raw outputs for one image and caption once (a repeated prompt); `encode_batch`
-    computes both for several images in one pass. dtype: the autocast dtype (None: float32) of the image
+    computes both for several images in one pass. The caption's text features are computed once per caption
+    (`TextFeatures`), with or without a cache. dtype: the autocast dtype (None: float32) of the image
     backbone (Swin) and the text encoder (BERT); the transformer that fuses them, selects queries and refines
     boxes stays float32 (README "GPU" says why), and every output is float32."""
 
@@ -72,6 +104,8 @@ class GroundingDino:
         if dtype is not None:
             self.model.backbone = Autocast(self.model.backbone, device, dtype)
             self.model.bert = Autocast(self.model.bert, device, dtype)
+        if not isinstance(self.model.bert, TextFeatures):  # a bulk job's prompt is encoded once, not per image
+            self.model.bert = TextFeatures(self.model.bert)
         self.max_text_len = int(getattr(model, "max_text_len", 256))
         self._lock = threading.Lock()
         # Imported here: groundingdino's transforms are the reference preprocessing.

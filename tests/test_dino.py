@@ -11,7 +11,7 @@ from model_factory import groundingdino_image_tensor, make_image
 from torchvision.ops import box_convert
 
 from cache import EmbeddingCache, image_digest
-from dino import GroundingDino, caption_and_spans
+from dino import GroundingDino, TextFeatures, caption_and_spans
 from errors import ModelLoadError
 from prompts import Phrase
 
@@ -153,3 +153,34 @@ def test_cached_backbone_and_outputs_give_the_uncached_detections(detector, imag
         assert got.labels == want.labels
     # backbone + two captions' outputs were computed; the third call was a hit on the first's outputs
     assert cache.stats()["misses"] == 3 and cache.stats()["hits"] == 2
+
+
+def test_the_text_encoder_runs_once_per_caption_and_changes_no_output(groundingdino_files, detector, image):
+    """TextFeatures: BERT runs once for a caption however many images (and batches) use it, and the outputs are
+    the library model's own (loaded afresh through groundingdino's load_model, nothing wrapped), image by image and
+    in a batch of two."""
+    from groundingdino.util.inference import load_model
+
+    config, checkpoint, text_encoder = groundingdino_files
+    library = load_model(str(config), str(checkpoint), device="cpu", text_encoder_type=str(text_encoder)).eval()
+    assert not isinstance(library.bert, TextFeatures) and isinstance(detector.model.bert, TextFeatures)
+    fresh = GroundingDino(detector.model, "cpu", EmbeddingCache(8, 2**30))
+    detector.model.bert._outputs.clear()
+    runs = []
+    handle = detector.model.bert.encoder.register_forward_hook(lambda *args: runs.append(1))
+    images = [image, make_image(160, 24, seed=2)]
+    try:
+        ours = [fresh._forward(picture, CAPTION, None) for picture in images]
+        fresh.encode_batch(images, ["a", "b"], PHRASES)
+        batched = [fresh.cache.get(fresh._outputs_key(image_id, CAPTION), pytest.fail) for image_id in ("a", "b")]
+        fresh._forward(image, "shape .", None)
+    finally:
+        handle.remove()
+    assert len(runs) == 2  # CAPTION once for two images and a batch of two, then "shape ." once
+    with torch.no_grad():
+        for picture, (logits, boxes), (batch_logits, batch_boxes) in zip(images, ours, batched, strict=True):
+            want = library(groundingdino_image_tensor(picture)[None], captions=[CAPTION])
+            np.testing.assert_allclose(logits, want["pred_logits"].sigmoid()[0], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(boxes, want["pred_boxes"][0], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(batch_logits, logits, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(batch_boxes, boxes, rtol=0, atol=1e-4)
