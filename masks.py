@@ -61,11 +61,21 @@ def cleanup_params(values: Mapping, min_area: int, smooth: int, prefix: str = ""
 def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(H, W) mask (nonzero = foreground) -> (y0, y1, x0, x1), its foreground's bounding box in image pixels
     (y1, x1 exclusive); None when it has no foreground. Two reductions over the image, the only full-image
-    passes the clean-up and the region builder make per mask (about 0.1 ms at 1280x960)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not len(rows):
-        return None
-    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    passes the clean-up and the region builder make per mask (about 0.05 ms at 1280x960)."""
+    if mask.dtype.itemsize == 1 and mask.shape[1] % 8 == 0 and mask.flags.c_contiguous and mask.size:
+        # Eight pixels a 64-bit word: numpy ORs a row of words at about the speed it reads them, 1.5x faster than
+        # any() on the pixels, whose row reduction is the cost of this function. OR-ing the box's rows word-wise
+        # leaves each column's byte nonzero where that column has foreground.
+        words = mask.view(np.uint64)
+        rows = np.flatnonzero(np.bitwise_or.reduce(words, axis=1))
+        if not len(rows):
+            return None
+        cols = np.flatnonzero(np.bitwise_or.reduce(words[rows[0] : rows[-1] + 1], axis=0).view(np.uint8))
+    else:
+        rows = np.flatnonzero(mask.any(axis=1))
+        if not len(rows):
+            return None
+        cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 

@@ -242,3 +242,23 @@ def test_bounds_from_row_and_column_profiles_are_mask_bounds(name):
 
     mask = EDGE_CASES[name]
     assert profile_bounds(mask.any(axis=1), mask.any(axis=0)) == mask_bounds(mask)
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_mask_bounds_are_the_foreground_pixels_extremes(name):
+    """mask_bounds by 64-bit words (1-byte pixels, width a multiple of 8, contiguous) and by pixels (the rest)."""
+    mask = EDGE_CASES[name]
+    ys, xs = np.nonzero(mask)
+    expected = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1) if len(ys) else None
+    assert mask_bounds(mask) == expected  # bool, 64 wide: by words (the odd-sized case, 53 wide, by pixels)
+    assert mask_bounds(mask.astype(np.uint8) * 7) == expected
+    assert mask_bounds(mask.astype(np.float32)) == expected  # 4-byte pixels: by pixels
+    assert mask_bounds(np.asfortranarray(mask)) == expected  # not row-contiguous: by pixels
+    wider = np.zeros((mask.shape[0], 67), bool)  # 67 wide: by pixels
+    wider[:, 1 : mask.shape[1] + 1] = mask
+    shifted = None if expected is None else (expected[0], expected[1], expected[2] + 1, expected[3] + 1)
+    assert mask_bounds(wider) == shifted
+    for x in (0, 7, 8, 63):  # one pixel in each byte position of a word
+        one = np.zeros((3, 64), bool)
+        one[1, x] = True
+        assert mask_bounds(one) == (1, 2, x, x + 1)
