@@ -556,3 +556,29 @@ def test_rle_and_polygons_of_a_photo_sized_mask_near_the_border():
     mask[40:45, 1200:1205] = False
     assert mask_to_rle(mask) == sdk_rle(mask)
     assert [p.tolist() for p in mask_to_polygons(mask)] == [p.tolist() for p in full_image_polygons(mask)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_polygons_of_one_part_masks_are_the_whole_image_ones(seed):
+    """Masks of one 8-connected part (mask_to_polygons reads them without labelling): shapes with holes, notches,
+    lines one pixel wide and single pixels, on and off the borders; with an island in a hole or a second part they
+    take the labelling path; both give the whole image's outlines."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(3, 90, 2))
+    mask = blob(height, width, rng)
+    if seed % 3 == 1:
+        mask &= ~blob(height, width, rng)  # a bite out of it, or a hole
+    if seed % 5 == 2:
+        mask[int(rng.integers(0, height)), :] = True  # a line one pixel wide across the image
+    if seed % 7 == 3:
+        mask = np.zeros_like(mask)
+        mask[int(rng.integers(0, height)), int(rng.integers(0, width))] = True
+    variants = [mask]
+    ring = np.zeros((30, 30), bool)
+    ring[5:25, 5:25] = True
+    ring[8:22, 8:22] = False
+    variants += [ring, ring | np.pad(np.ones((4, 4), bool), 13)]  # one part; an island in its hole: two
+    for m in variants:
+        for tolerance in (0.0, 1.0, 2.5):
+            got, expected = mask_to_polygons(m, tolerance), full_image_polygons(m, tolerance)
+            assert [p.tolist() for p in got] == [p.tolist() for p in expected]
