@@ -61,11 +61,21 @@ def cleanup_params(values: Mapping, min_area: int, smooth: int, prefix: str = ""
 def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(H, W) mask (nonzero = foreground) -> (y0, y1, x0, x1), its foreground's bounding box in image pixels
     (y1, x1 exclusive); None when it has no foreground. Two reductions over the image, the only full-image
-    passes the clean-up and the region builder make per mask (about 0.1 ms at 1280x960)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not len(rows):
-        return None
-    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    passes the clean-up and the region builder make per mask (about 0.05 ms at 1280x960)."""
+    if mask.dtype.itemsize == 1 and mask.shape[1] % 8 == 0 and mask.flags.c_contiguous and mask.size:
+        # Eight pixels a 64-bit word: numpy ORs a row of words at about the speed it reads them, 1.5x faster than
+        # any() on the pixels, whose row reduction is the cost of this function. OR-ing the box's rows word-wise
+        # leaves each column's byte nonzero where that column has foreground.
+        words = mask.view(np.uint64)
+        rows = np.flatnonzero(np.bitwise_or.reduce(words, axis=1))
+        if not len(rows):
+            return None
+        cols = np.flatnonzero(np.bitwise_or.reduce(words[rows[0] : rows[-1] + 1], axis=0).view(np.uint8))
+    else:
+        rows = np.flatnonzero(mask.any(axis=1))
+        if not len(rows):
+            return None
+        cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
@@ -111,22 +121,64 @@ def _outside_hole_sizes(labels: np.ndarray, sizes: np.ndarray, crop: tuple[int, 
     return {label: area + int(sizes[np.array(list(group)) - 1].sum()) for group, area in groups for label in group}
 
 
+def _row_runs(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(h, w) bool -> each row's foreground as one run, its first column (h,) and the column after its last (h,),
+    int64 in the crop's columns; None when a row has no foreground or several runs. One pass over the crop: its
+    rows laid one after the other, each followed by a background column, so a run ends inside its row."""
+    h, w = crop.shape
+    cols = w + 1
+    laid = np.zeros(h * cols + 1, bool)
+    laid[1:].reshape(h, cols)[:, :w] = crop
+    change = np.flatnonzero(laid[1:] != laid[:-1])  # change p: laid[1:][p] differs from the value before it
+    if len(change) != 2 * h:
+        return None
+    firsts = np.arange(0, h * cols, cols)
+    starts, ends = change[0::2] - firsts, change[1::2] - firsts  # changes alternate: a run's start, its end
+    if (starts < 0).any() or (starts >= w).any():  # a row without a run, another with several
+        return None
+    return starts, ends
+
+
+def _reach_out(touching: np.ndarray, top_open: bool, bottom_open: bool) -> bool:
+    """touching: (h,) bool, the box's rows whose background meets one side of it where that side is the image's
+    border. Consecutive such rows are joined along that border; each group reaches the region around the box only
+    through the box's top row (top_open: the image continues above it) or its bottom row (bottom_open)."""
+    if not touching.any():
+        return True
+    if touching.all():
+        return top_open or bottom_open
+    top, bottom = int(np.argmin(touching)), int(np.argmin(touching[::-1]))  # rows of the groups at either end
+    return (top_open or not top) and (bottom_open or not bottom) and not touching[top : len(touching) - bottom].any()
+
+
 def _is_clean(mask: np.ndarray, bounds: tuple[int, int, int, int], min_area: int) -> bool:
     """True when the holes and islands steps leave `mask` ((H, W) bool, foreground in `bounds`) as it is, as most
-    masks are, found with OpenCV's contour tracing (Suzuki: 8-connected foreground, 4-connected background) on
-    the bounding box, several times cheaper than labelling it: one island, and no background of the box cut off
-    from what lies around the box, which is all background and in regions of at least min_area pixels. False
-    also when it can't tell (a side of the box on the image border that background of the box touches)."""
+    masks are: one island, and no background of the box cut off from what lies around the box, which is all
+    background and in regions of at least min_area pixels. Read on the bounding box: a mask whose rows each hold
+    one run of foreground (most smooth objects) from those runs (_row_runs); any other with OpenCV's contour
+    tracing (Suzuki: 8-connected foreground, 4-connected background), both several times cheaper than labelling
+    it. False also when it can't tell (background cut off along the image's border, in 4-connected terms)."""
     height, width = mask.shape
     y0, y1, x0, x1 = bounds
     outside = _outside(bounds, height, width)
     if any(area < min_area for _, area in outside):
         return False
     # A ragged mask (thousands of runs and contours) is not clean, and tracing it would cost more than labelling
-    # it: a sample of its rows with more than a few changes each says so first.
+    # it: a sample of its rows with more than a few changes each says so first. No more than 2 changes a row
+    # (one run) make the row runs worth a try.
     sample = mask[y0:y1:max(1, (y1 - y0) // 32), x0:x1]
-    if np.count_nonzero(sample[:, 1:] != sample[:, :-1]) > 8 * len(sample):
+    changes = np.count_nonzero(sample[:, 1:] != sample[:, :-1])
+    if changes > 8 * len(sample):
         return False
+    runs = _row_runs(mask[y0:y1, x0:x1]) if changes <= 2 * len(sample) else None
+    if runs is not None:
+        starts, ends = runs
+        if (starts[1:] > ends[:-1]).any() or (ends[1:] < starts[:-1]).any():  # rows' runs apart: several islands
+            return False
+        # The background of a row lies left and right of its run and reaches the box's side along the row: the
+        # region around the box lies beyond it, unless that side is the image's border.
+        return ((x0 > 0 or _reach_out(starts > 0, y0 > 0, y1 < height))
+                and (x1 < width or _reach_out(ends < x1 - x0, y0 > 0, y1 < height)))
     # Two rings around the box: the inner one stands for the pixels around it (background; the image's border
     # where the box meets it, foreground there, so background reaching it counts as cut off), the outer one keeps
     # everything off the traced array's own edge.

@@ -21,24 +21,18 @@ logger = logging.getLogger(__name__)
 # The LS brush RLE (thi-ng rle-pack) header: 32-bit value count, 5-bit word size - 1, four 4-bit run-size classes - 1.
 _WORD_SIZE = 8
 _RLE_SIZES = (3, 4, 8, 16)  # bits of the run length field for run classes 0..3
+_HEADER_BITS = 32 + 5 + 16
 _CHUNK = 2**16  # runs longer than this are split into chunks of exactly 2**16 values
+_CHUNK_BITS = 1 + 2 + 16 + _WORD_SIZE  # a chunk's token
 _CLASS_LIMITS = np.array([8, 16, 256])  # the longest run of classes 0..2
-_SIZE_BITS = np.array(_RLE_SIZES, dtype=np.int64)
-# (flag << 2 | class) << the class's length bits, by flag << 2 | class.
+# A token's flag and class shifted past its length field, and its width in bits, by flag << 2 | class.
 _HEADS = np.array([(flag << 2 | c) << _RLE_SIZES[c] for flag in (0, 1) for c in range(4)], dtype=np.int64)
+_WIDTHS = np.array([1 + 2 + _RLE_SIZES[c] + _WORD_SIZE for flag in (0, 1) for c in range(4)], dtype=np.int64)
 # A mask's parts smaller than this share of its largest part are specks, not polygons; at most this many parts.
 _MIN_PART_SHARE = 0.1
 _MAX_PARTS = 20
-
-
-def _header_code(num: int) -> tuple[list[int], list[int]]:
-    """The header as two tokens (codes, widths): the value count, then word size and run-size classes."""
-    if num >= 2**32:
-        raise ValueError(f"RLE: {num} values do not fit the 32-bit count of the LS brush format")
-    sizes = 0
-    for size in _RLE_SIZES:
-        sizes = (sizes << 4) | (size - 1)
-    return [num, ((_WORD_SIZE - 1) << 16) | sizes], [32, 5 + 16]
+# At most this many runs of masks wait to be encoded together (each takes ~100 bytes in the encoder's arrays).
+_RLE_BATCH_RUNS = 2**18
 
 
 def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]:
@@ -47,60 +41,74 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
     lengths: (R,) int64 run lengths in values of the flat array; values: (R,) the value of each run.
     Returns a list of Python ints 0..255, identical to brush.encode_rle on the expanded array.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    values = np.asarray(values, dtype=np.int64)
+    return _encode_streams(np.asarray(lengths, np.int64), np.asarray(values, np.int64), np.array([len(lengths)]),
+                           np.array([num]))[0]
 
+
+def _encode_streams(lengths: np.ndarray, values: np.ndarray, counts: np.ndarray, nums: np.ndarray
+                    ) -> list[list[int]]:
+    """Several RLE streams encoded at once: numpy's cost per call, not per run, is most of a smooth mask's encoding
+    (a few hundred runs), so an answer's masks share each step.
+
+    lengths, values: (R,) int64, the runs of all streams one after the other (lengths >= 1, values 0..255);
+    counts: (M,) int64 runs of each stream; nums: (M,) its values in all (its lengths' sum). Returns M lists of
+    ints 0..255, each identical to brush.encode_rle on its stream's expanded array.
+    """
+    if (nums >= 2**32).any():
+        raise ValueError(f"RLE: {int(nums.max())} values do not fit the 32-bit count of the LS brush format")
     # Run class: 0 for length <= 8 (and single values), 1 for <= 16, 2 for <= 256, 3 for longer.
-    cls = np.searchsorted(_CLASS_LIMITS, lengths)
     # A run's token: a flag (0: literal values follow, only length-1 runs here; 1: a repeated value), its class,
-    # its length - 1 in the class's bits, then the value. The flag and class, shifted past the length field, come
-    # from a table by (flag, class): fewer passes over a ragged mask's hundreds of thousands of runs.
-    head = _HEADS[((lengths > 1) << 2) | cls]
-    n_bits = _SIZE_BITS[cls]
-    codes = ((head | (lengths - 1)) << _WORD_SIZE) | values
-    widths = n_bits + (1 + 2 + _WORD_SIZE)
+    # its length - 1 in the class's bits, then the value. The flag and class, shifted past the length field, and
+    # the token's width come from tables by (flag, class): few passes over a ragged mask's many runs.
+    key = ((lengths > 1) << 2) | np.searchsorted(_CLASS_LIMITS, lengths)
+    codes = ((_HEADS[key] | (lengths - 1)) << _WORD_SIZE) | values
+    widths = _WIDTHS[key]
+    spans = widths  # the bits of each run's tokens
+    long = None
     if lengths.max(initial=0) > _CHUNK:
         # The SDK splits a class-3 run into chunks while more than 2**16 values remain; each chunk covers 2**16
         # values and is written with length field 2**16 - 1. The run's final token then carries what is left.
-        # Only runs over 2**16 values: rare, so the common case skips this.
-        n_chunks = np.where(cls == 3, (lengths - 1) // _CHUNK, 0)
-        codes = ((head | (lengths - n_chunks * _CHUNK - 1)) << _WORD_SIZE) | values
-        per_run = n_chunks + 1
-        final = np.cumsum(per_run) - 1
-        chunk_code = (1 << (2 + 16 + _WORD_SIZE)) | (3 << (16 + _WORD_SIZE)) | ((_CHUNK - 1) << _WORD_SIZE) | values
-        all_codes = np.repeat(chunk_code, per_run)
-        all_codes[final] = codes
-        all_widths = np.full(len(all_codes), 1 + 2 + 16 + _WORD_SIZE, dtype=np.int64)
-        all_widths[final] = widths
-        codes, widths = all_codes, all_widths
-
-    head_codes, head_widths = _header_code(num)
-    codes = np.concatenate([np.array(head_codes, dtype=np.int64), codes])
-    widths = np.concatenate([np.array(head_widths, dtype=np.int64), widths])
-    return _pack_bits(codes, widths)
-
-
-def _pack_bits(codes: np.ndarray, widths: np.ndarray) -> list[int]:
-    """Concatenate codes (int64, each < 2**width) MSB first, pad like the SDK, return the bytes as a list of ints.
-
-    Every code is at most 32 bits wide, so it lands in one or two big-endian 32-bit words: scaled by a power of
-    two to where it ends, its whole part goes to its first word and its fraction (times 2**32) to the next, exact
-    in float64 (at most 32 significant bits). The codes cover disjoint bits, so summing their parts per word is a
-    bitwise OR, which lets np.bincount do the scatter (sums below 2**32, exact too).
-    """
-    ends = np.cumsum(widths)
-    offsets = ends - widths
-    total_bits = int(ends[-1])
-    # The SDK pads with 8 - len % 8 zero bits: a whole zero byte when the length is already a multiple of 8.
-    n_bytes = total_bits // 8 + 1
+        # Only runs over 2**16 values (a mask's few long runs of background): their chunks' tokens are placed
+        # by bit offset after the others, so the other runs take no extra pass.
+        long = np.flatnonzero(lengths > _CHUNK)
+        n_chunks = (lengths[long] - 1) // _CHUNK
+        codes[long] = ((_HEADS[key[long]] | (lengths[long] - n_chunks * _CHUNK - 1)) << _WORD_SIZE) | values[long]
+        spans = widths.copy()
+        spans[long] += n_chunks * _CHUNK_BITS
+    # Each stream: its 53-bit header, its tokens, the SDK's padding (8 - len % 8 zero bits: a whole zero byte when
+    # the length is a multiple of 8); the streams lie one after the other in one bit array, each from a 32-bit word.
+    ends = np.cumsum(spans)
+    firsts = np.cumsum(counts) - counts  # each stream's first run
+    before = np.concatenate([[0], ends])[firsts]  # the tokens' bits before each stream
+    n_bytes = (_HEADER_BITS + np.concatenate([[0], ends])[firsts + counts] - before) // 8 + 1
     n_words = (n_bytes + 3) // 4
-
+    base = 32 * (np.cumsum(n_words) - n_words)  # each stream's first bit
+    ends = ends + np.repeat(base + _HEADER_BITS - before, counts)
+    offsets = ends - widths  # a run's final token ends its span
+    if long is not None:
+        run = np.repeat(long, n_chunks)
+        nth = np.arange(len(run)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)  # 0, 1, ... a run
+        chunk = (1 << (2 + 16 + _WORD_SIZE)) | (3 << (16 + _WORD_SIZE)) | ((_CHUNK - 1) << _WORD_SIZE)
+        codes = np.concatenate([codes, chunk | values[run]])
+        offsets = np.concatenate([offsets, ends[run] - spans[run] + nth * _CHUNK_BITS])
+        widths = np.concatenate([widths, np.full(len(run), _CHUNK_BITS)])
+    # Every token (at most 27 bits) lands in one or two big-endian 32-bit words: shifted in 64 bits to its offset
+    # in the first, its high half goes to that word and its low half to the next. Tokens cover disjoint bits, so
+    # summing their parts per word is a bitwise OR, which lets np.bincount do the scatter (sums below 2**32:
+    # exact in float64; weights given as float64, which np.bincount takes several times faster than integers).
+    total_words = int(n_words.sum())
+    placed = codes.astype(np.uint64) << (64 - (offsets & 31) - widths).astype(np.uint64)
     word = offsets >> 5
-    scaled = np.ldexp(codes.astype(np.float64), (32 - (offsets & 31) - widths).astype(np.int32))
-    first = np.floor(scaled)
-    words = np.bincount(word, weights=first, minlength=n_words)
-    words += np.bincount(word + 1, weights=(scaled - first) * 2.0**32, minlength=n_words + 1)[:n_words]
-    return np.frombuffer(words.astype(">u4").tobytes(), dtype=np.uint8)[:n_bytes].tolist()
+    words = np.bincount(word, weights=(placed >> 32).astype(np.float64), minlength=total_words + 1)
+    words += np.bincount(word + 1, weights=(placed & 0xFFFFFFFF).astype(np.float64), minlength=total_words + 1)
+    # The header: the value count (a word), then word size - 1 and the run-size classes - 1 (21 bits).
+    sizes = 0
+    for size in _RLE_SIZES:
+        sizes = (sizes << 4) | (size - 1)
+    words[base // 32] += nums
+    words[base // 32 + 1] += (((_WORD_SIZE - 1) << 16) | sizes) << (64 - _HEADER_BITS)
+    data = words[:total_words].astype(">u4").tobytes()
+    return [list(data[b : b + n]) for b, n in zip((base // 8).tolist(), n_bytes.tolist(), strict=True)]
 
 
 def encode_rle(array: np.ndarray) -> list[int]:
@@ -113,41 +121,56 @@ def encode_rle(array: np.ndarray) -> list[int]:
     return _encode_runs(lengths, flat[starts], flat.size)
 
 
+def _mask_cuts(mask: np.ndarray, bounds: tuple[int, int, int, int] | None) -> tuple[np.ndarray, int]:
+    """(H, W) mask (nonzero = foreground) with its masks.mask_bounds -> where its runs meet in the flat image,
+    (R + 1,) int64 rising from 0 to H * W, and the value of its first run (0 background, 1 foreground).
+
+    Found on the mask's bounding box: the runs of background around it follow from its place in the image."""
+    height, width = mask.shape
+    total = height * width
+    if bounds is None:  # an empty mask: one run of background (none in an empty image)
+        return np.array([0, total] if total else [0]), 0
+    y0, y1, x0, x1 = bounds
+    h, w = y1 - y0, x1 - x0
+    # The box's rows as they lie in the flat image, each followed by one column standing for the background up
+    # to the next row's box (none when the box spans the width), between a background value on each end.
+    cols = w + (w < width)
+    laid = np.zeros(h * cols + 2, bool)
+    laid[1:-1].reshape(h, cols)[:, :w] = mask[y0:y1, x0:x1]
+    change = np.flatnonzero(laid[1:] != laid[:-1])  # change p: value p of the rows differs from the one before
+    rows, cols_at = np.divmod(change, cols)
+    changes = (y0 + rows) * width + x0 + cols_at  # where each run after a change starts in the flat image
+    changes = changes[changes < total]  # a change at the image's very end starts no run
+    first = int(changes[0] == 0)  # the image starts with a run of foreground
+    return np.concatenate((changes, [total]) if first else ([0], changes, [total])), first
+
+
+def _masks_rle(cuts: list[tuple[np.ndarray, int]]) -> list[list[int]]:
+    """The LS brush RLEs of several masks at once, each from its _mask_cuts (cuts, first value): the encoder's
+    steps run once for all of them (_encode_streams)."""
+    joined = np.concatenate([c for c, _ in cuts])
+    counts = np.array([len(c) - 1 for c, _ in cuts])
+    steps = np.diff(joined)
+    lengths = steps[steps > 0] * 4  # each pixel is 4 RGBA values; from one mask's end to the next's start: < 0
+    firsts = np.cumsum(counts) - counts
+    parity = np.repeat(np.array([first for _, first in cuts]) - firsts, counts)
+    values = ((np.arange(len(lengths)) + parity) & 1) * 255  # runs alternate between background and foreground
+    return _encode_streams(lengths, values, counts, np.array([c[-1] for c, _ in cuts]) * 4)
+
+
 def mask_to_rle(mask: np.ndarray, bounds: tuple[int, int, int, int] | None = ()) -> list[int]:
     """(H, W) mask (row-major, nonzero = foreground) -> Label Studio brush RLE as a list of ints 0..255.
     bounds: masks.mask_bounds(mask) when the caller has it (the default, (), finds them).
 
     Byte for byte label_studio_sdk.converter.brush.mask2rle(mask.astype(np.uint8) * 255): the mask is encoded as
     H*W RGBA pixels, every channel 255 on the foreground and 0 elsewhere. Rather than repeating the image 4x, the
-    runs of the flat mask are found once and their lengths multiplied by 4; and only on the mask's bounding box:
-    the runs of background around it follow from its place in the image.
+    runs of the flat mask are found once and their lengths multiplied by 4; and only on the mask's bounding box
+    (_mask_cuts). build_regions encodes an answer's masks together (_masks_rle).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_rle: mask must be 2-D (H, W), got shape {mask.shape}")
-    height, width = mask.shape
-    total = height * width
-    if total == 0:
-        return _pack_bits(*map(np.array, _header_code(0)))
-    bounds = mask_bounds(mask) if bounds == () else bounds
-    starts, first = np.zeros(1, np.int64), 0  # an empty mask: one run of background
-    if bounds is not None:
-        y0, y1, x0, x1 = bounds
-        h, w = y1 - y0, x1 - x0
-        # The box's rows as they lie in the flat image, each followed by one column standing for the background
-        # up to the next row's box (none when the box spans the width), between a background value on each end.
-        cols = w + (w < width)
-        laid = np.zeros(h * cols + 2, bool)
-        laid[1:-1].reshape(h, cols)[:, :w] = mask[y0:y1, x0:x1]
-        change = np.flatnonzero(laid[1:] != laid[:-1])  # change p: value p of the rows differs from the one before
-        rows, cols_at = np.divmod(change, cols)
-        changes = (y0 + rows) * width + x0 + cols_at  # where each run after a change starts in the flat image
-        changes = changes[changes < total]
-        first = int(changes[0] == 0)  # the image starts with a run of foreground
-        starts = changes if first else np.concatenate([[0], changes])
-    lengths = np.diff(np.append(starts, total)) * 4
-    values = ((np.arange(len(starts)) + first) & 1) * 255  # runs alternate between background and foreground
-    return _encode_runs(lengths, values, total * 4)
+    return _masks_rle([_mask_cuts(mask, mask_bounds(mask) if bounds == () else bounds)])[0]
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, bounds: tuple[int, int, int, int] | None = ()
@@ -169,8 +192,17 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, bounds: tuple[int
     if bounds is None:
         return []
     y0, y1, x0, x1 = even_crop(bounds, 0, *mask.shape)
+    crop = mask[y0:y1, x0:x1].astype(np.uint8)
+    # A mask of one part (most) needs no labelling: OpenCV's contour tracing (8-connected foreground) gives every
+    # part one outer border, the top level of RETR_CCOMP's two (islands in holes are there too), traced from the
+    # part's first pixel as it is alone: the outline found below, at several times less than labelling the box.
+    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
+    outer = np.flatnonzero(hierarchy[0, :, 3] < 0)
+    if len(outer) == 1:
+        outline = cv2.approxPolyDP(contours[outer[0]], tolerance, True).reshape(-1, 2)
+        return [outline.astype(np.float64) + 0.5] if len(outline) >= 3 else []
     # Sizes from connected components (C++), so a speckled mask's many specks cost no Python loop.
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1].astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")[:_MAX_PARTS]
     polygons = []
@@ -253,10 +285,17 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
                         "original_width": width, "original_height": height, "image_rotation": 0,
                         "value": {**value, kind: [label]}, "score": score})
 
-    # Masks are read once each, in order: a lazy mask sequence then computes them a few at a time.
     # Masks are read once each, in order (a lazy mask sequence then computes them a few at a time), with their
     # bounding boxes: everything below works on those, none of it on the whole image.
     masks = with_bounds(detections.masks) if detections.masks is not None else None
+    # The brushes' runs wait for their RLE, encoded together (_masks_rle), up to _RLE_BATCH_RUNS runs at a time.
+    brushes: list[tuple[dict, tuple[np.ndarray, int]]] = []
+
+    def encode_brushes() -> None:
+        for value, rle in zip([v for v, _ in brushes], _masks_rle([c for _, c in brushes]), strict=True):
+            value["rle"] = rle
+        brushes.clear()
+
     for i, label in enumerate(detections.labels):
         mask, bounds = next(masks) if masks is not None else (None, None)
         score = round(float(detections.scores[i]), 4)
@@ -275,11 +314,16 @@ def build_regions(detections: Detections, config: LabelingConfig, width: int, he
             logger.debug("skipping the empty mask of detection %d (%s)", i, label)
             continue
         if label in brush_for:
-            add(brush_for[label], "brushlabels", {"format": "rle", "rle": mask_to_rle(mask, bounds)}, label, score)
+            add(brush_for[label], "brushlabels", {"format": "rle", "rle": None}, label, score)
+            brushes.append((regions[-1]["value"], _mask_cuts(mask, bounds)))
+            if sum(len(c) for _, (c, _) in brushes) > _RLE_BATCH_RUNS:
+                encode_brushes()
         if label in polygon_for:
             for outline in mask_to_polygons(mask, polygon_tolerance, bounds):
                 points = (outline * 100.0 / np.array([width, height])).tolist()
                 add(polygon_for[label], "polygonlabels", {"points": points, "closed": True}, label, score)
+    if brushes:
+        encode_brushes()
     return regions
 
 

@@ -1,10 +1,12 @@
 """Today's host work, as it was at 25a3cc2 (before issue #23), copied verbatim as the reference of
 benchmarks/bench_host.py: the mask clean-up (masks.py), the RLE encoder and the polygons (regions.py) and the
-region builder, all over full-image arrays. Not used by the product."""
+region builder, all over full-image arrays, with the helpers and constants of regions.py they use (so a change there
+doesn't change this side of the comparison). Not used by the product."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 import cv2
 import numpy as np
@@ -12,9 +14,51 @@ import numpy as np
 from detections import Detections
 from labeling import LabelingConfig
 from masks import CleanupParams
-from regions import _CHUNK, _MAX_PARTS, _MIN_PART_SHARE, _RLE_SIZES, _WORD_SIZE, _header_code, _new_id, box_to_percent
 
 logger = logging.getLogger(__name__)
+
+# The LS brush RLE (thi-ng rle-pack) header: 32-bit value count, 5-bit word size - 1, four 4-bit run-size classes - 1.
+_WORD_SIZE = 8
+_RLE_SIZES = (3, 4, 8, 16)  # bits of the run length field for run classes 0..3
+_CHUNK = 2**16  # runs longer than this are split into chunks of exactly 2**16 values
+# A mask's parts smaller than this share of its largest part are specks, not polygons; at most this many parts.
+_MIN_PART_SHARE = 0.1
+_MAX_PARTS = 20
+
+
+def _header_code(num: int) -> tuple[list[int], list[int]]:
+    """The header as two tokens (codes, widths): the value count, then word size and run-size classes."""
+    if num >= 2**32:
+        raise ValueError(f"RLE: {num} values do not fit the 32-bit count of the LS brush format")
+    sizes = 0
+    for size in _RLE_SIZES:
+        sizes = (sizes << 4) | (size - 1)
+    return [num, ((_WORD_SIZE - 1) << 16) | sizes], [32, 5 + 16]
+
+
+def box_to_percent(xyxy, width: int, height: int) -> dict:
+    """(4,) x0, y0, x1, y1 in image pixels -> {"x", "y", "width", "height"} in percent of the image.
+
+    The box is clipped to the image first (detector boxes can overshoot the border); the values are plain floats.
+    """
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(xyxy, dtype=np.float64).reshape(4))
+    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    return {
+        "x": x0 * 100.0 / width,
+        "y": y0 * 100.0 / height,
+        "width": (x1 - x0) * 100.0 / width,
+        "height": (y1 - y0) * 100.0 / height,
+    }
+
+
+def _new_id(used: set[str]) -> str:
+    """A short random hex region id, not yet in used (ids must be unique within one response)."""
+    while True:
+        region_id = uuid.uuid4().hex[:10]
+        if region_id not in used:
+            used.add(region_id)
+            return region_id
 
 
 def _remove_small(mask: np.ndarray, min_area: int, holes: bool) -> np.ndarray:

@@ -242,3 +242,99 @@ def test_bounds_from_row_and_column_profiles_are_mask_bounds(name):
 
     mask = EDGE_CASES[name]
     assert profile_bounds(mask.any(axis=1), mask.any(axis=0)) == mask_bounds(mask)
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_mask_bounds_are_the_foreground_pixels_extremes(name):
+    """mask_bounds by 64-bit words (1-byte pixels, width a multiple of 8, contiguous) and by pixels (the rest)."""
+    mask = EDGE_CASES[name]
+    ys, xs = np.nonzero(mask)
+    expected = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1) if len(ys) else None
+    assert mask_bounds(mask) == expected  # bool, 64 wide: by words (the odd-sized case, 53 wide, by pixels)
+    assert mask_bounds(mask.astype(np.uint8) * 7) == expected
+    assert mask_bounds(mask.astype(np.float32)) == expected  # 4-byte pixels: by pixels
+    assert mask_bounds(np.asfortranarray(mask)) == expected  # not row-contiguous: by pixels
+    wider = np.zeros((mask.shape[0], 67), bool)  # 67 wide: by pixels
+    wider[:, 1 : mask.shape[1] + 1] = mask
+    shifted = None if expected is None else (expected[0], expected[1], expected[2] + 1, expected[3] + 1)
+    assert mask_bounds(wider) == shifted
+    for x in (0, 7, 8, 63):  # one pixel in each byte position of a word
+        one = np.zeros((3, 64), bool)
+        one[1, x] = True
+        assert mask_bounds(one) == (1, 2, x, x + 1)
+
+
+def row_convex_cases() -> dict[str, np.ndarray]:
+    """Masks whose rows hold one run each (what _is_clean reads from its row runs), on and off the image's
+    borders, and the few ways such a mask is not clean."""
+    cases = {}
+    rng = np.random.default_rng(7)
+    for i in range(40):
+        height, width = (int(v) for v in rng.integers(6, 70, 2))
+        yy, xx = np.mgrid[0:height, 0:width]
+        cy, cx = rng.uniform(-10, height + 10), rng.uniform(-10, width + 10)
+        ry, rx = rng.uniform(1, height), rng.uniform(1, width)
+        cases[f"ellipse {i}"] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    stairs = np.zeros((12, 20), bool)  # runs that shift left and right along the left border
+    for y, (a, b) in enumerate([(3, 9), (0, 6), (2, 8), (0, 5), (4, 10), (0, 7), (1, 7), (0, 6), (3, 9), (0, 8),
+                                (2, 6), (5, 9)]):
+        stairs[y, a:b] = True
+    cases["stairs on the left border, background pockets between"] = stairs
+    cases["the same, from the top border down"] = np.pad(stairs, ((0, 3), (0, 0)))
+    cases["the same, mirrored onto the right border"] = stairs[:, ::-1].copy()
+    cases["the same, spanning the height"] = stairs[1:-1]
+    diagonal = np.eye(15, 18, 2, dtype=bool)  # one 8-connected island: runs touching only at corners
+    cases["a diagonal line"] = diagonal
+    apart = np.zeros((10, 12), bool)  # rows of one run each, but two islands
+    apart[1:4, 2:5] = True
+    apart[4:8, 6:10] = True
+    cases["two blocks touching nowhere"] = apart
+    apart = apart.copy()
+    apart[4, 5] = True  # now joined diagonally
+    cases["two blocks joined at a corner"] = apart
+    wedge = np.zeros((9, 10), bool)  # fills the image's width: background only at its left and right borders
+    for y in range(9):
+        wedge[y, max(0, 4 - y) : min(10, 6 + y)] = True
+    cases["a wedge from the top border spanning the width"] = wedge
+    cases["the wedge upside down at the bottom border"] = wedge[::-1].copy()
+    cases["the wedge away from both"] = np.pad(wedge, ((2, 2), (0, 0)))
+    return cases
+
+
+ROW_CONVEX = row_convex_cases()
+
+
+@pytest.mark.parametrize("area", [1, 3, 10, 40, 200])
+@pytest.mark.parametrize("name", ROW_CONVEX)
+def test_clean_masks_are_what_remove_small_regions_leaves_as_they_are(name, area):
+    """_is_clean never calls a mask clean that the holes and islands steps change; the clean-up equals them."""
+    from masks import _is_clean
+
+    mask = ROW_CONVEX[name]
+    expected = reference(mask, area)
+    if mask.any() and _is_clean(mask, mask_bounds(mask), area):
+        np.testing.assert_array_equal(expected, mask)
+    np.testing.assert_array_equal(clean_mask(mask, CleanupParams(area, 0)), expected)
+
+
+def test_row_runs_find_one_run_a_row_or_nothing():
+    from masks import _is_clean, _row_runs
+
+    clean = sum(_is_clean(m, mask_bounds(m), 3) for m in ROW_CONVEX.values() if m.any())
+    assert clean >= 30  # the ellipses and most of the others: the cases above test that path, not just the other
+    for name, mask in ROW_CONVEX.items():
+        if not mask.any():
+            continue
+        y0, y1, x0, x1 = mask_bounds(mask)
+        crop = mask[y0:y1, x0:x1]
+        rows = [np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))) for row in crop]
+        runs = _row_runs(crop)
+        if all(len(r) == 2 for r in rows):
+            np.testing.assert_array_equal(runs[0], [r[0] for r in rows], err_msg=name)
+            np.testing.assert_array_equal(runs[1], [r[1] for r in rows], err_msg=name)
+        else:
+            assert runs is None, name
+    gaps = np.zeros((5, 6), bool)
+    gaps[0, 1:3] = gaps[2, 2:5] = gaps[2, 0] = gaps[4, :] = True  # empty rows, a row of two runs
+    assert _row_runs(gaps) is None and _row_runs(gaps[:2]) is None
+    assert _row_runs(gaps[2:]) is None  # as many runs as rows, but not one a row

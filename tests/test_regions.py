@@ -152,6 +152,48 @@ def test_encode_rle_matches_sdk_on_any_uint8_array(seed):
     assert encode_rle(array) == brush.encode_rle(array)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_rles_encoded_together_are_each_the_sdks(seed):
+    """_masks_rle (build_regions' brushes, several masks a call) and _encode_streams (several streams a call): each
+    stream's bytes are those encoded alone, and the SDK's; empty masks, empty images and long runs among them."""
+    from masks import mask_bounds
+    from regions import _encode_streams, _mask_cuts, _masks_rle
+
+    rng = np.random.default_rng(seed)
+    masks = [random_mask(rng) for _ in range(5)] + [np.zeros((7, 9), bool), np.zeros((0, 4), bool),
+                                                   np.ones((300, 260), bool), mask_from_runs([70000, 3, 16385])]
+    order = rng.permutation(len(masks))
+    masks = [masks[i] for i in order]
+    rles = _masks_rle([_mask_cuts(m, mask_bounds(m) if m.size else None) for m in masks])
+    assert rles == [mask_to_rle(m) for m in masks]  # one at a time
+    assert [r for r, m in zip(rles, masks, strict=True) if m.size] == [sdk_rle(m) for m in masks if m.size]
+    arrays = [np.repeat(rng.integers(0, 256, n).astype(np.uint8), rng.choice([1, 2, 9, 300, 70000], n))
+              for n in (0, 1, 40, 3)]
+    runs = [(np.diff(np.append(s, len(a))), a[s]) for a in arrays
+            for s in [np.flatnonzero(np.concatenate([[True], a[1:] != a[:-1]])) if len(a) else np.zeros(0, int)]]
+    streams = _encode_streams(np.concatenate([r[0] for r in runs]).astype(np.int64),
+                              np.concatenate([r[1] for r in runs]).astype(np.int64),
+                              np.array([len(r[0]) for r in runs]), np.array([len(a) for a in arrays]))
+    assert streams == [encode_rle(a) for a in arrays]
+    assert streams[1:] == [brush.encode_rle(a) for a in arrays[1:]]  # the SDK can't encode an empty array
+
+
+def test_build_regions_encodes_brushes_in_batches_of_bounded_runs(monkeypatch):
+    """Brushes wait for their RLE up to _RLE_BATCH_RUNS runs: with a small bound every few masks are encoded, with
+    the default all at once, the same bytes."""
+    import regions
+
+    rng = np.random.default_rng(4)
+    masks = np.stack([blob(60, 80, rng) ^ (rng.random((60, 80)) < 0.01 * i) for i in range(7)])
+    masks[3] = False
+    detections = Detections(np.tile([0.0, 0.0, 10.0, 10.0], (7, 1)), np.full(7, 0.5), ["cat"] * 7, masks)
+    cfg = config(brushes=(BRUSH,))
+    batched = [r["value"]["rle"] for r in build_regions(detections, cfg, 80, 60)]
+    monkeypatch.setattr(regions, "_RLE_BATCH_RUNS", 50)
+    few = [r["value"]["rle"] for r in build_regions(detections, cfg, 80, 60)]
+    assert batched == few == [sdk_rle(m) for m in masks if m.any()]
+
+
 # --- percent boxes -----------------------------------------------------------------------------------------------
 
 
@@ -514,3 +556,29 @@ def test_rle_and_polygons_of_a_photo_sized_mask_near_the_border():
     mask[40:45, 1200:1205] = False
     assert mask_to_rle(mask) == sdk_rle(mask)
     assert [p.tolist() for p in mask_to_polygons(mask)] == [p.tolist() for p in full_image_polygons(mask)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_polygons_of_one_part_masks_are_the_whole_image_ones(seed):
+    """Masks of one 8-connected part (mask_to_polygons reads them without labelling): shapes with holes, notches,
+    lines one pixel wide and single pixels, on and off the borders; with an island in a hole or a second part they
+    take the labelling path; both give the whole image's outlines."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(3, 90, 2))
+    mask = blob(height, width, rng)
+    if seed % 3 == 1:
+        mask &= ~blob(height, width, rng)  # a bite out of it, or a hole
+    if seed % 5 == 2:
+        mask[int(rng.integers(0, height)), :] = True  # a line one pixel wide across the image
+    if seed % 7 == 3:
+        mask = np.zeros_like(mask)
+        mask[int(rng.integers(0, height)), int(rng.integers(0, width))] = True
+    variants = [mask]
+    ring = np.zeros((30, 30), bool)
+    ring[5:25, 5:25] = True
+    ring[8:22, 8:22] = False
+    variants += [ring, ring | np.pad(np.ones((4, 4), bool), 13)]  # one part; an island in its hole: two
+    for m in variants:
+        for tolerance in (0.0, 1.0, 2.5):
+            got, expected = mask_to_polygons(m, tolerance), full_image_polygons(m, tolerance)
+            assert [p.tolist() for p in got] == [p.tolist() for p in expected]
