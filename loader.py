@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# transformers' from_pretrained (Grounding DINO's BERT) creates modules under accelerate's init_empty_weights, which
+# patches torch.nn.Module.register_parameter for the whole process: a model built by another thread meanwhile gets
+# meta tensors ("Cannot copy out of meta tensor"). So two loaders in one process build one at a time.
+_BUILD_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Models:
@@ -39,6 +44,11 @@ def build_models(settings: Settings) -> Models:
     embedding cache.
 
     Raises ModelLoadError naming the variable and the file. Takes seconds to minutes (checkpoints are large)."""
+    with _BUILD_LOCK:
+        return _build_models(settings)
+
+
+def _build_models(settings: Settings) -> Models:
     # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
     # /health as soon as it starts.
     from device import allow_tf32, compute_dtype, dtype_name, resolve_device

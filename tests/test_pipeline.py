@@ -180,3 +180,15 @@ def test_start_tasks_runs_the_model_passes_and_leaves_the_host_work(pipeline, mo
     assert [o.task_id for o in outcomes] == [1, 2, 3] and outcomes[2].failure.kind == "no_image_url"
     assert [without_ids(o) for o in outcomes] == [without_ids(o) for o in expected]
     assert outcomes[0].prediction["result"] and all(o.seconds > 0 for o in outcomes)
+
+
+def test_loaders_that_overlap_in_one_process_all_load(groundingdino_files, mobile_sam_checkpoint, tmp_path):
+    # While transformers builds Grounding DINO's BERT it patches torch.nn.Module process-wide (init_empty_weights):
+    # a model built meanwhile by another thread got meta tensors and its load failed.
+    loaders = [ModelLoader(Settings.from_env(service_env(groundingdino_files, mobile_sam_checkpoint,
+                                                         DATA_DIR=str(tmp_path / str(i))))) for i in range(3)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.get(timeout=300)
+    assert [loader.state()["models"] for loader in loaders] == ["ready"] * 3
