@@ -246,10 +246,9 @@ def _remove_small(mask: np.ndarray, min_area: int, holes: bool, bounds: tuple[in
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """(h, w) bool -> the count of labels (0: background), the (h, w) int32 labels of its 8-connected
-    components (connectedComponentsWithStats' labels: the same algorithm) and their sizes (count - 1,) in
-    pixels, counted with np.bincount, about half the time of OpenCV's statistics."""
-    count, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)
-    return count, labels, np.bincount(labels.ravel(), minlength=count)[1:]
+    components and their sizes (count - 1,) in pixels."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    return count, labels, stats[1:, cv2.CC_STAT_AREA]
 
 
 def _smooth(mask: np.ndarray, radius: int) -> np.ndarray:
