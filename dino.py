@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_convert
 
 from cache import EmbeddingCache
@@ -41,17 +41,80 @@ def caption_and_spans(phrases: Sequence[Phrase], tokenizer) -> tuple[str, list[l
     return caption, spans
 
 
+def input_size(height: int, width: int, short: int = 800, longest: int = 1333) -> tuple[int, int]:
+    """The (h, w) Grounding DINO reads an image of (height, width) pixels at: the short side `short` unless the long
+    side would exceed `longest`, then the long side about `longest`; rounded as groundingdino's
+    `RandomResize([800], max_size=1333)` rounds (its training and `load_image` sizes)."""
+    low, high = min(height, width), max(height, width)
+    if high / low * short > longest:
+        short = int(round(longest * low / high))
+    if low == short:
+        return height, width
+    if width < height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
 def deformable_attention_kernel(device: str) -> str:
     """Which multi-scale deformable attention Grounding DINO runs on `device`: "cuda op" (the compiled kernel of
-    IDEA's groundingdino, `groundingdino._C`, used for CUDA tensors) or "pytorch" (grid_sample per feature level).
-    The rf-groundingdino package we install has no compiled op, so it is "pytorch" on every device."""
+    IDEA's groundingdino, `groundingdino._C`, used for CUDA tensors) or "pytorch, levels batched"
+    (`levels_batched_deformable_attention`, which GroundingDino installs). The rf-groundingdino package we install
+    has no compiled op, so it is the latter on every device."""
     import importlib.util
 
     from groundingdino.models.GroundingDINO import ms_deform_attn
 
     compiled = (hasattr(ms_deform_attn, "MultiScaleDeformableAttnFunction")
                 and importlib.util.find_spec("groundingdino._C") is not None)
-    return "cuda op" if compiled and torch.device(device).type == "cuda" else "pytorch"
+    return "cuda op" if compiled and torch.device(device).type == "cuda" else "pytorch, levels batched"
+
+
+def levels_batched_deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+                                        ) -> torch.Tensor:
+    """groundingdino's `multi_scale_deformable_attn_pytorch` with every feature level in one weighted gather.
+
+    The library samples each level with its own `grid_sample` (bilinear, zero padding, align_corners=False), stacks
+    the levels' samples and sums them under the attention weights: per call, four samplings, a stack of
+    (B·heads, C, Q, L·P) and host syncs on the level sizes. Here each sample's four bilinear neighbours, across all
+    levels, are indices into the flattened value and their bilinear weights times its attention weight, and one
+    `embedding_bag` sums them: no per-level work, nothing as large as the stack, no host sync. Same result to float
+    rounding (tests/test_dino.py).
+
+    value: (B, S, heads, C), the levels' maps flattened row-major one after another (S = Σ h·w);
+    spatial_shapes: (L, 2) integer (h, w) of each level; sampling_locations: (B, Q, heads, L, P, 2), x and y in
+    [0, 1] of each level's map; attention_weights: (B, Q, heads, L, P). Returns (B, Q, heads·C)."""
+    batch, size, heads, channels = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes = spatial_shapes.to(value.device)
+    height, width = shapes[:, 0, None, None], shapes[:, 1, None, None]  # (L, 1, 1), against (..., L, P, 2)
+    starts = (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:, None, None] - height * width
+    # Each (image, head) gathers from its own block of the (B·heads·S, C) table.
+    blocks = torch.arange(batch * heads, device=value.device).view(batch, 1, heads, 1, 1, 1) * size + starts
+    # A sample's two neighbours along each axis, in grid_sample's frame (align_corners=False: pixel centres at
+    # integer + 0.5), each weighted 1 - its distance, or 0 outside the map (zero padding): (B, Q, heads, L, P, 2).
+    near = torch.arange(2, device=value.device, dtype=sampling_locations.dtype)
+    x = sampling_locations[..., 0, None] * width - 0.5
+    y = sampling_locations[..., 1, None] * height - 0.5
+    xs, ys = x.floor() + near, y.floor() + near
+    x_weights = (1 - (x - xs).abs()) * ((xs >= 0) & (xs < width))
+    y_weights = (1 - (y - ys).abs()) * ((ys >= 0) & (ys < height)) * attention_weights[..., None]
+    columns = xs.clamp(min=0).minimum(width - 1).long()
+    rows = blocks + ys.clamp(min=0).minimum(height - 1).long() * width
+    # The four neighbours: (B·Q·heads, L·P·4) indices and weights, one bag per (image, query, head).
+    indices = (rows[..., :, None] + columns[..., None, :]).view(-1, levels * points * 4)
+    weights = (y_weights[..., :, None] * x_weights[..., None, :]).view(-1, levels * points * 4)
+    table = value.transpose(1, 2).reshape(batch * heads * size, channels)
+    output = F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights.to(value.dtype))
+    return output.view(batch, queries, heads * channels)
+
+
+def use_levels_batched_deformable_attention() -> None:
+    """Have groundingdino's deformable attention modules call `levels_batched_deformable_attention`. Process-wide:
+    they look `multi_scale_deformable_attn_pytorch` up in their module at each call."""
+    from groundingdino.models.GroundingDINO import ms_deform_attn
+
+    ms_deform_attn.multi_scale_deformable_attn_pytorch = levels_batched_deformable_attention
 
 
 class TextFeatures(torch.nn.Module):
@@ -108,16 +171,10 @@ class GroundingDino:
             self.model.bert = TextFeatures(self.model.bert)
         self.max_text_len = int(getattr(model, "max_text_len", 256))
         self._lock = threading.Lock()
-        # Imported here: groundingdino's transforms are the reference preprocessing.
-        import groundingdino.datasets.transforms as T
-
-        self._transform = T.Compose(
-            [
-                T.RandomResize([800], max_size=1333),  # one size: deterministic
-                T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
-        )
+        use_levels_batched_deformable_attention()
+        # ImageNet statistics, as groundingdino's transforms normalise.
+        self._mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(3, 1, 1) * 255
+        self._std = torch.tensor([0.229, 0.224, 0.225], device=device).view(3, 1, 1) * 255
 
     @classmethod
     def load(cls, config_path: str, checkpoint_path: str, text_encoder: str, device: str,
@@ -144,9 +201,19 @@ class GroundingDino:
         return cls(model, device, cache, dtype)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, h, w) float tensor, short side 800 (long side <= 1333), normalised."""
-        tensor, _ = self._transform(Image.fromarray(image), None)
-        return tensor
+        """(H, W, 3) uint8 RGB -> (3, h, w) float32 on the model's device, at `input_size`, normalised: what
+        groundingdino's `load_image` makes with PIL, resized on the device instead.
+
+        On the CPU torch's uint8 antialiased resize (PIL's fixed-point arithmetic; a few pixels in ten thousand
+        differ by one level); on a GPU, which has no uint8 resize, the same filter in float32, rounded to whole
+        levels (about one pixel in six differs by one level). Either way only the uint8 image crosses to the device."""
+        size = input_size(*image.shape[:2])
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        if pixels.device.type == "cpu":
+            resized = F.interpolate(pixels, size, mode="bilinear", antialias=True).float()
+        else:
+            resized = F.interpolate(pixels.float(), size, mode="bilinear", antialias=True).round_().clamp_(0, 255)
+        return (resized[0] - self._mean) / self._std
 
     def detect(
         self,
@@ -186,7 +253,7 @@ class GroundingDino:
 
     def _forward(self, image: np.ndarray, caption: str, image_id: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token scores (queries, 256) and boxes (queries, 4) cxcywh normalised, on the CPU."""
-        tensor = self.preprocess(image).to(self.device)[None]
+        tensor = self.preprocess(image)[None]
         with self._lock, torch.no_grad():
             if self.cache is not None and image_id is not None:
                 features, poss = self.cache.get(self._backbone_key(image_id), lambda: self._backbone(tensor))
@@ -220,7 +287,7 @@ class GroundingDino:
         from groundingdino.util.misc import NestedTensor
 
         for members in groups.values():
-            batch = torch.stack([tensor for tensor, _ in members]).to(self.device)
+            batch = torch.stack([tensor for tensor, _ in members])
             with self._lock, torch.no_grad():
                 features, poss = self._backbone(batch)
                 self.model.set_image_features(list(features), list(poss))

@@ -1,14 +1,23 @@
-"""Grounding DINO's per-image cost with the caption's text features computed once per caption (dino.TextFeatures)
-against the previous way (BERT run for every image), in the same run, on CPU (issue #23).
+"""Grounding DINO's per-image overhead, each change of issue #23 against the way before it, in the same run, on CPU.
+
+The ways, each adding one change to the one above (the first is the code as it was at 25a3cc2):
+
+  before                      PIL resize + ToTensor + Normalize (groundingdino's load_image), BERT for every image,
+                              the library's deformable attention (a grid_sample per feature level)
+  + text features once        the caption's BERT features computed once per caption (dino.TextFeatures)
+  + levels batched            the deformable attention as one gather over all levels
+                              (dino.levels_batched_deformable_attention)
+  + resize on the device      torch resizes and normalises the uint8 image where the model runs (now)
 
 Random weights at the published size (the packaged Swin-T config and a bert-base-size text encoder,
 tests/model_factory.make_real_size_groundingdino; nothing is downloaded), or the small test models with --quick.
-Each round runs GroundingDino._forward (preprocess, backbone, BERT, transformer) on --images fresh images of one
-prompt, once with the text features reused and once with BERT unwrapped (the model as groundingdino builds it), in
-alternating order; it prints the medians per image, the text encoder's own time per call, and checks that both ways
-give the same outputs.
+Each round runs GroundingDino._forward (preprocess, backbone, BERT, transformer) on --images fresh --size images of
+one prompt in each way, the ways in a rotating order; it prints the medians per image, then each changed part alone
+(the resize; the deformable attention over the inputs one pass hands it; a BERT call). Outputs: the text
+features' ways must agree to 1e-5 and each attention call to 1e-4; how far the attention's ways end apart after a
+pass's random-weight layers is printed.
 
-    .venv/bin/python benchmarks/bench_dino.py [--rounds 3] [--images 4] [--quick]
+    .venv/bin/python benchmarks/bench_dino.py [--rounds 3] [--images 1] [--size 1280x960] [--quick]
 """
 
 from __future__ import annotations
@@ -32,60 +41,103 @@ warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
-from model_factory import make_groundingdino, make_image, make_real_size_groundingdino  # noqa: E402
+from groundingdino.models.GroundingDINO import ms_deform_attn  # noqa: E402
+from model_factory import (  # noqa: E402
+    groundingdino_image_tensor,
+    library_deformable_attention,
+    make_groundingdino,
+    make_image,
+    make_real_size_groundingdino,
+)
 
-from dino import GroundingDino  # noqa: E402
+from dino import GroundingDino, levels_batched_deformable_attention  # noqa: E402
 
 CAPTION = "shape . round thing ."
+WAYS = ["before", "+ text features once", "+ levels batched", "+ resize on the device"]
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=4, help="fresh images per round and way")
+    parser.add_argument("--images", type=int, default=1, help="fresh images per round and way")
+    parser.add_argument("--size", default="1280x960", help="the images' WIDTHxHEIGHT (default 1280x960)")
     parser.add_argument("--quick", action="store_true", help="the small test models")
     args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         make = make_groundingdino if args.quick else make_real_size_groundingdino
         config, checkpoint, text_encoder = make(Path(tmp))
         detector = GroundingDino.load(str(config), str(checkpoint), str(text_encoder), "cpu")
-    memo = detector.model.bert
-    images = [make_image(160, 24, seed=seed) for seed in range(args.images)]  # wide: 1333x200, the cheapest input
+    memo, device_resize, library = detector.model.bert, detector.preprocess, library_deformable_attention()
+    images = [make_image(width, height, seed=seed) for seed in range(args.images)]
 
-    def per_image(reuse: bool) -> tuple[float, list]:
-        detector.model.bert = memo if reuse else memo.encoder  # the encoder as groundingdino built it
+    def use(way: int) -> None:
+        """The code of WAYS[way]."""
+        detector.model.bert = memo if way >= 1 else memo.encoder  # the encoder as groundingdino built it
+        attention = levels_batched_deformable_attention if way >= 2 else library
+        ms_deform_attn.multi_scale_deformable_attn_pytorch = attention
+        detector.preprocess = device_resize if way >= 3 else groundingdino_image_tensor
+
+    def per_image(way: int) -> tuple[float, list]:
+        use(way)
         memo._outputs.clear()  # each round pays for its first image's text features
         started, outputs = time.perf_counter(), [detector._forward(image, CAPTION, None) for image in images]
         return (time.perf_counter() - started) / len(images), outputs
 
-    times = {True: [], False: []}
+    times: dict[int, list[float]] = {way: [] for way in range(len(WAYS))}
+    apart = []  # the attention's two ways: the largest difference of a pass's scores or boxes
     for round_ in range(args.rounds):
-        for reuse in (True, False) if round_ % 2 else (False, True):
-            seconds, outputs = per_image(reuse)
-            times[reuse].append(seconds)
-            if reuse:
-                reused = outputs
-            else:
-                every = outputs
-        for (a, b), (c, d) in zip(reused, every, strict=True):
-            assert torch.allclose(a, c, atol=1e-5) and torch.allclose(b, d, atol=1e-5), "outputs differ"
-    detector.model.bert = memo
-    tokens = detector.model.tokenizer([CAPTION], return_tensors="pt")
+        outputs = {}
+        for way in [(round_ + i) % len(WAYS) for i in range(len(WAYS))]:
+            seconds, outputs[way] = per_image(way)
+            times[way].append(seconds)
+        for (logits_a, boxes_a), (logits_b, boxes_b) in zip(outputs[0], outputs[1], strict=True):
+            assert torch.allclose(logits_a, logits_b, atol=1e-5) and torch.allclose(boxes_a, boxes_b, atol=1e-5)
+        for (logits_a, boxes_a), (logits_b, boxes_b) in zip(outputs[1], outputs[2], strict=True):
+            apart.append(max((logits_a - logits_b).abs().max().item(), (boxes_a - boxes_b).abs().max().item()))
+
+    # Each changed part alone.
+    image = images[0]
+    resize = {"PIL (before)": median_ms(lambda: groundingdino_image_tensor(image)),
+              "torch (now)": median_ms(lambda: device_resize(image))}
+    calls = []
+    ms_deform_attn.multi_scale_deformable_attn_pytorch = lambda *a: calls.append(a) or library(*a)
+    detector._forward(image, CAPTION, None)
     with torch.no_grad():
-        memo.encoder(**tokens)
-        started = time.perf_counter()
-        for _ in range(5):
-            memo.encoder(**tokens)
-        bert_ms = (time.perf_counter() - started) / 5 * 1000
-    before, after = statistics.median(times[False]) * 1000, statistics.median(times[True]) * 1000
+        call_apart = max((library(*a) - levels_batched_deformable_attention(*a)).abs().max().item() for a in calls)
+        assert call_apart < 1e-4, call_apart
+        attention = {name: median_ms(lambda fn=fn: [fn(*a) for a in calls], 3) for name, fn in
+                     (("grid_sample per level (before)", library), ("levels batched (now)",
+                                                                     levels_batched_deformable_attention))}
+        tokens = detector.model.tokenizer([CAPTION], return_tensors="pt")
+        bert_ms = median_ms(lambda: memo.encoder(**tokens))
+    use(len(WAYS) - 1)
+
+    medians = [statistics.median(times[way]) * 1000 for way in range(len(WAYS))]
     size = "test-size models" if args.quick else "published size (Swin-T, bert-base), random weights"
-    print(f"Grounding DINO, {size}, CPU, {args.images} images of one prompt per round, {args.rounds} rounds, "
-          "median ms per image (preprocess + forward)")
-    print("| | ms per image |\n|---|---|")
-    print(f"| BERT every image (before) | {before:.1f} |")
-    print(f"| text features once per caption (now) | {after:.1f} |")
-    print(f"| saved per image | {before - after:.1f} ({100 * (before - after) / before:.1f} %) |")
-    print(f"the text encoder alone: {bert_ms:.1f} ms a call; outputs the same both ways (atol 1e-5)")
+    print(f"Grounding DINO, {size}, CPU, {args.images} {width}x{height} images of one prompt per round and way, "
+          f"{args.rounds} rounds, median ms per image (preprocess + forward pass)")
+    print("| way | ms per image | against the row above |\n|---|---|---|")
+    for way, ms in enumerate(medians):
+        change = f"{ms - medians[way - 1]:+.1f}" if way else ""
+        print(f"| {WAYS[way]} | {ms:.1f} | {change} |")
+    print(f"now against before: {medians[0] / medians[-1]:.2f}x")
+    print("parts alone, median ms: input tensor " + ", ".join(f"{k} {v:.1f}" for k, v in resize.items())
+          + f"; deformable attention, one pass's {len(calls)} calls: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in attention.items()) + f"; the text encoder, one call: {bert_ms:.1f}")
+    print(f"outputs: the text features' ways equal (atol 1e-5); the attention's ways {call_apart:.1e} apart at most "
+          f"per call, {max(apart):.1e} in a pass's scores and boxes (float rounding, through the random-weight "
+          "layers); the resize changes the input by at most one level (tests/test_dino.py)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with "
           f"{torch.get_num_threads()} thread(s); load average now {os.getloadavg()[0]:.1f}")
 

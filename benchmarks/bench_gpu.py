@@ -13,8 +13,9 @@ For each precision and compile setting (PRECISION=fp32, bf16; COMPILE=false, seg
 
 then bulk pre-annotation with MobileSAM (Pipeline.encode + predict_image, what the bulk job runs per batch) in
 images per second at BATCH_SIZE 1, 4 and 8, ENGINE=sam3's whole answer and peak memory (PRECISION=fp32; not
-with --quick: its random-weight checkpoint is 3.4 GB), and the share of a Grounding DINO pass spent in its
-deformable attention's grid_sample (the pure-PyTorch path: dino.deformable_attention_kernel; PRECISION=fp32).
+with --quick: its random-weight checkpoint is 3.4 GB), and Grounding DINO's parts that issue #23 changed, before
+and now (PRECISION=fp32): its input tensor (PIL on the host, now torch on the device), its deformable attention
+over one pass's inputs (a grid_sample per level, now levels batched) and a whole pass both ways.
 The straightforward way (fp32, eager, one image at a time) is the first row and batch 1. The compiled row's models
 are compiled and warmed up at load (build_models: batch sizes 1 and BATCH_SIZE, smaller batches padded), so it times
 no compilation. Each section starts only while the run is inside --budget-s (default 450 s: an 8-minute command with
@@ -46,6 +47,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from model_factory import (  # noqa: E402
+    groundingdino_image_tensor,
+    library_deformable_attention,
     make_groundingdino,
     make_image,
     make_mobile_sam,
@@ -55,6 +58,7 @@ from model_factory import (  # noqa: E402
 )
 
 from config import SAM3_CHECKPOINT_NAME, SEGMENTERS, Settings  # noqa: E402
+from dino import levels_batched_deformable_attention  # noqa: E402
 from labeling import parse_label_config  # noqa: E402
 from loader import build_models  # noqa: E402
 from logs import silence_third_party_warnings  # noqa: E402
@@ -200,24 +204,41 @@ def sam3_answer(env: dict, image: np.ndarray, args, clock: Clock, precision: str
     return row
 
 
-def deformable_share(env: dict, image: np.ndarray, device: str, precision: str = "fp32") -> float:
-    """Share of one Grounding DINO forward pass's device (or CPU) time spent in grid_sampler_2d, under
-    PRECISION=`precision` (the fp32 row's DINO column)."""
-    from torch.profiler import ProfilerActivity, profile
+def dino_parts(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
+    """Grounding DINO's parts that issue #23 changed, each before and now, PRECISION=fp32: the input tensor (PIL
+    resize + ToTensor + Normalize on the host, then copied to the device; now torch on the device), the deformable
+    attention over the inputs one pass hands it (a grid_sample per level; now dino.levels_batched_deformable_attention)
+    and a whole pass with both old parts against both new (the text features reused in both)."""
+    from groundingdino.models.GroundingDINO import ms_deform_attn
 
-    settings = Settings.from_env({**segmenter_env(env, "mobile_sam"), "PRECISION": precision})
+    settings = Settings.from_env({**segmenter_env(env, "mobile_sam"), "PRECISION": "fp32"})
     with contextlib.redirect_stdout(sys.stderr):
-        models = build_models(settings)
-    models.detector._forward(image, CAPTION, None)
-    cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        models.detector._forward(image, CAPTION, None)
-    events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, attr) for e in events)
-    grid = sum(getattr(e, attr) for e in events if "grid_sampler" in e.key)
-    return grid / total if total else 0.0
+        detector = build_models(settings).detector
+    library, device_resize = library_deformable_attention(), detector.preprocess
+
+    def host_resize(picture: np.ndarray) -> torch.Tensor:
+        return groundingdino_image_tensor(picture).to(detector.device)
+
+    def pass_ms(resize, attention) -> float:
+        detector.preprocess, ms_deform_attn.multi_scale_deformable_attn_pytorch = resize, attention
+        try:
+            return clock.median_ms(lambda: detector._forward(image, CAPTION, None), args.iterations, args.warmup)
+        finally:
+            detector.preprocess, ms_deform_attn.multi_scale_deformable_attn_pytorch = device_resize, batched
+
+    batched, calls = levels_batched_deformable_attention, []
+    ms_deform_attn.multi_scale_deformable_attn_pytorch = lambda *a: calls.append(a) or batched(*a)
+    detector._forward(image, CAPTION, None)
+    ms_deform_attn.multi_scale_deformable_attn_pytorch = batched
+    row = {"input before": clock.median_ms(lambda: host_resize(image), args.iterations, args.warmup),
+           "input now": clock.median_ms(lambda: device_resize(image), args.iterations, args.warmup)}
+    with torch.no_grad():
+        for name, attention in (("before", library), ("now", batched)):
+            row[f"attention {name}"] = clock.median_ms(lambda fn=attention: [fn(*a) for a in calls],
+                                                       args.iterations, args.warmup)
+    row["pass before"] = pass_ms(host_resize, library)
+    row["pass now"] = pass_ms(device_resize, batched)
+    return row
 
 
 def main() -> None:
@@ -295,12 +316,11 @@ def main() -> None:
         else:
             sam3 = {}
         save(**{"sam3 fp32": sam3})
-        if within_budget("the deformable attention's share"):
-            share = deformable_share(env, image, args.device)
-            print(f"deformable attention (grid_sample, pure PyTorch): {100 * share:.1f} % of a Grounding DINO pass, "
-                  "PRECISION=fp32")
-            save(**{"deformable_share fp32": share})
-
+        if within_budget("Grounding DINO's parts"):
+            parts = dino_parts(env, image, args, clock)
+            print("Grounding DINO's parts before and now, PRECISION=fp32, ms: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in parts.items()))
+            save(**{"dino parts fp32": parts})
 
 if __name__ == "__main__":
     main()

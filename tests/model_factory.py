@@ -141,6 +141,11 @@ def make_groundingdino(directory: Path, seed: int = 0, text_encoder_dir: Path | 
     from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
+    from dino import use_levels_batched_deformable_attention
+
+    # The calibration pass runs the attention the service runs, whatever ran first in this process: the checkpoint
+    # is the same for a seed.
+    use_levels_batched_deformable_attention()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if text_encoder_dir is None:
@@ -335,6 +340,22 @@ def make_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     y0, y1 = int(height * 0.5), max(int(height * 0.5) + 1, int(height * 0.85))
     image[y0:y1, x0:x1] = (40, 60, 210)
     return image
+
+
+def library_deformable_attention():
+    """groundingdino's own `multi_scale_deformable_attn_pytorch` (a grid_sample per level), from a fresh copy of its
+    module: dino.GroundingDino replaces it in the imported one."""
+    import importlib.util
+
+    from groundingdino.models.GroundingDINO import ms_deform_attn
+
+    from dino import levels_batched_deformable_attention
+
+    spec = importlib.util.spec_from_file_location("library_ms_deform_attn", ms_deform_attn.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.multi_scale_deformable_attn_pytorch is not levels_batched_deformable_attention
+    return module.multi_scale_deformable_attn_pytorch
 
 
 def groundingdino_image_tensor(image: np.ndarray) -> torch.Tensor:

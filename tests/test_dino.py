@@ -1,17 +1,20 @@
 """Grounding DINO wrapper: parity with groundingdino.util.inference.predict on a small random-weight
-model loaded through the real loading code."""
+model loaded through the real loading code, given the same input tensor; the input tensor and the deformable
+attention each against groundingdino's own."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from groundingdino.models.GroundingDINO import ms_deform_attn
 from groundingdino.util.inference import predict
-from model_factory import groundingdino_image_tensor, make_image
+from model_factory import groundingdino_image_tensor, library_deformable_attention, make_image
+from PIL import Image
 from torchvision.ops import box_convert
 
 from cache import EmbeddingCache, image_digest
-from dino import GroundingDino, TextFeatures, caption_and_spans
+from dino import GroundingDino, TextFeatures, caption_and_spans, input_size, levels_batched_deformable_attention
 from errors import ModelLoadError
 from prompts import Phrase
 
@@ -31,8 +34,8 @@ def image():
 
 
 def reference(detector, image, box_threshold, text_threshold, remove_combined=False):
-    """groundingdino's own predict, boxes converted to xyxy pixels of the image."""
-    boxes, scores, phrases = predict(detector.model, groundingdino_image_tensor(image), CAPTION, box_threshold,
+    """groundingdino's own predict on our input tensor, boxes converted to xyxy pixels of the image."""
+    boxes, scores, phrases = predict(detector.model, detector.preprocess(image), CAPTION, box_threshold,
                                      text_threshold, device="cpu", remove_combined=remove_combined)
     h, w = image.shape[:2]
     xyxy = box_convert(boxes * torch.tensor([w, h, w, h]), "cxcywh", "xyxy")
@@ -58,7 +61,7 @@ def test_each_box_goes_to_the_phrase_of_its_best_token(detector, image):
     ours = detector.detect(image, PHRASES, 0.2, 0.0, max_detections=900, nms_iou=1.0)
     _, scores, phrases = reference(detector, image, 0.2, 0.0, remove_combined=True)
     with torch.no_grad():
-        logits = detector.model(groundingdino_image_tensor(image)[None], captions=[CAPTION])["pred_logits"]
+        logits = detector.model(detector.preprocess(image)[None], captions=[CAPTION])["pred_logits"]
     logits = logits.sigmoid()[0]
     best_token = logits[logits.max(dim=1).values > 0.2].argmax(dim=1).numpy()
     _, spans = caption_and_spans(PHRASES, detector.model.tokenizer)
@@ -158,7 +161,7 @@ def test_cached_backbone_and_outputs_give_the_uncached_detections(detector, imag
 def test_the_text_encoder_runs_once_per_caption_and_changes_no_output(groundingdino_files, detector, image):
     """TextFeatures: BERT runs once for a caption however many images (and batches) use it, and the outputs are
     the library model's own (loaded afresh through groundingdino's load_model, nothing wrapped), image by image and
-    in a batch of two."""
+    in a batch of two. (Both run our deformable attention: test_the_whole_model_gives_the_library_attention_outputs.)"""
     from groundingdino.util.inference import load_model
 
     config, checkpoint, text_encoder = groundingdino_files
@@ -179,8 +182,62 @@ def test_the_text_encoder_runs_once_per_caption_and_changes_no_output(groundingd
     assert len(runs) == 2  # CAPTION once for two images and a batch of two, then "shape ." once
     with torch.no_grad():
         for picture, (logits, boxes), (batch_logits, batch_boxes) in zip(images, ours, batched, strict=True):
-            want = library(groundingdino_image_tensor(picture)[None], captions=[CAPTION])
+            want = library(fresh.preprocess(picture)[None], captions=[CAPTION])
             np.testing.assert_allclose(logits, want["pred_logits"].sigmoid()[0], rtol=0, atol=1e-5)
             np.testing.assert_allclose(boxes, want["pred_boxes"][0], rtol=0, atol=1e-5)
             np.testing.assert_allclose(batch_logits, logits, rtol=0, atol=1e-4)
             np.testing.assert_allclose(batch_boxes, boxes, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, queries, shapes", [
+    (1, 900, [(100, 134), (50, 67), (25, 34), (13, 17)]),  # the decoder's queries over a 1066x800 input's levels
+    (2, 37, [(7, 3), (4, 2), (2, 1), (1, 1)]),  # a batch; thin and one-pixel maps
+])
+def test_levels_batched_deformable_attention_matches_the_library(batch, queries, shapes):
+    generator = torch.Generator().manual_seed(0)
+    spatial_shapes = torch.tensor(shapes)
+    size = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    value = torch.randn(batch, size, 8, 32, generator=generator)
+    # Locations beyond [0, 1] too: their neighbours outside the map count as zeros.
+    locations = torch.rand(batch, queries, 8, len(shapes), 4, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, 8, len(shapes), 4, generator=generator)
+    weights = (weights / weights.sum((-1, -2), keepdim=True))
+    want = library_deformable_attention()(value, spatial_shapes, locations, weights)
+    got = levels_batched_deformable_attention(value, spatial_shapes, locations, weights)
+    assert got.shape == want.shape == (batch, queries, 8 * 32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+def test_the_whole_model_gives_the_library_attention_outputs(detector, image, monkeypatch):
+    tensor = detector.preprocess(image)[None]
+    with torch.no_grad():
+        ours = detector.model(tensor, captions=[CAPTION])
+        monkeypatch.setattr(ms_deform_attn, "multi_scale_deformable_attn_pytorch", library_deformable_attention())
+        library = detector.model(tensor, captions=[CAPTION])
+    np.testing.assert_allclose(ours["pred_logits"], library["pred_logits"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours["pred_boxes"], library["pred_boxes"], rtol=0, atol=1e-4)
+
+
+def test_input_sizes_are_groundingdinos(detector):
+    """input_size against groundingdino's RandomResize([800], max_size=1333) on images of many shapes."""
+    import groundingdino.datasets.transforms as T
+
+    resize = T.RandomResize([800], max_size=1333)
+    rng = np.random.default_rng(0)
+    shapes = [(800, 800), (799, 1332), (600, 1000), (24, 160), (1, 1), (960, 1280), (4000, 3000)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(60)]
+    for height, width in shapes:
+        resized, _ = resize(Image.new("1", (width, height)))
+        assert input_size(height, width) == (resized.height, resized.width), (height, width)
+
+
+@pytest.mark.parametrize("width, height", [(1280, 960), (160, 24), (400, 600), (801, 799)])
+def test_the_input_tensor_is_load_images_within_one_level(detector, width, height):
+    """Resized by torch on the device, not by PIL: a few pixels in ten thousand one level (1/255) apart."""
+    picture = make_image(width, height, seed=3)
+    picture[::7] = np.random.default_rng(3).integers(0, 256, picture[::7].shape)  # edges everywhere
+    ours, want = detector.preprocess(picture), groundingdino_image_tensor(picture)
+    assert ours.shape == want.shape and ours.dtype == torch.float32
+    level = (ours - want).abs() * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255  # in levels
+    assert level.max() < 1 + 1e-3
+    assert (level > 0.5).float().mean() < 2e-3

@@ -104,8 +104,8 @@ def test_health_says_how_the_models_run(env):
     state = loader.state()
     assert state["models"] == "ready"
     assert state["device"] == "cpu" and state["precision"] == "bf16" and state["compiled"] == []
-    # rf-groundingdino ships no compiled deformable attention op: grid_sample in PyTorch on every device.
-    assert state["deformable_attention"] == "pytorch"
+    # rf-groundingdino ships no compiled deformable attention op: ours (dino.levels_batched_deformable_attention).
+    assert state["deformable_attention"] == "pytorch, levels batched"
     assert ModelLoader(Settings.from_env(env)).state()["models"] == "not started"
 
 
@@ -251,5 +251,7 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
         assert set(row) == {"dino", "mobile_sam", "answer mobile_sam"} and all(v > 0 for v in row.values())
     assert figures["bulk"].keys() == {"fp32"} and figures["bulk"]["fp32"].keys() == {"1", "2"}
     assert all(rate > 0 for rate in figures["bulk"]["fp32"].values())
-    assert 0 < figures["deformable_share fp32"] < 1
+    assert figures["dino parts fp32"].keys() == {"input before", "input now", "attention before", "attention now",
+                                                 "pass before", "pass now"}
+    assert all(ms > 0 for ms in figures["dino parts fp32"].values())
     assert "| fp32, compile=false |" in run.stdout and "images/s" in run.stdout
