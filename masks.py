@@ -247,8 +247,12 @@ def _remove_small(mask: np.ndarray, min_area: int, holes: bool, bounds: tuple[in
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """(h, w) bool -> the count of labels (0: background), the (h, w) int32 labels of its 8-connected
     components and their sizes (count - 1,) in pixels."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
-    return count, labels, stats[1:, cv2.CC_STAT_AREA]
+    if mask.size > 1 << 18:  # a large box (a ragged mask's): OpenCV's statistics cost less than counting its labels
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+        return count, labels, stats[1:, cv2.CC_STAT_AREA]
+    # An object's box: np.bincount costs about half of OpenCV's statistics (the same labelling).
+    count, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)
+    return count, labels, np.bincount(labels.ravel(), minlength=count)[1:]
 
 
 def _smooth(mask: np.ndarray, radius: int) -> np.ndarray:
