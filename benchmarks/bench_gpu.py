@@ -322,5 +322,6 @@ def main() -> None:
                 f"{k} {v:.1f}" for k, v in parts.items()))
             save(**{"dino parts fp32": parts})
 
+
 if __name__ == "__main__":
     main()

@@ -201,7 +201,7 @@ def test_levels_batched_deformable_attention_matches_the_library(batch, queries,
     # Locations beyond [0, 1] too: their neighbours outside the map count as zeros.
     locations = torch.rand(batch, queries, 8, len(shapes), 4, 2, generator=generator) * 1.4 - 0.2
     weights = torch.rand(batch, queries, 8, len(shapes), 4, generator=generator)
-    weights = (weights / weights.sum((-1, -2), keepdim=True))
+    weights = weights / weights.sum((-1, -2), keepdim=True)
     want = library_deformable_attention()(value, spatial_shapes, locations, weights)
     got = levels_batched_deformable_attention(value, spatial_shapes, locations, weights)
     assert got.shape == want.shape == (batch, queries, 8 * 32)
@@ -218,7 +218,7 @@ def test_the_whole_model_gives_the_library_attention_outputs(detector, image, mo
     np.testing.assert_allclose(ours["pred_boxes"], library["pred_boxes"], rtol=0, atol=1e-4)
 
 
-def test_input_sizes_are_groundingdinos(detector):
+def test_input_sizes_are_groundingdinos():
     """input_size against groundingdino's RandomResize([800], max_size=1333) on images of many shapes."""
     import groundingdino.datasets.transforms as T
 
