@@ -36,11 +36,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
+from bench_gpu import Clock  # noqa: E402
 from groundingdino.models.GroundingDINO import ms_deform_attn  # noqa: E402
 from model_factory import (  # noqa: E402
     groundingdino_image_tensor,
@@ -54,16 +55,6 @@ from dino import GroundingDino, levels_batched_deformable_attention  # noqa: E40
 
 CAPTION = "shape . round thing ."
 WAYS = ["before", "+ text features once", "+ levels batched", "+ resize on the device"]
-
-
-def median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
@@ -108,20 +99,20 @@ def main() -> None:
 
     # Each changed part alone.
     image = images[0]
-    resize = {"PIL (before)": median_ms(lambda: groundingdino_image_tensor(image)),
-              "torch (now)": median_ms(lambda: device_resize(image))}
+    clock = Clock("cpu")
+    resize = {"PIL (before)": clock.median_ms(lambda: groundingdino_image_tensor(image), 5, 1),
+              "torch (now)": clock.median_ms(lambda: device_resize(image), 5, 1)}
     calls = []
     ms_deform_attn.multi_scale_deformable_attn_pytorch = lambda *a: calls.append(a) or library(*a)
     detector._forward(image, CAPTION, None)
     with torch.no_grad():
         call_apart = max((library(*a) - levels_batched_deformable_attention(*a)).abs().max().item() for a in calls)
         assert call_apart < 1e-4, call_apart
-        attention = {name: median_ms(lambda fn=fn: [fn(*a) for a in calls], 3) for name, fn in
+        attention = {name: clock.median_ms(lambda fn=fn: [fn(*a) for a in calls], 3, 1) for name, fn in
                      (("grid_sample per level (before)", library), ("levels batched (now)",
                                                                      levels_batched_deformable_attention))}
         tokens = detector.model.tokenizer([CAPTION], return_tensors="pt")
-        bert_ms = median_ms(lambda: memo.encoder(**tokens))
-    use(len(WAYS) - 1)
+        bert_ms = clock.median_ms(lambda: memo.encoder(**tokens), 5, 1)
 
     medians = [statistics.median(times[way]) * 1000 for way in range(len(WAYS))]
     size = "test-size models" if args.quick else "published size (Swin-T, bert-base), random weights"

@@ -214,7 +214,8 @@ def dino_parts(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
     settings = Settings.from_env({**segmenter_env(env, "mobile_sam"), "PRECISION": "fp32"})
     with contextlib.redirect_stdout(sys.stderr):
         detector = build_models(settings).detector
-    library, device_resize = library_deformable_attention(), detector.preprocess
+    library, batched = library_deformable_attention(), levels_batched_deformable_attention
+    device_resize = detector.preprocess
 
     def host_resize(picture: np.ndarray) -> torch.Tensor:
         return groundingdino_image_tensor(picture).to(detector.device)
@@ -226,7 +227,7 @@ def dino_parts(env: dict, image: np.ndarray, args, clock: Clock) -> dict:
         finally:
             detector.preprocess, ms_deform_attn.multi_scale_deformable_attn_pytorch = device_resize, batched
 
-    batched, calls = levels_batched_deformable_attention, []
+    calls = []
     ms_deform_attn.multi_scale_deformable_attn_pytorch = lambda *a: calls.append(a) or batched(*a)
     detector._forward(image, CAPTION, None)
     ms_deform_attn.multi_scale_deformable_attn_pytorch = batched
