@@ -626,6 +626,18 @@ def test_an_expired_presigned_url_is_resolved_again_once(ls, storage):
     assert "SECRET" not in str(info.value)
 
 
+def test_storage_downloads_keep_the_size_and_pixel_caps(ls, storage):
+    """The presigned download is held to IMAGE_MAX_MB and IMAGE_MAX_PIXELS as any image URL is (the object is a
+    4x6 PNG of more than 16 bytes)."""
+    access = {"label_studio_url": ls.url, "label_studio_api_key": LEGACY}
+    with pytest.raises(ImageError, match="IMAGE_MAX_MB"):
+        loader(image_max_mb=16 / 2**20, **access).load("s3://bucket/img.png", task_id=7)
+    with pytest.raises(ImageError, match="IMAGE_MAX_PIXELS"):
+        loader(image_max_pixels=23, **access).load("s3://bucket/img.png", task_id=7)
+    assert len(gets(storage)) == 2  # both refusals came from the storage's answer, not before fetching it
+    assert loader(image_max_pixels=24, **access).load("s3://bucket/img.png", task_id=7).shape == (4, 6, 3)
+
+
 @pytest.mark.parametrize("status, kind, reason", [(403, "denied", "legacy tokens may be disabled"),
                                                   (404, "unreachable", "found no storage of the project"),
                                                   (424, "unreachable", "NoSuchKey")])
