@@ -38,8 +38,8 @@ SEGMENTERS = {
 }
 # PRECISION: auto = bfloat16 on CUDA (float16 where the GPU has no bfloat16), float32 on CPU (device.py).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# COMPILE: what torch.compile compiles (docs/gpu.md): nothing or SAM's image encoder; "true" means the segmenter too
-# (Grounding DINO's backbone is not compiled: its shapes vary with the aspect ratio).
+# COMPILE: what torch.compile compiles (docs/gpu.md): nothing, SAM's image encoder (at load), or that and Grounding
+# DINO's Swin backbone (in the background, for each input size it meets: its shapes vary with the aspect ratio).
 COMPILES = ("false", "segmenter", "true")
 GROUNDINGDINO_CHECKPOINT_NAME = "groundingdino_swint_ogc.pth"
 # Found without importing groundingdino (which imports torch): importing config must stay cheap.
@@ -137,7 +137,7 @@ class Settings:
     device: str = "auto"
     # GPU speed (README "GPU"): the encoders' autocast precision, torch.compile, images per encoder pass
     precision: str = "auto"
-    compile: str = "false"  # COMPILES: false, segmenter (SAM's image encoder), true (the same; DINO is not compiled)
+    compile: str = "false"  # COMPILES: false, segmenter (SAM's image encoder), true (and Grounding DINO's backbone)
     batch_size: int = 4
     # Per-image model state (SAM embeddings, Grounding DINO features) kept for repeated prompts
     embedding_cache_size: int = 64

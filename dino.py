@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -16,7 +18,7 @@ from torchvision.ops import batched_nms, box_convert
 from cache import EmbeddingCache
 from config import require_file
 from detections import Detections
-from device import Autocast, resolve_device
+from device import Autocast, autocast, resolve_device
 from errors import ModelLoadError
 from prompts import Phrase
 
@@ -147,6 +149,99 @@ class TextFeatures(torch.nn.Module):
         return {"last_hidden_state": hidden.expand(batch, *hidden.shape[1:])}
 
 
+class CompiledBackbone(torch.nn.Module):
+    """Grounding DINO's Swin image backbone, `torch.compile`d (static shapes) for each input size it meets, in the
+    background.
+
+    The input size follows each image's aspect ratio (`input_size`), so one static compile does not fit all
+    images, a compile on the first image of a size would hold that request for a minute, dynamic shapes did not
+    finish compiling in 125 s on an H200, and padding to a few bucket sizes would change Swin's features (its
+    windows see the padding). So the first image of a new (h, w) runs eager and queues that size; a daemon thread
+    compiles it and warms it up at each of `batch_sizes`; from then on that size runs compiled, a batch padded with
+    blank images up to the next warmed batch size (as `sam_wrapper.Segmenter._encode`: Swin's images don't
+    interact). At most `limit` sizes are compiled, the first ones seen (a project's images mostly share a few
+    sizes); the rest run eager. No request compiles. A failed compile is logged and leaves that size eager.
+
+    Called as the library's `SwinTransformer` is: a NestedTensor of (B, 3, h, w) images and (B, h, w) padding mask
+    -> {level: NestedTensor((B, C, h', w') features, (B, h', w') mask)}."""
+
+    def __init__(self, swin: torch.nn.Module, device: str, dtype: torch.dtype | None,
+                 batch_sizes: Sequence[int] = (1,), limit: int = 4):
+        super().__init__()
+        self.swin, self.device, self.dtype = swin, device, dtype
+        self.batch_sizes, self.limit = tuple(sorted(set(batch_sizes))), limit
+        self.ready: set[tuple[int, int]] = set()  # (h, w) compiled and warmed at every batch size
+        self._seen: set[tuple[int, int]] = set()  # queued, compiled or failed: never queued again
+        self._queue: queue.Queue[tuple[int, int]] = queue.Queue()
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+        # Every (size, batch size) is a cache entry of the one compiled function: let dynamo keep them all.
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   limit * len(self.batch_sizes) + 1)
+        self._compiled = torch.compile(swin.forward_raw, dynamic=False)
+
+    def forward(self, tensor_list) -> dict:
+        from groundingdino.util.misc import NestedTensor
+
+        images = tensor_list.tensors
+        size = tuple(images.shape[-2:])
+        if size in self.ready:
+            outs = self._run_compiled(images)
+        else:
+            self._request(size)
+            outs = self.swin.forward_raw(images)
+        # The padding mask at each level, as SwinTransformer.forward makes it.
+        mask = tensor_list.mask[None].float()
+        return {level: NestedTensor(out, F.interpolate(mask, size=out.shape[-2:]).to(torch.bool)[0])
+                for level, out in enumerate(outs)}
+
+    def _run_compiled(self, images: torch.Tensor) -> list[torch.Tensor]:
+        largest, chunks = self.batch_sizes[-1], []
+        for chunk in images.split(largest):
+            batch = next(b for b in self.batch_sizes if b >= len(chunk))
+            padded = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])])
+            chunks.append([out[: len(chunk)] for out in self._compiled(padded)])
+        return [torch.cat(level) for level in zip(*chunks, strict=True)]
+
+    def _request(self, size: tuple[int, int]) -> None:
+        """Queue `size` for the compile thread, once, while fewer than `limit` sizes are taken."""
+        with self._idle:
+            if size in self._seen or len(self._seen) >= self.limit:
+                return
+            self._seen.add(size)
+            self._queue.put(size)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._compile_queued, name="compile-backbone", daemon=True)
+                self._thread.start()
+
+    def _compile_queued(self) -> None:
+        while True:
+            size = self._queue.get()
+            started = time.perf_counter()
+            try:
+                for batch in self.batch_sizes:
+                    with torch.no_grad(), autocast(self.device, self.dtype):
+                        self._compiled(torch.zeros(batch, 3, *size, device=self.device))
+            except Exception:  # that size stays eager; the service goes on
+                logger.exception("torch.compile of Grounding DINO's backbone for input %d×%d failed; it runs eager",
+                                 size[1], size[0])
+            else:
+                self.ready.add(size)
+                logger.info("torch.compile: Grounding DINO's backbone compiled for input %d×%d and warmed up at batch "
+                            "sizes %s in %.1f s", size[1], size[0], ", ".join(map(str, self.batch_sizes)),
+                            time.perf_counter() - started)
+            with self._idle:
+                self._queue.task_done()
+                self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued size is compiled or failed; False if `timeout` seconds pass first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+
+
 class GroundingDino:
     """Owns one Grounding DINO model. `detect` is safe to call from several threads: the
     model keeps per-call image features on itself, so calls are serialised by a lock.
@@ -199,6 +294,13 @@ class GroundingDino:
         except Exception as e:
             raise ModelLoadError(f"GROUNDINGDINO_CHECKPOINT={checkpoint_path}: could not load: {e}") from e
         return cls(model, device, cache, dtype)
+
+    def compile(self, batch_sizes: Sequence[int] = (1,)) -> CompiledBackbone:
+        """Have the Swin backbone compiled for each input size it meets, in the background (`CompiledBackbone`)."""
+        joiner = self.model.backbone.module if isinstance(self.model.backbone, Autocast) else self.model.backbone
+        if not isinstance(joiner[0], CompiledBackbone):
+            joiner[0] = CompiledBackbone(joiner[0], self.device, self.dtype, batch_sizes)
+        return joiner[0]
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, h, w) float32 on the model's device, at `input_size`, normalised: what

@@ -83,11 +83,9 @@ def _build_models(settings: Settings) -> Models:
                         "%.1f s", ", ".join(map(str, sorted(set(sizes)))), time.perf_counter() - started)
             runtime["compiled"].append("segmenter")
     if s.engine == "grounded_sam" and s.compile == "true":
-        # Its input size follows each image's aspect ratio: static shapes would compile again on requests, dynamic
-        # ones did not finish compiling in 125 s on an H200, and padding to a few sizes changes Swin's features
-        # (docs/gpu.md). So COMPILE=true compiles what `segmenter` does.
-        logger.warning("COMPILE=true: Grounding DINO's backbone is not compiled (docs/gpu.md says why); "
-                       "only the segmenter's image encoder is")
+        # Its input size follows each image's aspect ratio: compiled per size met, in the background (dino.py).
+        detector.compile((1, s.batch_size))
+        runtime["compiled"].append("groundingdino backbone")
     return Models(detector, segmenter, cache, engine=s.engine, runtime=runtime)
 
 

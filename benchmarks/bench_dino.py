@@ -13,11 +13,13 @@ Random weights at the published size (the packaged Swin-T config and a bert-base
 tests/model_factory.make_real_size_groundingdino; nothing is downloaded), or the small test models with --quick.
 Each round runs GroundingDino._forward (preprocess, backbone, BERT, transformer) on --images fresh --size images of
 one prompt in each way, the ways in a rotating order; it prints the medians per image, then each changed part alone
-(the resize; the deformable attention over the inputs one pass hands it; a BERT call). Outputs: the text
+(the resize; the deformable attention over the inputs one pass hands it; a BERT call). With --compile, then
+COMPILE=true's Grounding DINO part: the Swin backbone compiled for the image's input size in the background
+(dino.CompiledBackbone), how long that took, and the backbone and a whole pass eager against compiled. Outputs: the text
 features' ways must agree to 1e-5 and each attention call to 1e-4; how far the attention's ways end apart after a
 pass's random-weight layers is printed.
 
-    .venv/bin/python benchmarks/bench_dino.py [--rounds 3] [--images 1] [--size 1280x960] [--quick]
+    .venv/bin/python benchmarks/bench_dino.py [--rounds 3] [--images 1] [--size 1280x960] [--quick] [--compile]
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1, help="fresh images per round and way")
     parser.add_argument("--size", default="1280x960", help="the images' WIDTHxHEIGHT (default 1280x960)")
     parser.add_argument("--quick", action="store_true", help="the small test models")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled backbone (COMPILE=true)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
@@ -129,8 +132,35 @@ def main() -> None:
     print(f"outputs: the text features' ways equal (atol 1e-5); the attention's ways {call_apart:.1e} apart at most "
           f"per call, {max(apart):.1e} in a pass's scores and boxes (float rounding, through the random-weight "
           "layers); the resize changes the input by at most one level (tests/test_dino.py)")
+    if args.compile:
+        compiled(detector, image, clock)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with "
           f"{torch.get_num_threads()} thread(s); load average now {os.getloadavg()[0]:.1f}")
+
+
+def compiled(detector: GroundingDino, image, clock: Clock) -> None:
+    """COMPILE=true: the backbone compiled for the image's input size (what a first image of that size queues),
+    then the backbone alone and a whole pass, eager against compiled."""
+    backbone = detector.compile((1,))
+    started = time.perf_counter()
+    detector._forward(image, CAPTION, None)  # eager; queues the size
+    backbone.wait()
+    compile_s = time.perf_counter() - started
+    tensor = detector.preprocess(image)[None]
+    with torch.no_grad():
+        apart = max((a - b).abs().max().item() for a, b in
+                    zip(backbone.swin.forward_raw(tensor), backbone._compiled(tensor), strict=True))
+        swin = {name: clock.median_ms(lambda fn=fn: fn(tensor), 5, 1) for name, fn in
+                (("eager", backbone.swin.forward_raw), ("compiled", backbone._compiled))}
+    ready, backbone.ready = backbone.ready, set()  # the same module, run eager
+    passes = {"eager": clock.median_ms(lambda: detector._forward(image, CAPTION, None), 5, 1)}
+    backbone.ready = ready
+    passes["compiled"] = clock.median_ms(lambda: detector._forward(image, CAPTION, None), 5, 1)
+    (height, width), = ready
+    print(f"compiled backbone (COMPILE=true): input {width}x{height} compiled and warmed up at batch 1 in "
+          f"{compile_s:.1f} s (from the first image of that size); median ms, Swin alone: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in swin.items()) + "; a whole pass: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + f"; features {apart:.1e} apart at most")
 
 
 if __name__ == "__main__":

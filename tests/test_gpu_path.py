@@ -4,6 +4,8 @@ run. The GPU figures themselves come from benchmarks/bench_gpu.py (docs/gpu.md).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from test_labeling import GUIDE_CONFIG
 from cache import image_digest
 from config import ConfigError, Settings
 from device import compute_dtype
+from dino import CompiledBackbone, GroundingDino
 from images import ImageLoader
 from labeling import parse_label_config
 from loader import ModelLoader, build_models
@@ -113,21 +116,20 @@ def test_compile_warms_every_batch_size_up_before_the_models_are_ready(env, fp32
     """COMPILE=true: SAM's image encoder compiled (inductor, on CPU here) and warmed up at batch 1 and BATCH_SIZE while
     loading, so /health says ready only after that; then batches of every size, 1 to BATCH_SIZE + 1, compile nothing
     (the smaller ones padded to BATCH_SIZE, the larger in chunks) and give the eager encoder's embeddings. Grounding
-    DINO's backbone stays eager (docs/gpu.md says why), with a warning."""
+    DINO's backbone is set to compile per input size, later, in the background: nothing of it at load."""
     import torch._dynamo.utils
 
     caplog.set_level("INFO", logger="loader")
     loader = ModelLoader(Settings.from_env({**env, "COMPILE": "true", "BATCH_SIZE": "3"}))
     loader.start()
     models = loader.get(timeout=900)
-    assert loader.state()["compiled"] == ["segmenter"]
+    assert loader.state()["compiled"] == ["segmenter", "groundingdino backbone"]
     messages = [r.getMessage() for r in caplog.records if r.name == "loader"]
     compiled = next(i for i, m in enumerate(messages) if m.startswith("torch.compile: the segmenter's image encoder"))
     assert compiled < next(i for i, m in enumerate(messages) if m.startswith("models ready"))
     assert " warmed up at batch sizes 1, 3 in " in messages[compiled] and messages[compiled].endswith(" s")
-    assert any(m.startswith("COMPILE=true: Grounding DINO's backbone is not compiled") for m in messages)
-    backbone = models.detector.model.backbone
-    assert not isinstance(backbone[0], torch._dynamo.eval_frame.OptimizedModule)
+    backbone = models.detector.model.backbone[0]
+    assert isinstance(backbone, CompiledBackbone) and not backbone.ready and backbone._thread is None
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     images = [make_image(64 + 8 * n, 48, seed=n) for n in range(4)]
     with torch.compiler.set_stance("fail_on_recompile"):  # any compile on a request raises
@@ -163,6 +165,125 @@ def test_a_failed_compile_leaves_the_encoder_eager(fp32, monkeypatch, caplog):
     assert segmenter.model.image_encoder is encoder
     assert "torch.compile of the segmenter's image encoder failed" in caplog.text
     assert segmenter.embed(IMAGE).decoder_input.src.shape == (1, 256, 64, 64)
+
+
+def count_calls(backbone: CompiledBackbone) -> list:
+    """Record each call of the backbone's compiled function from now on: (the calling thread's name, batch size)."""
+    calls, compiled = [], backbone._compiled
+
+    def counted(images):
+        calls.append((threading.current_thread().name, len(images)))
+        return compiled(images)
+
+    backbone._compiled = counted
+    return calls
+
+
+def test_grounding_dinos_backbone_compiles_each_input_size_in_the_background(env, fp32, caplog):
+    """COMPILE=true, Grounding DINO: the first image of an input size runs eager (the same detections as the eager
+    model) and queues its size; a background thread compiles Swin for it (inductor, on CPU here); from then on that
+    size runs compiled, batches of any size compile nothing, and the features, padding masks and detections are the
+    eager model's. (Batch 1 only here: each warmed batch size is another compile, 1.5 min on this CPU; the padding
+    of batches to a warmed size is tested on a small module below.)"""
+    import torch._dynamo.utils
+    from groundingdino.util.misc import NestedTensor
+
+    caplog.set_level("INFO", logger="dino")
+    detector = GroundingDino.load(env["GROUNDINGDINO_CONFIG"], env["GROUNDINGDINO_CHECKPOINT"],
+                                  env["GROUNDINGDINO_TEXT_ENCODER"], "cpu")
+    backbone = detector.compile((1,))
+    assert detector.compile((1,)) is backbone  # once
+    calls = count_calls(backbone)
+    eager = fp32.detector.detect(IMAGE, PHRASES, 0.05, 0.05, 20)
+    first = detector.detect(IMAGE, PHRASES, 0.05, 0.05, 20)
+    assert first.labels == eager.labels and np.array_equal(first.xyxy, eager.xyxy)
+    assert backbone.wait(timeout=900)
+    assert backbone.ready == {(800, 1066)}
+    assert calls == [("compile-backbone", 1)]  # the warm-up; the request ran eager
+    message = next(r.getMessage() for r in caplog.records if r.name == "dino")
+    assert message.startswith("torch.compile: Grounding DINO's backbone compiled for input 1066×800 and warmed up "
+                              "at batch sizes 1 in ") and message.endswith(" s")
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    tensors = torch.stack([detector.preprocess(make_image(320, 240, seed=n)) for n in range(2)])
+    padded = torch.zeros(2, *tensors.shape[-2:], dtype=torch.bool)
+    padded[1, 700:, 900:] = True  # as if the second image were smaller
+    with torch.compiler.set_stance("fail_on_recompile"), torch.no_grad():  # any compile on a request raises
+        found = detector.detect(IMAGE, PHRASES, 0.05, 0.05, 20)
+        features = backbone(NestedTensor(tensors, padded))
+        reference = backbone.swin(NestedTensor(tensors, padded))  # the library's SwinTransformer.forward
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert [batch for _, batch in calls[1:]] == [1, 1, 1]  # the detection, and two images one at a time
+    assert list(features) == list(reference) == [0, 1, 2]
+    for a, b in zip(reference.values(), features.values(), strict=True):
+        assert torch.equal(a.mask, b.mask) and a.mask[1].any()
+        assert relative_error(a.tensors, b.tensors) <= 1e-5
+    assert found.labels == eager.labels
+    np.testing.assert_allclose(found.xyxy, eager.xyxy, atol=0.5)
+    np.testing.assert_allclose(found.scores, eager.scores, atol=1e-4)
+
+
+class SmallSwin(torch.nn.Module):
+    """Stands in for groundingdino's SwinTransformer where only CompiledBackbone's own logic is tested:
+    `forward_raw`, (B, 3, h, w) -> two levels of features, images independent."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward_raw(self, images):
+        first = self.conv(images).relu()
+        return first, torch.nn.functional.max_pool2d(first, 2)
+
+
+def test_compiled_backbone_pads_batches_and_compiles_at_most_its_limit_of_sizes(caplog):
+    """Batches run at the next warmed batch size, padded, their outputs the eager ones; sizes past `limit` are never
+    queued and run eager; a size whose compile fails is logged, runs eager and is not tried again. Under bf16
+    autocast, as PRECISION=auto runs it on a GPU: the compile thread warms up under the same autocast, so requests
+    compile nothing."""
+    from groundingdino.util.misc import NestedTensor
+
+    from device import Autocast, autocast
+
+    torch.manual_seed(0)
+    swin = SmallSwin()
+    backbone = CompiledBackbone(swin, "cpu", torch.bfloat16, batch_sizes=(1, 3), limit=2)
+    wrapped = Autocast(backbone, "cpu", torch.bfloat16)  # as GroundingDino wraps the backbone
+    calls = count_calls(backbone)
+
+    def check(size: tuple[int, int], batch: int) -> None:
+        images = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            got = wrapped(NestedTensor(images, torch.zeros(batch, *size, dtype=torch.bool)))
+            with autocast("cpu", torch.bfloat16):
+                expected = swin.forward_raw(images)
+        for level, features in enumerate(expected):
+            assert got[level].tensors.dtype == torch.float32
+            torch.testing.assert_close(got[level].tensors, features.float(), atol=0.02, rtol=0.02)
+            assert got[level].mask.shape == (batch, *features.shape[-2:])
+
+    for size in [(40, 60), (32, 32), (48, 24)]:
+        check(size, 1)
+    assert backbone.wait(timeout=300) and backbone.ready == {(40, 60), (32, 32)}  # the limit: the first two
+    assert calls == [("compile-backbone", batch) for batch in (1, 3, 1, 3)]
+    with torch.compiler.set_stance("fail_on_recompile"):  # any compile on a request raises
+        check((40, 60), 2)  # padded to 3
+        check((32, 32), 4)  # 3 + 1
+        check((48, 24), 2)  # eager
+    assert [batch for _, batch in calls[4:]] == [3, 3, 1] and backbone.wait(timeout=0)
+
+    def broken(function, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor: no C compiler")
+        return run
+
+    failing = CompiledBackbone(swin, "cpu", None)
+    failing._compiled = broken(None)
+    for _ in range(2):
+        with torch.no_grad():
+            failing(NestedTensor(torch.randn(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.bool)))
+        assert failing.wait(timeout=60) and not failing.ready
+    assert caplog.text.count("torch.compile of Grounding DINO's backbone for input 16×16 failed; it runs eager") == 1
 
 
 @pytest.fixture
