@@ -133,6 +133,7 @@ def main() -> None:
           f"per call, {max(apart):.1e} in a pass's scores and boxes (float rounding, through the random-weight "
           "layers); the resize changes the input by at most one level (tests/test_dino.py)")
     if args.compile:
+        use(len(WAYS) - 1)  # the code as it is now (the parts above left the library's attention, recording, in)
         compiled(detector, image, clock)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with "
           f"{torch.get_num_threads()} thread(s); load average now {os.getloadavg()[0]:.1f}")
