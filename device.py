@@ -41,6 +41,21 @@ def allow_tf32(precision: str, device: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
+def in_warmed_batches(run, batch: torch.Tensor, sizes: tuple[int, ...]):
+    """`run(batch)` for a function compiled with static shapes and warmed up at the batch sizes `sizes` (ascending):
+    in chunks of the largest, each padded with zero images up to the smallest warmed size that holds it, the padding's
+    outputs dropped, so no other batch size reaches it (it would compile again, in the middle of a request). Only for
+    models whose images don't interact. `run` returns a (B, ...) tensor or a tuple of them; so does this."""
+    largest, chunks = sizes[-1], []
+    for chunk in batch.split(largest):
+        size = next(s for s in sizes if s >= len(chunk))
+        out = run(torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])]))
+        chunks.append(out[: len(chunk)] if isinstance(out, torch.Tensor) else tuple(o[: len(chunk)] for o in out))
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks)
+    return tuple(torch.cat(level) for level in zip(*chunks, strict=True))
+
+
 def dtype_name(dtype: torch.dtype | None) -> str:
     """'fp32', 'bf16' or 'fp16', as PRECISION spells them (for /health and the log)."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

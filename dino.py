@@ -18,7 +18,7 @@ from torchvision.ops import batched_nms, box_convert
 from cache import EmbeddingCache
 from config import require_file
 from detections import Detections
-from device import Autocast, autocast, resolve_device
+from device import Autocast, autocast, in_warmed_batches, resolve_device
 from errors import ModelLoadError
 from prompts import Phrase
 
@@ -158,8 +158,8 @@ class CompiledBackbone(torch.nn.Module):
     finish compiling in 125 s on an H200, and padding to a few bucket sizes would change Swin's features (its
     windows see the padding). So the first image of a new (h, w) runs eager and queues that size; a daemon thread
     compiles it and warms it up at each of `batch_sizes`; from then on that size runs compiled, a batch padded with
-    blank images up to the next warmed batch size (as `sam_wrapper.Segmenter._encode`: Swin's images don't
-    interact). At most `limit` sizes are compiled, the first ones seen (a project's images mostly share a few
+    blank images up to the next warmed batch size (`device.in_warmed_batches`, as the segmenter's: Swin's images
+    don't interact). At most `limit` sizes are compiled, the first ones seen (a project's images mostly share a few
     sizes); the rest run eager. No request compiles. A failed compile is logged and leaves that size eager.
 
     Called as the library's `SwinTransformer` is: a NestedTensor of (B, 3, h, w) images and (B, h, w) padding mask
@@ -188,7 +188,7 @@ class CompiledBackbone(torch.nn.Module):
         images = tensor_list.tensors
         size = tuple(images.shape[-2:])
         if size in self.ready:
-            outs = self._run_compiled(images)
+            outs = in_warmed_batches(self._compiled, images, self.batch_sizes)
         else:
             self._request(size)
             outs = self.swin.forward_raw(images)
@@ -196,14 +196,6 @@ class CompiledBackbone(torch.nn.Module):
         mask = tensor_list.mask[None].float()
         return {level: NestedTensor(out, F.interpolate(mask, size=out.shape[-2:]).to(torch.bool)[0])
                 for level, out in enumerate(outs)}
-
-    def _run_compiled(self, images: torch.Tensor) -> list[torch.Tensor]:
-        largest, chunks = self.batch_sizes[-1], []
-        for chunk in images.split(largest):
-            batch = next(b for b in self.batch_sizes if b >= len(chunk))
-            padded = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])])
-            chunks.append([out[: len(chunk)] for out in self._compiled(padded)])
-        return [torch.cat(level) for level in zip(*chunks, strict=True)]
 
     def _request(self, size: tuple[int, int]) -> None:
         """Queue `size` for the compile thread, once, while fewer than `limit` sizes are taken."""

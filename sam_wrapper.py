@@ -19,7 +19,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from cache import EmbeddingCache
 from config import SEGMENTERS, require_file
 from detections import LazyMasks, profile_bounds
-from device import autocast, resolve_device
+from device import autocast, in_warmed_batches, resolve_device
 from errors import ModelLoadError
 from masks import mask_bounds
 from sam_decoder import DecoderInput, PromptDecoder
@@ -163,12 +163,7 @@ class Segmenter:
         beyond float rounding. Eager, the batch runs as it is."""
         if not self._warmed:
             return self.model.image_encoder(batch)
-        largest, out = self._warmed[-1], []
-        for chunk in batch.split(largest):
-            size = next(s for s in self._warmed if s >= len(chunk))
-            padded = torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
-            out.append(self.model.image_encoder(padded)[: len(chunk)])
-        return torch.cat(out)
+        return in_warmed_batches(self.model.image_encoder, batch, self._warmed)
 
     @torch.no_grad()
     def _embed(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
