@@ -7,6 +7,10 @@ from pathlib import Path
 # Before anything imports transformers / huggingface_hub: no test may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# What every process the tests start (Label Studio, moto, the service, the CLI, Ray, Chromium) inherits, whatever
+# the caller's shell sets: unbuffered Python output (the harness shows a child's log as it is written, and a pipe
+# would hold it back) and one UTF-8 locale.
+os.environ.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", LANG="C.UTF-8", LC_ALL="C.UTF-8")
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "tests"):
