@@ -66,7 +66,7 @@ ENV MODEL_DIR=/models \
     HOST=0.0.0.0 \
     PORT=9090 \
     WORKERS=1 \
-    THREADS=4 \
+    THREADS=32 \
     TIMEOUT=300
 
 VOLUME ["/data"]

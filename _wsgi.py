@@ -15,13 +15,14 @@ from flask import Flask
 from api import create_app
 from config import ServerSettings, Settings
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner, JobService, in_batches
+from jobs import JobParams, JobRunner, JobService, in_batches
 from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject
 from model import GroundedSAM
 from page import TryService, index_response, register_page
 from pipeline import Pipeline
+from scheduler import Scheduler
 from store import JobStore
 
 
@@ -35,18 +36,18 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     store = JobStore(settings.data_dir)
     loader = loader or ModelLoader(settings)
     images = ImageLoader(settings)
-    foreground = Foreground()
+    scheduler = Scheduler(settings.model_concurrency, settings.queue_limit)  # owns this worker's model passes
 
     def executor_for(params: JobParams, connection: Connection):
-        """How this worker predicts a bulk job's tasks: the loaded models, BATCH_SIZE tasks at a time, after every
-        labeler's request."""
+        """How this worker predicts a bulk job's tasks: the loaded models, BATCH_SIZE tasks at a time, each pass
+        after every labeler's (the scheduler's least urgent kind)."""
         config, query = params.query()
         pipelines: list[Pipeline] = []
 
         def predict(tasks: list[dict]):
             if not pipelines:  # the job may be queued while the models still load
                 pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
-                                          before_model_pass=foreground.wait_turn))
+                                          scheduler.background()))
             return pipelines[0].start_tasks(tasks, config, query, connection.url, connection.key)
 
         # One batch's host work (clean-up, regions) on a thread while the next batch's model passes run.
@@ -59,12 +60,12 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
 
     def factory(project, label_config) -> GroundedSAM:
         return GroundedSAM(project, label_config, store=store, loader=loader, images=images, settings=settings,
-                           jobs=runner, foreground=foreground)
+                           jobs=runner, scheduler=scheduler)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response)
     app.extensions["model_loader"] = loader
-    register_page(app, TryService(loader, settings, images, foreground), status=loader.state)  # the page's routes
+    register_page(app, TryService(loader, settings, images, scheduler), status=loader.state)  # the page's routes
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook
     return app
 

@@ -35,6 +35,7 @@ from errors import (
 )
 from jobs import JobService
 from mlbase import LabelStudioMLBase
+from scheduler import Busy, Caller, peer_connected
 from store import project_key
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     PromptError: 422,
     InteractiveError: 422,
     ModelsNotReady: 503,
+    Busy: 503,
     Unauthorized: 401,
     NotFound: 404,
     LabelStudioRefused: 403,
@@ -128,6 +130,13 @@ class FastJSON(DefaultJSONProvider):
         return self._app.response_class(body, mimetype="application/json")
 
 
+def request_caller() -> Caller:
+    """The current request's caller: it arrived now, and is connected while its socket is (gunicorn's, or the
+    development server's)."""
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    return Caller(time.monotonic(), lambda: peer_connected(sock))
+
+
 def _json_body() -> dict:
     data = request.get_data(cache=True)
     if not data:
@@ -174,7 +183,10 @@ def create_app(
         status = status_of(e)
         metrics.add(f"errors_{status}")
         logger.warning("%s %s -> %d: %s", request.method, request.path, status, e)
-        return jsonify(error=str(e)), status
+        response = jsonify(error=str(e))
+        if isinstance(e, Busy):
+            response.headers["Retry-After"] = str(e.retry_after)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -214,6 +226,7 @@ def create_app(
 
     @app.post("/predict")
     def predict():
+        caller = request_caller()
         body = _json_body()
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
@@ -230,7 +243,8 @@ def create_app(
         project = body.get("project")
         model = factory(project, body.get("label_config"))
         started = time.perf_counter()
-        results = model.predict(tasks, context=context, login=params.get("login"), password=params.get("password"))
+        results = model.predict(tasks, context=context, caller=caller, login=params.get("login"),
+                                password=params.get("password"))
         elapsed = time.perf_counter() - started
         metrics.add("predict_requests")
         metrics.add("predicted_tasks", len(tasks))

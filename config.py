@@ -178,6 +178,12 @@ class Settings:
     model_load_wait: float = 90.0
     # Label Studio gives a /predict ML_TIMEOUT_PREDICT (default 100 s), then drops the whole answer.
     predict_time_budget: float = 80.0
+    # The scheduler (scheduler.py): a foreground request that can't be served within REQUEST_DEADLINE s of its arrival
+    # is refused with 503; MODEL_CONCURRENCY model passes at once; at most QUEUE_LIMIT requests admitted (default:
+    # THREADS less 4, so that requests that need no model always find a thread).
+    request_deadline: float = 90.0
+    model_concurrency: int = 1
+    queue_limit: int = 28
     # Retrieve Predictions: the tasks past the budget go to a background bulk job that imports their predictions.
     background_predictions: bool = True
     job_chunk_size: int = 50
@@ -307,6 +313,9 @@ class Settings:
             model_load_wait=_number(env, "MODEL_LOAD_WAIT", cls.model_load_wait, float, 0.0),
             predict_time_budget=_number(env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0),
             background_predictions=_bool(env, "BACKGROUND_PREDICTIONS", cls.background_predictions),
+            request_deadline=_number(env, "REQUEST_DEADLINE", cls.request_deadline, float, 0.0),
+            model_concurrency=_number(env, "MODEL_CONCURRENCY", cls.model_concurrency, int, 1, 16),
+            queue_limit=_number(env, "QUEUE_LIMIT", max(1, ServerSettings.from_env(env).threads - 4), int, 1, 1000),
             job_chunk_size=chunk_size,
             job_import_wait=_number(env, "JOB_IMPORT_WAIT", cls.job_import_wait, float, 0.0, 3600.0),
             job_chunk_max=chunk_max,
@@ -328,7 +337,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 9090
     workers: int = 1
-    threads: int = 4
+    threads: int = 32  # most wait for the scheduler; the rest answer /health, bad input, the page at once
     timeout: int = 300
     log_level: str = "info"
 
@@ -339,7 +348,7 @@ class ServerSettings:
             host=_str(env, "HOST", cls.host),
             port=_number(env, "PORT", cls.port, int, 1, 65535),
             workers=_number(env, "WORKERS", cls.workers, int, 1, 64),
-            threads=_number(env, "THREADS", cls.threads, int, 1, 64),
+            threads=_number(env, "THREADS", cls.threads, int, 1, 256),
             timeout=_number(env, "TIMEOUT", cls.timeout, int, 1),
             log_level=_log_level(env),
         )

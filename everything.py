@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -172,18 +173,18 @@ class Everything:
 
 
 def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, image_id: str | None = None,
-                       before_batch: Callable[[], None] | None = None, deadline: float | None = None) -> Everything:
+                       model_pass: Callable[[], AbstractContextManager] = nullcontext,
+                       deadline: float | None = None) -> Everything:
     """Every mask SAM finds in `image` ((H, W, 3) uint8 RGB) with SamAutomaticMaskGenerator's algorithm.
 
     segmenter: a sam_wrapper.Segmenter (its cache serves the embedding when `image_id` is given).
-    before_batch: called before each model pass (a bulk job yields to labelers there). deadline: a
+    model_pass: wraps each model pass (the request's scheduler.Ticket.model_pass). deadline: a
     time.monotonic() after which no further batch starts (the answer then holds the masks found so far).
     """
     height, width = image.shape[:2]
     crop_boxes, layer_idxs = generate_crop_boxes((height, width), params.crop_n_layers, params.crop_overlap_ratio)
     grids = build_all_layer_point_grids(params.points_per_side, params.crop_n_layers,
                                         params.crop_n_points_downscale_factor)
-    turn = before_batch or (lambda: None)
     bits, per_crop_boxes, ious, stabilities, points_out, crop_of = [], [], [], [], [], []
     complete = True
     for crop_box, layer in zip(crop_boxes, layer_idxs, strict=True):
@@ -194,8 +195,8 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
         if deadline is not None and time.monotonic() > deadline:
             complete = False
             break
-        turn()
-        embedding = segmenter.embedding_for(crop_image, crop_id)
+        with model_pass():
+            embedding = segmenter.embedding_for(crop_image, crop_id)
         crop_size = crop_image.shape[:2]
         grid = grids[layer] * np.array(crop_size)[None, ::-1]
         found = []  # per batch: (bits (K,), iou (K,), stability (K,), boxes (K, 4), points (K, 2))
@@ -203,9 +204,9 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
             if deadline is not None and time.monotonic() > deadline:
                 complete = False
                 break
-            turn()
-            found.append(_batch(segmenter, embedding, grid[start:start + params.points_per_batch], params,
-                                crop_box, (height, width)))
+            with model_pass():
+                found.append(_batch(segmenter, embedding, grid[start:start + params.points_per_batch], params,
+                                    crop_box, (height, width)))
         if not found:
             continue
         crop_bits = [b for f in found for b in f[0]]

@@ -216,17 +216,19 @@ class ImageLoader:
         self.label_studio = label_studio or LabelStudioClient(settings)
 
     def load(self, url: str, hostname: str | None = None, access_token: str | None = None,
-             task_id: int | None = None) -> np.ndarray:
+             task_id: int | None = None, caller: Connection | None = None) -> np.ndarray:
         """Fetch the image a task's data field points at; return ``(H, W, 3) uint8`` RGB, displayed orientation.
 
         `hostname` and `access_token` are what Label Studio sent in /setup; LABEL_STUDIO_URL/HOST and
         LABEL_STUDIO_API_KEY/ACCESS_TOKEN take precedence over them. `task_id`: the task's id, which a cloud storage
-        URI needs. Raises ImageError naming what failed.
+        URI needs. `caller`: Label Studio with the key of whoever asks (the page's /try), used instead of all those,
+        and Label Studio is asked even for a file under LOCAL_FILES_DOCUMENT_ROOT (so it checks that key).
+        Raises ImageError naming what failed.
         """
         url = (url or "").strip()
         if not url:
             raise ImageError("task has an empty image URL", "unsupported")
-        data = self.fetch(url, hostname, access_token, task_id)
+        data = self.fetch(url, hostname, access_token, task_id, caller)
         try:
             return decode_image(data, self._settings.image_max_pixels)
         except ImageError as e:
@@ -247,14 +249,22 @@ class ImageLoader:
             return _decode_fileuri(fileuri) if fileuri else url
         return url
 
+    def served_by_label_studio(self, url: str, connection: Connection) -> bool:
+        """Whether `fetch` reads `url` from `connection`'s Label Studio (with its key): a Label Studio path, an
+        absolute URL on its host, a cloud storage URI."""
+        url = (url or "").strip()
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        return (url.startswith(("/data/", "data/", "tasks/")) or bool(RESOLVE_PATH.fullmatch(url.split("?", 1)[0]))
+                or (scheme in ("http", "https") and connection.serves(url)) or _is_storage_uri(url, scheme))
+
     def fetch(self, url: str, hostname: str | None = None, access_token: str | None = None,
-              task_id: int | None = None) -> bytes:
+              task_id: int | None = None, caller: Connection | None = None) -> bytes:
         """The raw bytes `url` points at (see `load`)."""
-        connection = self.label_studio.connection(hostname, access_token)
+        connection = caller or self.label_studio.connection(hostname, access_token)
         if url.startswith(("data/", "tasks/")):
             url = "/" + url
         if url.startswith("/data/") or RESOLVE_PATH.fullmatch(url.split("?", 1)[0]):
-            local = self._read_local_file(url)
+            local = self._read_local_file(url) if caller is None else None
             if local is not None:
                 return local
             return self._fetch_from_label_studio(self._on_label_studio(url, connection), connection)
@@ -267,7 +277,7 @@ class ImageLoader:
         if scheme in ("http", "https"):
             if connection.serves(url):
                 # Label Studio sometimes sends absolute URLs to its own uploads.
-                if parts.path.startswith("/data/"):
+                if parts.path.startswith("/data/") and caller is None:
                     local = self._read_local_file(url)
                     if local is not None:
                         return local

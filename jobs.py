@@ -31,7 +31,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from errors import (
@@ -112,31 +111,6 @@ class JobParams:
         config = parse_label_config(self.label_config)
         plan = require_phrases(self.prompt, config.labels, config.predicted_values)
         return config, TextQuery(plan.phrases, self.detection, self.cleanup, self.everything)
-
-
-class Foreground:
-    """Labelers first: while any foreground request (a /predict of the service) is being served, a background job
-    waits before its next model pass, so a click waits at most for the one model pass already in flight."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._active = 0
-
-    @contextmanager
-    def request(self):
-        with self._cond:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    def wait_turn(self) -> None:
-        with self._cond:
-            while self._active:
-                self._cond.wait()
 
 
 @dataclass
@@ -372,25 +346,28 @@ def in_batches(predict: Callable[[list[dict]], list[TaskOutcome] | Callable[[], 
                overlap: int = 0) -> Executor:
     """An Executor that predicts `size` tasks at a time in this process: predict(tasks) -> their outcomes, in
     order (Pipeline.predict_tasks, which encodes them in batches). With `overlap` > 0, predict(tasks) runs the
-    model passes and returns the host work left as a function that builds the outcomes (Pipeline.start_tasks),
-    which runs on one of `overlap` threads while the next batch's passes run; outcomes still come in task order.
-    At most `overlap` batches wait for their host work, so a long job holds no more batches than that at once."""
+    model passes and returns the host work left as a function that builds the outcomes (Pipeline.start_tasks):
+    the passes run on a thread of their own, each batch's host work on one of `overlap` threads while the next
+    batch's passes run, and a batch's outcomes are handed on as soon as its host work is done (not after the next
+    batch's passes), in task order. At most `overlap` batches wait for their host work, and one more is in its
+    passes, so a long job holds no more batches than that at once."""
 
     def run(tasks: Iterator[dict]) -> Iterator[tuple[dict, TaskOutcome]]:
         if not overlap:
             for batch in batched(tasks, size):
                 yield from zip(batch, predict(batch), strict=True)
             return
-        with ThreadPoolExecutor(overlap, thread_name_prefix="host-work") as pool:
-            waiting: deque = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="passes") as passes, \
+                ThreadPoolExecutor(overlap, thread_name_prefix="host-work") as host:
+            waiting: deque = deque()  # (batch, future of (future of its outcomes))
             for batch in batched(tasks, size):
-                waiting.append((batch, pool.submit(predict(batch))))
+                waiting.append((batch, passes.submit(lambda b=batch: host.submit(predict(b)))))
                 while len(waiting) > overlap:
                     done, outcomes = waiting.popleft()
-                    yield from zip(done, outcomes.result(), strict=True)
+                    yield from zip(done, outcomes.result().result(), strict=True)
             while waiting:
                 done, outcomes = waiting.popleft()
-                yield from zip(done, outcomes.result(), strict=True)
+                yield from zip(done, outcomes.result().result(), strict=True)
 
     return run
 

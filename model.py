@@ -16,7 +16,7 @@ from config import Settings
 from errors import InteractiveError, LabelConfigError, ParamsError
 from everything import EverythingParams, everything_params
 from images import ImageLoader
-from jobs import Foreground, JobParams, JobRunner, job_chunking
+from jobs import JobParams, JobRunner, job_chunking
 from labeling import LabelingConfig, parse_label_config
 from loader import ModelLoader
 from ls_client import Selection
@@ -25,6 +25,7 @@ from mlbase import LabelStudioMLBase
 from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery, detection_params, everything_defaults
 from prompts import match_label, require_phrases
 from regions import prediction
+from scheduler import Caller, Scheduler
 from store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,12 @@ def find_prompt(context: dict | None, config: LabelingConfig, params: ProjectPar
 class GroundedSAM(LabelStudioMLBase):
     def __init__(self, project_id: str | None, label_config: str | None, *, store: JobStore,
                  loader: ModelLoader, images: ImageLoader, settings: Settings, jobs: JobRunner | None = None,
-                 foreground: Foreground | None = None):
+                 scheduler: Scheduler | None = None):
         """jobs: where Retrieve Predictions hands the tasks past PREDICT_TIME_BUDGET (None: they get [] as the
-        only answer); foreground: marks this request as one a background job must wait for."""
+        only answer); scheduler: the worker's, which runs this request's model passes (scheduler.py)."""
         super().__init__(project_id, label_config, store)
         self.loader, self.images, self.settings, self.jobs = loader, images, settings, jobs
-        self.foreground = foreground or Foreground()
+        self.scheduler = scheduler or Scheduler()
         self._started = time.perf_counter()  # one instance per request: PREDICT_TIME_BUDGET counts from here
         self.prompt: str | None = None  # the text prompt of the last query
 
@@ -207,17 +208,25 @@ class GroundedSAM(LabelStudioMLBase):
             logger.warning("prompt phrase %r ignored: %s", phrase, reason)
         return TextQuery(plan.phrases, self.params.detection, self.params.cleanup, self.params.everything)
 
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
+    def predict(self, tasks: list[dict], context: dict | None = None, caller: Caller | None = None,
+                **kwargs) -> list[dict | list]:
         """One entry per task: its prediction (empty when its image can't be used), or [] (no prediction in this
-        answer) for the tasks a bulk job of this project predicts, or that PREDICT_TIME_BUDGET leaves out."""
-        with self.foreground.request():  # a background job waits while this request is served
-            return self._predict(tasks, context)
+        answer) for the tasks a bulk job of this project predicts, or that PREDICT_TIME_BUDGET leaves out.
 
-    def _predict(self, tasks: list[dict], context: dict | None) -> list[dict | list]:
-        query = self.query(context)
+        The request's model passes go through the scheduler as a click (smart tools), a prompt (a text prompt in
+        the context) or a batch (no context: Retrieve Predictions, a task opened), with REQUEST_DEADLINE from when
+        `caller`'s request arrived: scheduler.Busy when it can't be served by then."""
+        query = self.query(context)  # bad input is refused before anything waits for the model
         if query is None:
             logger.info("no prompt and DEFAULT_PROMPT is empty: %d task(s) left without prediction", len(tasks))
             return [prediction([], self.model_version) for _ in tasks]
+        kind = "click" if isinstance(query, ClickQuery) else "prompt" if context is not None else "batch"
+        caller = caller or Caller(time.monotonic())
+        deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
+        with self.scheduler.ticket(kind, deadline, caller.connected) as ticket:
+            return self._predict(tasks, context, query, ticket)
+
+    def _predict(self, tasks: list[dict], context: dict | None, query: Query, ticket) -> list[dict | list]:
         # Retrieve Predictions or a task opened: tasks past the budget may go to a background job.
         batch = context is None and self.jobs is not None and self.settings.background_predictions
         claimed = self.store.claimed(self.project_id, _task_ids(tasks)) if batch else set()
@@ -226,7 +235,7 @@ class GroundedSAM(LabelStudioMLBase):
                         len(claimed))
         deadline = time.monotonic() + budget - (time.perf_counter() - self._started) if (
             budget := self.settings.predict_time_budget) else None
-        pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version, deadline=deadline)
+        pipeline = Pipeline(self.loader.get(), self.settings, self.images, self.model_version, ticket, deadline)
         pipeline.check(query)
         hostname, token = self.get("hostname"), self.get("access_token")  # /setup's, read once a request
         results: dict[int, dict | list] = {}  # by the task's index; [] for the tasks left out

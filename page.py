@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from ls_client import Connection, LabelStudioProject, Selection, normalise_base
 from pipeline import ClickQuery, Pipeline, TextQuery, detection_params
 from prompts import EVERYTHING, prompt_labels, require_phrases
 from regions import mask_to_polygons
+from scheduler import Caller, Scheduler
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 IMAGE_KEY = "page-image"  # cache kind of the images /try holds: (IMAGE_KEY, digest) -> (H, W, 3) uint8
@@ -119,11 +119,13 @@ def _number(body: dict, name: str, kind=float):
 class TryService:
     """POST /try's logic: the image (upload, URL, task, or one held already), the query, the detections."""
 
-    def __init__(self, loader, settings: Settings, images: ImageLoader, foreground=None):
+    def __init__(self, loader, settings: Settings, images: ImageLoader, scheduler: Scheduler | None = None):
         self.loader, self.settings, self.images = loader, settings, images
-        self.foreground = foreground
+        self.scheduler = scheduler or Scheduler()
 
-    def run(self, body: dict, upload: bytes | None, key: str | None) -> dict:
+    def run(self, body: dict, upload: bytes | None, key: str | None, caller: Caller | None = None) -> dict:
+        """The answer to one /try: its model passes go through the scheduler as a click or a prompt, with
+        REQUEST_DEADLINE from when `caller`'s request arrived (scheduler.Busy when it can't be served by then)."""
         started = time.perf_counter()
         sources = [name for name in ("url", "task", "image_id") if body.get(name) not in (None, "")]
         sources += ["image"] if upload is not None else []
@@ -140,9 +142,12 @@ class TryService:
         if isinstance(query, ClickQuery):
             query = _scaled_clicks(query, width, height)
         wants_masks = body.get("masks", True) not in (False, "false", "0")
-        busy = self.foreground.request() if self.foreground is not None else nullcontext()
+        caller = caller or Caller(time.monotonic())
+        deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
+        kind = "click" if isinstance(query, ClickQuery) else "prompt"
         before = models.cache.computed_here()
-        with busy:
+        with self.scheduler.ticket(kind, deadline, caller.connected) as ticket:
+            pipeline = Pipeline(models, self.settings, self.images, self.loader.model_version, ticket)
             detections = pipeline.detect(image, image_id, query, wants_masks=wants_masks)
         after = models.cache.computed_here()
         ran = {kind: n - before.get(kind, 0) for kind, n in after.items() if n > before.get(kind, 0)}
@@ -214,17 +219,29 @@ class TryService:
                 raise ParamsError(f"'image': {e}") from None
             image_id = image_digest(image)
         elif source == "url":
-            url = body["url"]
-            if not isinstance(url, str):
-                raise ParamsError("'url' must be a string")
-            try:
-                image, image_id = Pipeline(models, self.settings, self.images).load_image(url)
-            except ImageError as e:
-                raise ParamsError(f"'url': {e}") from None
+            image, image_id = self._url_image(body["url"], key, models)
         else:
             image, image_id = self._task_image(body, key, models)
         models.cache.put((IMAGE_KEY, image_id), image)
         return image, image_id
+
+    def _url_image(self, url, key: str | None, models) -> tuple[np.ndarray, str]:
+        """The image at a URL. One that Label Studio serves (its paths, an absolute URL on its host, a cloud storage
+        URI) is read with the caller's key, never the service's, and not from the cache (which doesn't know who may
+        read it); any other host's is fetched as a task's image is, without credentials."""
+        if not isinstance(url, str):
+            raise ParamsError("'url' must be a string")
+        service = self.images.label_studio.connection()
+        try:
+            if not self.images.served_by_label_studio(url, service):
+                return Pipeline(models, self.settings, self.images).load_image(url)
+            if key is None:
+                raise Unauthorized("'url' is read from Label Studio with your key: send 'X-Label-Studio-Key: <key>' "
+                                   "(or 'Authorization: Token <key>')")
+            image = self.images.load(url, caller=Connection(service.url, key))
+        except ImageError as e:
+            raise ParamsError(f"'url': {e}") from None
+        return image, image_digest(image)
 
     def held(self, image_id: str) -> np.ndarray:
         """An image /try holds (NotFound when evicted or never seen by this worker)."""
@@ -306,7 +323,7 @@ def register_page(app: Flask, service: TryService, status: Callable[[], dict]) -
 
     @app.post("/try")
     def try_route():
-        from api import json_object  # the HTTP layer's body parsing; imported late: api imports nothing of ours
+        from api import json_object, request_caller  # the HTTP layer's; imported late: api imports nothing of ours
 
         if request.mimetype == "multipart/form-data":
             body = request.form.to_dict()
@@ -324,7 +341,7 @@ def register_page(app: Flask, service: TryService, status: Callable[[], dict]) -
             if not data:
                 raise ParamsError("request body is empty: expected a JSON object or multipart/form-data")
             body, upload = json_object(data, "request body"), None
-        return jsonify(service.run(body, upload, request_key()))
+        return jsonify(service.run(body, upload, request_key(), request_caller()))
 
     @app.get("/try/image/<image_id>")
     def try_image(image_id: str):

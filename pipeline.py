@@ -36,6 +36,7 @@ from loader import Models
 from masks import CleanupParams, ConcatMasks, clean_mask, cleaned, mask_box
 from prompts import EVERYTHING, Phrase
 from regions import build_regions, prediction
+from scheduler import UNSCHEDULED, Ticket, Unscheduled
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +138,13 @@ class Pipeline:
     instance may serve every thread (the models serialise themselves)."""
 
     def __init__(self, models: Models, settings: Settings, images: ImageLoader, model_version: str | None = None,
-                 before_model_pass: Callable[[], None] | None = None, deadline: float | None = None):
-        """before_model_pass: called before each model pass (a background job waits there for labelers).
-        deadline: a time.monotonic() past which segment everything starts no further batch of points."""
+                 ticket: Ticket | Unscheduled = UNSCHEDULED, deadline: float | None = None):
+        """ticket: the request's place in the worker's scheduler (scheduler.py): each model pass runs in
+        `ticket.model_pass()`. deadline: a time.monotonic() past which segment everything starts no further batch
+        of points."""
         self.models, self.settings, self.images = models, settings, images
         self.model_version = model_version or settings.model_version
-        self._turn = before_model_pass or (lambda: None)
+        self.ticket = ticket
         self.deadline = deadline
 
     def load_image(self, url: str, hostname: str | None = None, access_token: str | None = None,
@@ -175,8 +177,8 @@ class Pipeline:
         segmenter = self.models.segmenter if wants_masks else None
         detections = Detections.empty()
         if phrases:
-            self._turn()
-            detections = self._find(image, image_id, phrases, p)
+            with self.ticket.model_pass():
+                detections = self._find(image, image_id, phrases, p)
             if not wants_masks:
                 detections = detections.with_masks(None)
         if star is None or segmenter is None:
@@ -185,7 +187,7 @@ class Pipeline:
                 detections = detections.with_masks(cleaned(masks, self._cleanup(query)))
             return detections
         found = segment_everything(segmenter, image, query.everything or everything_defaults(self.settings),
-                                   image_id, self._turn, self.deadline)
+                                   image_id, self.ticket.model_pass, self.deadline)
         if star.label:  # `*_label`: every mask; the other phrases' boxes get their own masks as usual
             everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks,
                                     box_from_mask=np.ones(len(found.boxes), bool))
@@ -211,8 +213,8 @@ class Pipeline:
         """The detections' masks (N, H, W) bool: the detector's own (SAM 3), else the segmenter's for their boxes."""
         if detections.masks is not None:
             return detections.masks
-        self._turn()
-        masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
+        with self.ticket.model_pass():
+            masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
         return masks
 
     def _box_labels(self, boxes: np.ndarray, detections: Detections) -> tuple[list[str], np.ndarray]:
@@ -237,9 +239,9 @@ class Pipeline:
         scale = np.array([width, height], np.float64) / 100.0
         points = np.array(query.points, np.float64).reshape(-1, 2) * scale
         box = None if query.box is None else np.array(query.box, np.float64) * np.tile(scale, 2)
-        self._turn()
-        mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
-                                                           box, image_id=image_id)
+        with self.ticket.model_pass():
+            mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
+                                                               box, image_id=image_id)
         mask = clean_mask(mask, self._cleanup(query))  # the box follows the cleaned mask
         return Detections(np.array([mask_box(mask)], np.float32), [score], [query.label], mask[None])
 
@@ -284,7 +286,7 @@ class Pipeline:
         with their low-resolution masks), and returned, the host work left (masks upscaled as they are read,
         cleaned, turned into regions) as a function that builds the outcomes: call it once, on any thread, so that
         a bulk job builds one batch's predictions while the next batch's passes run (jobs.in_batches). It waits
-        for labelers (`before_model_pass`) before each task's host work, as the passes do."""
+        for more urgent requests (`ticket.defer`) before each task's host work."""
         started = time.perf_counter()
         self.check(query)
         if len(tasks) > 1:
@@ -313,7 +315,7 @@ class Pipeline:
                     outcomes.append(TaskOutcome(task_id, failure=item, seconds=share))
                     continue
                 (height, width), detections, seconds = item
-                self._turn()
+                self.ticket.defer()
                 own = time.perf_counter()
                 result = prediction(self.regions(detections, config, query, width, height), self.model_version)
                 seconds += time.perf_counter() - own
@@ -356,12 +358,12 @@ class Pipeline:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             if phrases and dino:
-                self._turn()
-                self.models.detector.encode_batch([image for image, _ in chunk], [i for _, i in chunk], phrases)
+                with self.ticket.model_pass():
+                    self.models.detector.encode_batch([image for image, _ in chunk], [i for _, i in chunk], phrases)
             if segmenter is None:
                 continue
             wanted = [(image, i) for image, i in chunk
                       if star or (dino and len(self._find(image, i, phrases, query.params)))]
             if len(wanted) > 1:
-                self._turn()
-                segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])
+                with self.ticket.model_pass():
+                    segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])

@@ -496,3 +496,16 @@ def test_every_domain_error_has_its_status():
     declared = {cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.ServiceError)}
     # Each error a request can raise has a row of its own; ModelLoadError only reaches requests as ModelsNotReady.
     assert declared - set(api.ERROR_STATUS) == {errors.ModelLoadError}
+
+
+def test_a_request_past_its_deadline_gets_503_with_retry_after_and_no_model_pass(make_client):
+    """The scheduler's refusals (scheduler.Busy) through the HTTP layer: 503, Retry-After, a JSON message; the model
+    never ran. A deadline of a microsecond has passed by the time the first pass would start."""
+    client = make_client(REQUEST_DEADLINE="0.000001")
+    response = client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    assert response.status_code == 503, response.json
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.json["error"].startswith("busy: ") and "past its deadline" in response.json["error"]
+    assert client.loader.models.detector.calls == []
+    ok = make_client().post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    assert ok.status_code == 200

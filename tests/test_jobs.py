@@ -15,7 +15,7 @@ from test_labeling import GUIDE_CONFIG
 
 from config import Settings
 from errors import LabelStudioNotFound, LabelStudioRefused, ParamsError
-from jobs import BulkJob, Foreground, JobParams, in_batches, job_status, parse_task_ranges
+from jobs import BulkJob, JobParams, in_batches, job_status, parse_task_ranges
 from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection
 from pipeline import DetectionParams, TaskFailure, TaskOutcome
 from store import JobStore
@@ -152,7 +152,8 @@ def test_resume_after_an_interrupted_import_leaves_one_prediction_per_task(ls, s
     of this version, the job's. With redo, every task held one of an earlier run."""
     if redo:
         ls.predictions += [old_prediction(t, t) for t in range(1, 31)]
-    p = params(selection=Selection(task_ids=tuple(range(1, 31))), chunk_size=5, redo=redo)
+    # chunk_max too: a job faster than its importer thread would otherwise import all 30 as one chunk (no chunk 2)
+    p = params(selection=Selection(task_ids=tuple(range(1, 31))), chunk_size=5, chunk_max=5, redo=redo)
     job = BulkJob.create(store, p, project=project(ls), predict=predict_ok)
     dying = project(ls)
     calls = {"import_predictions": 0, "keep_newest": 0}
@@ -304,18 +305,6 @@ def test_label_studio_errors_name_the_problem(ls):
                            ).label_config()
     with pytest.raises(LabelStudioNotFound, match="404"):
         LabelStudioProject(project(ls).client, 99, retries=0).label_config()
-
-
-def test_foreground_requests_hold_the_background_job_back():
-    gate = Foreground()
-    order = []
-    with gate.request():
-        worker = threading.Thread(target=lambda: (gate.wait_turn(), order.append("job")))
-        worker.start()
-        time.sleep(0.2)
-        order.append("click")
-    worker.join(5)
-    assert order == ["click", "job"]
 
 
 # --------------------------------------------------------------------------- the service: /jobs and one click
@@ -527,10 +516,13 @@ def test_job_params_keep_the_projects_cleanup_and_everything_across_a_resume():
 
 
 def test_in_batches_builds_one_batch_while_the_next_batchs_passes_run():
-    """Batch n's host work runs on a thread during batch n + 1's passes (the passes wait to see it start), no more
-    than `overlap` batches wait for theirs when a batch's passes begin, and outcomes come in task order."""
+    """Batch n's host work runs on a thread during batch n + 1's passes (the passes wait to see it start), its
+    outcomes are handed on before those passes end (the first batch's import need not wait for the second's
+    passes), no more than `overlap` batches wait for theirs when a batch's passes begin, and outcomes come in task
+    order."""
     started = {}  # batch number -> set when its host work starts
     waiting_at_pass, building, lock = [], set(), threading.Lock()
+    first_handed_on = threading.Event()
 
     def predict(batch):
         number = batch[0]["id"] // 3
@@ -538,6 +530,8 @@ def test_in_batches_builds_one_batch_while_the_next_batchs_passes_run():
             waiting_at_pass.append(len(building))
         if number > 0:
             assert started[number - 1].wait(5), "the previous batch's host work did not start during these passes"
+        if number == 1:
+            assert first_handed_on.wait(5), "the first batch's outcomes waited for the second batch's passes"
         started[number] = threading.Event()
         with lock:
             building.add(number)
@@ -552,7 +546,11 @@ def test_in_batches_builds_one_batch_while_the_next_batchs_passes_run():
 
         return finish
 
-    pairs = list(in_batches(predict, 3, overlap=1)(iter([{"id": i} for i in range(11)])))
+    pairs = []
+    for task, outcome in in_batches(predict, 3, overlap=1)(iter([{"id": i} for i in range(11)])):
+        pairs.append((task, outcome))
+        if task["id"] == 2:
+            first_handed_on.set()
     assert [task["id"] for task, _ in pairs] == [outcome.task_id for _, outcome in pairs] == list(range(11))
     assert max(waiting_at_pass) <= 1 and not building
     in_line = in_batches(lambda batch: [TaskOutcome(t["id"]) for t in batch], 4)

@@ -194,3 +194,34 @@ def test_mask_runs():
     assert mask_runs(mask) == [0, 2, 3, 1]
     assert mask_runs(~mask) == [2, 3, 1]
     assert mask_runs(np.zeros((0, 3), bool)) == []
+
+
+def test_try_reads_label_studio_urls_only_with_the_callers_key(tmp_path):
+    """A 'url' that Label Studio serves (an upload path, an absolute URL on its host) is read with the caller's key,
+    never the service's LABEL_STUDIO_API_KEY, and not from the cache; other hosts' URLs need no key."""
+    from fakes import FakeLoader
+
+    files = {"/data/upload/1/a.png": png(IMAGE), "/img/b.png": png(IMAGE)}
+    with ImageServer(files, token="service-key") as label_studio, ImageServer(files) as other:
+        env = {"DATA_DIR": str(tmp_path), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": "service-key"}
+        client = create_backend_app(env, loader=FakeLoader()).test_client()
+
+        def try_url(url, key=None):
+            return client.post("/try", json={"url": url, "prompt": "cats"},
+                               headers={"X-Label-Studio-Key": key} if key else {})
+
+        for url in ("/data/upload/1/a.png", label_studio.url + "/data/upload/1/a.png"):
+            before = len(label_studio.requests)
+            refused = try_url(url)
+            assert refused.status_code == 401 and "'url' is read from Label Studio with your key" in refused.json[
+                "error"]
+            assert len(label_studio.requests) == before  # nothing fetched with the service's key
+            wrong = try_url(url, "someone-elses-key")
+            assert wrong.status_code == 400 and "'url'" in wrong.json["error"], wrong.json
+            assert label_studio.requests[-1] == ("/data/upload/1/a.png", "Token someone-elses-key")
+            assert try_url(url, "service-key").status_code == 200  # the caller holds a key Label Studio accepts
+            assert try_url(url, "someone-elses-key").status_code == 400  # not served from the cache
+        assert {auth for _, auth in label_studio.requests} == {"Token someone-elses-key", "Token service-key"}
+        assert len(label_studio.requests) == 6
+        elsewhere = try_url(other.url + "/img/b.png")
+        assert elsewhere.status_code == 200 and other.requests == [("/img/b.png", None)]

@@ -1,0 +1,205 @@
+"""scheduler.py: passes in order of urgency, admission by deadline, the drop of a request whose client hung up or
+whose deadline passed while it waited, and the socket check behind that."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from scheduler import Busy, Dropped, Scheduler, peer_connected
+
+
+class Clock:
+    """A clock the test moves by hand (admission arithmetic without sleeping)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def learn(scheduler: Scheduler, clock: Clock, kind: str, seconds: float) -> None:
+    """One request of `kind` whose single pass took `seconds` of the test's clock."""
+    with scheduler.ticket(kind) as ticket, ticket.model_pass():
+        clock.now += seconds
+
+
+def start_waiting(scheduler: Scheduler, kind: str, order: list, **kwargs) -> threading.Thread:
+    """A thread that takes a ticket and a pass, recording its kind when its pass runs (or the error)."""
+
+    def run():
+        try:
+            with scheduler.ticket(kind, **kwargs) as ticket, ticket.model_pass():
+                order.append(kind)
+        except Busy as e:
+            order.append(type(e).__name__)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_free_slot_goes_to_the_most_urgent_waiter_then_the_oldest():
+    scheduler = Scheduler(concurrency=1)
+    order, release = [], threading.Event()
+
+    def job():  # holds the only slot until released
+        with scheduler.ticket("job") as ticket, ticket.model_pass():
+            release.wait(5)
+            order.append("job")
+
+    threads = [threading.Thread(target=job)]
+    threads[0].start()
+    wait_for(lambda: scheduler.snapshot()["running"] == 1)
+    for n, kind in enumerate(("batch", "prompt", "batch", "click", "prompt"), 1):
+        threads.append(start_waiting(scheduler, kind, order))
+        wait_for(lambda n=n: sum(scheduler.snapshot()["waiting"].values()) == n)  # queued in this order
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["job", "click", "prompt", "prompt", "batch", "batch"]
+
+
+def test_concurrency_runs_that_many_passes_at_once():
+    scheduler = Scheduler(concurrency=2)
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def work():
+        with scheduler.ticket("prompt") as ticket, ticket.model_pass():
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert peak[0] == 2
+
+
+def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once():
+    clock = Clock()
+    scheduler = Scheduler(clock=clock)
+    learn(scheduler, clock, "prompt", 4.0)
+    learn(scheduler, clock, "click", 0.1)
+    tickets = []
+    for _ in range(5):  # admitted, not yet run: 5 x 4 s of prompt work queued
+        manager = scheduler.ticket("prompt", deadline=clock.now + 90)
+        tickets.append((manager, manager.__enter__()))
+    # 20 s queued + its own 4 s fits 22 s? No: refused, and told when to come back.
+    with pytest.raises(Busy, match="would take 20 s and its own 4 s, past its deadline 22 s from now") as refused:
+        with scheduler.ticket("prompt", deadline=clock.now + 22):
+            pass
+    assert refused.value.retry_after == 20
+    with scheduler.ticket("prompt", deadline=clock.now + 25):  # 20 + 4 fits
+        pass
+    # A click is more urgent: the prompt work queued isn't ahead of it.
+    with scheduler.ticket("click", deadline=clock.now + 1):
+        pass
+    # A batch is elastic: it is admitted when one pass fits after the work ahead.
+    learn(scheduler, clock, "batch", 60.0)
+    with scheduler.ticket("batch", deadline=clock.now + 21 + 60 - 1):
+        pass
+    with pytest.raises(Busy):
+        with scheduler.ticket("batch", deadline=clock.now + 19):
+            pass
+    for manager, _ in tickets:
+        manager.__exit__(None, None, None)
+    assert scheduler.snapshot()["refused"] == {"deadline": 2}
+    with scheduler.ticket("prompt", deadline=clock.now + 5):  # the queue is empty again
+        pass
+
+
+def test_the_queue_limit_refuses_past_it_and_jobs_are_never_refused():
+    scheduler = Scheduler(queue_limit=2)
+    with scheduler.ticket("click"), scheduler.ticket("prompt"):
+        with pytest.raises(Busy, match="2 requests are queued for the model"):
+            with scheduler.ticket("click"):
+                pass
+        with scheduler.ticket("job") as job, job.model_pass():
+            pass
+    assert scheduler.snapshot()["refused"] == {"queue full": 1}
+
+
+def test_a_waiting_request_is_dropped_when_its_client_hangs_up_or_its_deadline_passes():
+    scheduler = Scheduler()
+    order, release, connected = [], threading.Event(), threading.Event()
+    connected.set()
+
+    def hold():
+        with scheduler.ticket("job") as ticket, ticket.model_pass():
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    wait_for(lambda: scheduler.snapshot()["running"] == 1)
+    gone = start_waiting(scheduler, "click", order, connected=connected.is_set)
+    late = start_waiting(scheduler, "prompt", order, deadline=time.monotonic() + 0.3)
+    wait_for(lambda: sum(scheduler.snapshot()["waiting"].values()) == 2)
+    connected.clear()  # the client hangs up
+    late.join(5)
+    gone.join(5)
+    assert sorted(order) == ["Dropped", "Dropped"]
+    assert scheduler.snapshot()["refused"] == {"client gone": 1, "deadline passed": 1}
+    assert scheduler.snapshot()["waiting"]["click"] == 0  # left the queue
+    release.set()
+    holder.join(5)
+    assert issubclass(Dropped, Busy)
+
+
+def test_a_nested_pass_runs_in_the_outer_ones_slot_and_time_is_learnt_per_kind():
+    clock = Clock()
+    scheduler = Scheduler(clock=clock)
+    with scheduler.ticket("prompt") as ticket:
+        with ticket.model_pass():
+            clock.now += 1
+            with ticket.model_pass():  # would deadlock with one slot if it queued
+                clock.now += 1
+        with ticket.model_pass():
+            clock.now += 3
+    assert ticket.used == 5
+    assert scheduler.snapshot()["expected_seconds"] == {"prompt": 5}
+    learn(scheduler, clock, "prompt", 15)
+    assert scheduler.snapshot()["expected_seconds"] == {"prompt": 8}  # 0.7 * 5 + 0.3 * 15
+
+
+def test_a_jobs_host_work_defers_to_admitted_labelers():
+    scheduler = Scheduler()
+    done = threading.Event()
+    with scheduler.ticket("job") as job:
+        with scheduler.ticket("click"):
+            waiter = threading.Thread(target=lambda: (job.defer(), done.set()))
+            waiter.start()
+            assert not done.wait(0.3)
+        assert done.wait(5)
+        waiter.join()
+
+
+def test_peer_connected_sees_a_closed_client():
+    ours, theirs = socket.socketpair()
+    try:
+        assert peer_connected(ours)
+        theirs.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request: still there
+        assert peer_connected(ours)
+        assert ours.recv(100)
+        theirs.close()
+        assert not peer_connected(ours)
+    finally:
+        ours.close()
+    assert not peer_connected(ours)  # closed on our side
+    assert peer_connected(None)
