@@ -19,6 +19,7 @@ from jobs import JobParams, JobRunner, JobService, in_batches
 from loader import ModelLoader
 from logs import configure_logging
 from ls_client import Connection, LabelStudioProject
+from metrics import ServiceMetrics
 from model import GroundedSAM
 from page import TryService, index_response, register_page
 from pipeline import Pipeline
@@ -63,7 +64,11 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
                            jobs=runner, scheduler=scheduler)
 
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response)
+    def cache_stats() -> dict | None:
+        return loader.get(timeout=0).cache.stats() if loader.state().get("models") == "ready" else None
+
+    metrics = ServiceMetrics(scheduler, cache_stats, jobs.metrics)
+    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response, metrics=metrics)
     app.extensions["model_loader"] = loader
     register_page(app, TryService(loader, settings, images, scheduler), status=loader.state)  # the page's routes
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook

@@ -1,22 +1,22 @@
 """The HTTP layer: Label Studio's ML backend routes, parsed and validated, as a Flask app.
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics (GET / in a browser: the service's
-page, page.py's, which adds its own routes). Every answer is
-JSON, errors included ({"error": "..."} with a 4xx/5xx status). With BASIC_AUTH_USER and
-BASIC_AUTH_PASS set, every route but /health needs those credentials.
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics (Prometheus' text format,
+metrics.py's; GET / in a browser: the service's page, page.py's, which adds its own routes). Every other answer is
+JSON, errors included ({"error": "..."} with a 4xx/5xx status; 503 with Retry-After when the scheduler refuses).
+With BASIC_AUTH_USER and BASIC_AUTH_PASS set, every route but /health needs those credentials.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import orjson
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from errors import (
@@ -34,6 +34,7 @@ from errors import (
     Unauthorized,
 )
 from jobs import JobService
+from metrics import ServiceMetrics
 from mlbase import LabelStudioMLBase
 from scheduler import Busy, Caller, peer_connected
 from store import project_key
@@ -94,27 +95,6 @@ def parse_extra_params(raw) -> dict:
     return raw
 
 
-class Metrics:
-    """Request counters served on /metrics."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.counts: dict[str, int] = {}
-        self.predict_seconds = 0.0
-
-    def add(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + n
-
-    def add_seconds(self, seconds: float) -> None:
-        with self._lock:
-            self.predict_seconds += seconds
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {**self.counts, "predict_seconds_total": round(self.predict_seconds, 3)}
-
-
 class FastJSON(DefaultJSONProvider):
     """orjson for request and response bodies: a brush RLE is a list of up to millions of ints, which the
     standard library encodes several times slower."""
@@ -131,10 +111,13 @@ class FastJSON(DefaultJSONProvider):
 
 
 def request_caller() -> Caller:
-    """The current request's caller: it arrived now, and is connected while its socket is (gunicorn's, or the
-    development server's)."""
-    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    return Caller(time.monotonic(), lambda: peer_connected(sock))
+    """The current request's caller: it arrived when the app first saw it, and is connected while its socket is
+    (gunicorn's, or the development server's). One per request (the metrics read its kind)."""
+    caller = g.get("caller")
+    if caller is None:
+        sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+        caller = g.caller = Caller(time.monotonic(), lambda: peer_connected(sock))
+    return caller
 
 
 def _json_body() -> dict:
@@ -150,16 +133,31 @@ def create_app(
     basic_auth: tuple[str, str] | None = None,
     jobs: JobService | None = None,
     page: Callable[[], object] | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> Flask:
     """A Flask app serving the backend that `factory(project, label_config)` creates per request.
 
     health: extra fields for GET /health (e.g. the model load state); it must answer instantly.
     jobs: the bulk jobs behind /jobs (None: no such routes).
     page: GET /'s answer to a browser (Accept: text/html before JSON); anything else gets /health's JSON there.
+    metrics: what GET /metrics serves (a registry of its own when None).
     """
     app = Flask(__name__)
     app.json = FastJSON(app)
-    metrics = Metrics()
+    metrics = metrics or ServiceMetrics()
+
+    @app.before_request
+    def start_clock():
+        request_caller()  # the request's arrival, before anything else runs
+
+    @app.after_request
+    def observe(response):
+        caller = g.get("caller")
+        if caller is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            metrics.requests.labels(route, caller.kind, str(response.status_code)).observe(
+                time.monotonic() - caller.arrived)
+        return response
 
     @app.before_request
     def check_auth():
@@ -181,7 +179,7 @@ def create_app(
     @app.errorhandler(ServiceError)
     def service_error(e: ServiceError):
         status = status_of(e)
-        metrics.add(f"errors_{status}")
+        metrics.errors.labels(str(status)).inc()
         logger.warning("%s %s -> %d: %s", request.method, request.path, status, e)
         response = jsonify(error=str(e))
         if isinstance(e, Busy):
@@ -194,7 +192,7 @@ def create_app(
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
-        metrics.add("errors_500")
+        metrics.errors.labels("500").inc()
         logger.exception("%s %s failed", request.method, request.path)
         return jsonify(error=f"internal error: {type(e).__name__}: {e}"), 500
 
@@ -221,7 +219,7 @@ def create_app(
         state = {"extra_params": extra_params, "label_config": schema}
         state.update({key: body[key] for key in ("hostname", "access_token") if body.get(key)})
         model.update(state)
-        metrics.add("setup")
+        metrics.setups.inc()
         return jsonify(model_version=model.model_version)
 
     @app.post("/predict")
@@ -246,9 +244,7 @@ def create_app(
         results = model.predict(tasks, context=context, caller=caller, login=params.get("login"),
                                 password=params.get("password"))
         elapsed = time.perf_counter() - started
-        metrics.add("predict_requests")
-        metrics.add("predicted_tasks", len(tasks))
-        metrics.add_seconds(elapsed)
+        metrics.predicted_tasks.inc(len(tasks))
         logger.info("project %s: %d task(s) predicted in %.2f s", project_key(project), len(tasks), elapsed)
         return jsonify(results=results)
 
@@ -261,12 +257,12 @@ def create_app(
         project = (body.get("project") or {}).get("id") if isinstance(body.get("project"), dict) else None
         model = factory(str(project) if project is not None else None, None)
         result = model.fit(event, body)
-        metrics.add("webhooks")
+        metrics.webhooks.inc()
         return jsonify(result or {}), 201
 
     @app.get("/metrics")
     def metrics_route():
-        return jsonify({**metrics.snapshot(), **(jobs.metrics() if jobs else {})})
+        return app.response_class(metrics.text(), content_type=CONTENT_TYPE_LATEST)
 
     def caller_key() -> str:
         """The Label Studio key the caller presents; the jobs routes never act with the one /setup stored."""
@@ -285,7 +281,7 @@ def create_app(
         def create_job():
             key = caller_key()
             status = jobs.create(_json_body(), key)
-            metrics.add("jobs_submitted")
+            metrics.jobs_submitted.inc()
             return jsonify(status), 201
 
         @app.get("/jobs")

@@ -139,5 +139,6 @@ class EmbeddingCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._entries), "mb": round(self.bytes / 2**20, 1), "hits": self.hits,
+            return {"entries": len(self._entries), "mb": round(self.bytes / 2**20, 1), "bytes": self.bytes,
+                    "max_bytes": self.max_bytes, "hits": self.hits,
                     "misses": self.misses, "evictions": self.evictions, "computed": dict(self.computed)}

@@ -222,8 +222,9 @@ class GroundedSAM(LabelStudioMLBase):
             return [prediction([], self.model_version) for _ in tasks]
         kind = "click" if isinstance(query, ClickQuery) else "prompt" if context is not None else "batch"
         caller = caller or Caller(time.monotonic())
+        caller.kind = kind
         deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
-        with self.scheduler.ticket(kind, deadline, caller.connected) as ticket:
+        with self.scheduler.ticket(kind, deadline, caller.connected, len(tasks)) as ticket:
             return self._predict(tasks, context, query, ticket)
 
     def _predict(self, tasks: list[dict], context: dict | None, query: Query, ticket) -> list[dict | list]:

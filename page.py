@@ -144,7 +144,7 @@ class TryService:
         wants_masks = body.get("masks", True) not in (False, "false", "0")
         caller = caller or Caller(time.monotonic())
         deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
-        kind = "click" if isinstance(query, ClickQuery) else "prompt"
+        kind = caller.kind = "click" if isinstance(query, ClickQuery) else "prompt"
         before = models.cache.computed_here()
         with self.scheduler.ticket(kind, deadline, caller.connected) as ticket:
             pipeline = Pipeline(models, self.settings, self.images, self.loader.model_version, ticket)

@@ -177,7 +177,7 @@ class Pipeline:
         segmenter = self.models.segmenter if wants_masks else None
         detections = Detections.empty()
         if phrases:
-            with self.ticket.model_pass():
+            with self.ticket.model_pass("detector"):
                 detections = self._find(image, image_id, phrases, p)
             if not wants_masks:
                 detections = detections.with_masks(None)
@@ -187,7 +187,7 @@ class Pipeline:
                 detections = detections.with_masks(cleaned(masks, self._cleanup(query)))
             return detections
         found = segment_everything(segmenter, image, query.everything or everything_defaults(self.settings),
-                                   image_id, self.ticket.model_pass, self.deadline)
+                                   image_id, lambda: self.ticket.model_pass("segmenter"), self.deadline)
         if star.label:  # `*_label`: every mask; the other phrases' boxes get their own masks as usual
             everything = Detections(found.boxes, found.predicted_iou, [star.label] * len(found.boxes), found.masks,
                                     box_from_mask=np.ones(len(found.boxes), bool))
@@ -213,7 +213,7 @@ class Pipeline:
         """The detections' masks (N, H, W) bool: the detector's own (SAM 3), else the segmenter's for their boxes."""
         if detections.masks is not None:
             return detections.masks
-        with self.ticket.model_pass():
+        with self.ticket.model_pass("segmenter"):
             masks, _ = segmenter.segment_boxes(image, detections.xyxy, image_id=image_id)
         return masks
 
@@ -239,7 +239,7 @@ class Pipeline:
         scale = np.array([width, height], np.float64) / 100.0
         points = np.array(query.points, np.float64).reshape(-1, 2) * scale
         box = None if query.box is None else np.array(query.box, np.float64) * np.tile(scale, 2)
-        with self.ticket.model_pass():
+        with self.ticket.model_pass("segmenter"):
             mask, score = self.models.segmenter.segment_prompt(image, points, np.array(query.point_labels, np.int64),
                                                                box, image_id=image_id)
         mask = clean_mask(mask, self._cleanup(query))  # the box follows the cleaned mask
@@ -358,12 +358,12 @@ class Pipeline:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             if phrases and dino:
-                with self.ticket.model_pass():
+                with self.ticket.model_pass("detector"):
                     self.models.detector.encode_batch([image for image, _ in chunk], [i for _, i in chunk], phrases)
             if segmenter is None:
                 continue
             wanted = [(image, i) for image, i in chunk
                       if star or (dino and len(self._find(image, i, phrases, query.params)))]
             if len(wanted) > 1:
-                with self.ticket.model_pass():
+                with self.ticket.model_pass("segmenter"):
                     segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])

@@ -35,7 +35,7 @@ from errors import ServiceError
 
 KINDS = ("click", "prompt", "batch", "job")  # most urgent first
 FOREGROUND = KINDS[:-1]
-EWMA_WEIGHT = 0.3  # of the newest request in a kind's expected model time
+EWMA_WEIGHT = 0.3  # of the newest request in a kind's expected model time per task
 CHECK_EVERY_S = 0.2  # how often a waiting pass checks its client and deadline
 
 
@@ -67,13 +67,14 @@ def peer_connected(sock: socket.socket | None) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Caller:
     """Who waits for a request's answer: when the request arrived (time.monotonic()) and whether its client is still
-    connected (the HTTP layer knows both)."""
+    connected (the HTTP layer knows both); `kind`: what the scheduler ran it as, once known (for the metrics)."""
 
     arrived: float
     connected: Callable[[], bool] = field(default=lambda: True)
+    kind: str = ""
 
 
 @dataclass(eq=False)
@@ -86,6 +87,7 @@ class Ticket:
     deadline: float | None = None
     connected: Callable[[], bool] = field(default=lambda: True)
     admitted: float = 0.0
+    tasks: int = 1  # images it asks about (a Retrieve Predictions may send several)
     used: float = 0.0  # seconds of model passes so far
     _depth: int = 0  # passes entered and not left (a nested pass runs within the outer one's slot)
 
@@ -93,10 +95,15 @@ class Ticket:
     def priority(self) -> int:
         return KINDS.index(self.kind)
 
+    @property
+    def expected(self) -> float:
+        """Seconds of model work this request is expected to take in all, from its kind's recent requests."""
+        return self.scheduler.expected.get(self.kind, 0.0) * self.tasks
+
     @contextmanager
-    def model_pass(self) -> Iterator[None]:
-        """Hold one of the scheduler's slots while the block runs a model pass. Raises Dropped, before the pass,
-        when the deadline passed or the client hung up while it waited."""
+    def model_pass(self, model: str = "") -> Iterator[None]:
+        """Hold one of the scheduler's slots while the block runs a pass of `model` (detector, segmenter: for the
+        metrics). Raises Dropped, before the pass, when the deadline passed or the client hung up while it waited."""
         if self._depth:
             self._depth += 1
             try:
@@ -110,7 +117,7 @@ class Ticket:
             yield
         finally:
             self._depth = 0
-            self.scheduler._release(self, waited, self.scheduler.clock() - started)
+            self.scheduler._release(self, model, waited, self.scheduler.clock() - started)
 
     def defer(self) -> None:
         """Wait while a request more urgent than this one is admitted (a bulk job's host work leaves the CPU to
@@ -124,7 +131,7 @@ class Unscheduled:
     kind = "job"
 
     @contextmanager
-    def model_pass(self) -> Iterator[None]:
+    def model_pass(self, model: str = "") -> Iterator[None]:
         yield
 
     def defer(self) -> None:
@@ -144,10 +151,11 @@ class Scheduler:
         self._waiting: list[tuple[int, int, Ticket]] = []  # heap of (priority, arrival, ticket)
         self._running: dict[Ticket, float] = {}  # ticket -> when its pass started (clock)
         self._order = itertools.count()
-        self.expected: dict[str, float] = {}  # kind -> model seconds of one request, lately (EWMA)
+        self.expected: dict[str, float] = {}  # kind -> model seconds of a request per task, lately (EWMA)
         self.pass_seconds: dict[str, float] = {}  # kind -> seconds of one pass, lately (EWMA)
         self.refused: dict[str, int] = {}  # reason -> count
-        self.on_pass: Callable[[str, float, float], None] = lambda kind, waited, seconds: None
+        # Told of every pass: (model, kind, seconds waited for the slot, seconds of the pass).
+        self.on_pass: Callable[[str, str, float, float], None] = lambda model, kind, waited, seconds: None
 
     # ------------------------------------------------------------------ admission
 
@@ -156,16 +164,16 @@ class Scheduler:
         return Ticket(self, "job", admitted=self.clock())
 
     @contextmanager
-    def ticket(self, kind: str, deadline: float | None = None,
-               connected: Callable[[], bool] | None = None) -> Iterator[Ticket]:
-        """Admit a request of `kind` for the block (Busy when it can't be served by `deadline`); its model time is
-        learnt for its kind when the block ends."""
+    def ticket(self, kind: str, deadline: float | None = None, connected: Callable[[], bool] | None = None,
+               tasks: int = 1) -> Iterator[Ticket]:
+        """Admit a request of `kind` about `tasks` images for the block (Busy when it can't be served by
+        `deadline`); its model time per task is learnt for its kind when the block ends."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "job":
             yield self.background()
             return
-        ticket = Ticket(self, kind, deadline, connected or (lambda: True), self.clock())
+        ticket = Ticket(self, kind, deadline, connected or (lambda: True), self.clock(), max(tasks, 1))
         with self._cond:
             self._admit(ticket)
             self._admitted.append(ticket)
@@ -177,7 +185,7 @@ class Scheduler:
             with self._cond:
                 self._admitted.remove(ticket)
                 if completed and ticket.used > 0:
-                    self.expected[kind] = _ewma(self.expected.get(kind), ticket.used)
+                    self.expected[kind] = _ewma(self.expected.get(kind), ticket.used / ticket.tasks)
                 self._cond.notify_all()
 
     def _admit(self, ticket: Ticket) -> None:
@@ -188,7 +196,7 @@ class Scheduler:
             return
         ahead = self.wait_ahead(ticket)
         # A batch is elastic (PREDICT_TIME_BUDGET fits its tasks to the time left): it needs one pass in time.
-        own = (self.pass_seconds if ticket.kind == "batch" else self.expected).get(ticket.kind, 0.0)
+        own = self.pass_seconds.get("batch", 0.0) if ticket.kind == "batch" else ticket.expected
         if ticket.admitted + ahead + own > ticket.deadline:
             self._refuse("deadline", f"busy: the model work queued ahead of this {ticket.kind} request would take "
                          f"{ahead:.0f} s and its own {own:.0f} s, past its deadline "
@@ -208,7 +216,7 @@ class Scheduler:
                 left += max(self.pass_seconds.get(other.kind, 0.0) - (now - started), 0.0)
         for other in self._admitted:
             if other is not ticket and other.priority <= ticket.priority:
-                left += max(self.expected.get(other.kind, 0.0) - other.used, 0.0)
+                left += max(other.expected - other.used, 0.0)
         return left / self.concurrency
 
     # ------------------------------------------------------------------ passes
@@ -243,13 +251,13 @@ class Scheduler:
             self._refuse("client gone", f"the client of this {ticket.kind} request hung up while it waited", 0,
                          Dropped)
 
-    def _release(self, ticket: Ticket, waited: float, seconds: float) -> None:
+    def _release(self, ticket: Ticket, model: str, waited: float, seconds: float) -> None:
         with self._cond:
             self._running.pop(ticket, None)
             ticket.used += seconds
             self.pass_seconds[ticket.kind] = _ewma(self.pass_seconds.get(ticket.kind), seconds)
             self._cond.notify_all()
-        self.on_pass(ticket.kind, waited, seconds)
+        self.on_pass(model, ticket.kind, waited, seconds)
 
     def _defer(self, ticket: Ticket) -> None:
         with self._cond:

@@ -50,3 +50,16 @@ def sam_vit_b_checkpoint(tmp_path_factory) -> Path:
     path = model_factory.make_sam(tmp_path_factory.mktemp("sam_vit_b") / "sam_vit_b_01ec64.pth", "vit_b")
     yield path
     path.unlink(missing_ok=True)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """GET /metrics' Prometheus text, parsed by prometheus_client's own parser: 'name' or 'name{key=value,...}'
+    (labels sorted) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import metric_samples
 from model_factory import make_image
 from servers import LoopbackServer
 from test_e2e_gunicorn import encode, free_port
@@ -440,8 +441,10 @@ class Backend:
     def health(self) -> dict:
         return requests.get(self.url + "/health", timeout=2).json()
 
-    def metrics(self) -> dict:
-        return requests.get(self.url + "/metrics", timeout=2).json()
+    def setups(self) -> float:
+        """How many /setup calls the service answered (its /metrics)."""
+        text = requests.get(self.url + "/metrics", timeout=2).text
+        return metric_samples(text).get("grounded_sam_setups_total", 0)
 
 
 def start_backend(name: str, files: tuple[Path, Path, Path], mobile_sam: Path, ls_url: str, api_key: str,

@@ -14,9 +14,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import metric_samples
 from fakes import FakeDetector, FakeLoader, FakeSegmenter
 from label_studio_sdk.converter import brush
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 from servers import ImageServer
 from test_labeling import GUIDE_CONFIG
 
@@ -312,8 +314,26 @@ def test_webhook_and_metrics(client):
                                              "task": {"id": 1}, "annotation": {"id": 1}})
     assert response.status_code == 201
     client.post("/predict", json=predict_payload([task()], None))
-    metrics = client.get("/metrics").json
-    assert metrics["webhooks"] == 1 and metrics["predicted_tasks"] == 1
+    client.post("/predict", json=predict_payload([task()], TEXTAREA_CONTEXT))
+    client.post("/predict", data=b"{not json", content_type="application/json")
+    response = client.get("/metrics")
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST  # Prometheus' text format
+    metrics = metric_samples(response.get_data(as_text=True))
+    assert metrics["grounded_sam_webhooks_total"] == 1 and metrics["grounded_sam_predicted_tasks_total"] == 2
+    assert metrics["grounded_sam_errors_total{status=400}"] == 1
+    # Latency by route, the kind the scheduler ran it as, and status.
+    assert metrics["grounded_sam_request_seconds_count{kind=batch,route=/predict,status=200}"] == 1
+    assert metrics["grounded_sam_request_seconds_count{kind=prompt,route=/predict,status=200}"] == 1
+    assert metrics["grounded_sam_request_seconds_count{kind=,route=/predict,status=400}"] == 1
+    assert metrics["grounded_sam_request_seconds_count{kind=,route=/webhook,status=201}"] == 1
+    # Each prompt: a detector and a segmenter pass through the scheduler, their waits and times.
+    assert metrics["grounded_sam_model_pass_seconds_count{kind=prompt,model=detector}"] == 1
+    assert metrics["grounded_sam_model_pass_seconds_count{kind=batch,model=segmenter}"] == 1
+    assert metrics["grounded_sam_queue_wait_seconds_count{kind=prompt}"] == 2
+    assert metrics["grounded_sam_queue_admitted{kind=prompt}"] == 0
+    assert metrics["grounded_sam_model_passes_running"] == 0
+    assert metrics["process_resident_memory_bytes"] > 0
+    assert metrics["grounded_sam_cache_max_bytes"] == 2**20 and metrics["grounded_sam_cache_entries"] >= 1
 
 
 def basic(user, password):

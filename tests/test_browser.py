@@ -106,7 +106,7 @@ def test_connect_model_form_then_auto_annotation_text_prompt(
     width, height = URL_PNG[3]
 
     # 1. Settings → Model → Connect Model, extra params typed as text (LS sends them to /setup as a string).
-    setups = backend.metrics().get("setup", 0)
+    setups = backend.setups()
     page.goto(f"{ls.url}/projects/{project}/settings/ml")
     page.get_by_text("Connect Model", exact=True).first.click()
     page.fill("input[name=title]", "Grounded SAM")
@@ -120,7 +120,7 @@ def test_connect_model_form_then_auto_annotation_text_prompt(
     (row,) = ls.json("GET", "/api/ml/", params={"project": project})
     assert row["state"] == "CO" and row["is_interactive"] is True and row["model_version"] == MODEL_VERSION, row
     assert row["extra_params"] == f'{{"prompt": "{PROJECT_PROMPT}"}}'  # kept as the string typed
-    assert backend.metrics()["setup"] > setups
+    assert backend.setups() > setups
 
     # 2. Open the task: LS predicts it with `context: null`, so the project's prompt (typed above) is used.
     page.goto(f"{ls.url}/projects/{project}/data?task={task['id']}")

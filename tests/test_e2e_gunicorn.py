@@ -4,6 +4,7 @@ MobileSAM checkpoints passed through the documented environment variables."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,9 @@ def assert_cats_regions(results: list[dict], sizes: list[tuple[int, int]],
         assert result["model_version"] == model_version
 
 
+TEAM = 8  # prompt-box requests at once: twice the threads a worker had before the scheduler
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +70,8 @@ def images():
         "/data/upload/1/wide.png": encode(make_image(320, 40, seed=7), "PNG"),
         # Stored 40x240 with EXIF orientation 6: browsers (and Label Studio) show it 240x40.
         "/data/upload/1/rotated.jpg": encode(make_image(40, 240, seed=8), "JPEG", orientation=6),
+        # A team's images (test_a_team_at_once): wide ones keep Grounding DINO cheap on a CPU.
+        **{f"/data/upload/1/team-{n}.png": encode(make_image(320, 40, seed=100 + n), "PNG") for n in range(TEAM + 1)},
     }
     with ImageServer(files, token="e2e-token") as server:
         yield server
@@ -94,6 +100,8 @@ def service(groundingdino_files, mobile_sam_checkpoint, images, home, tmp_path_f
         "LABEL_STUDIO_URL": images.url,
         "LABEL_STUDIO_API_KEY": "e2e-token",
         "HF_HUB_OFFLINE": "1",
+        # Refusals by deadline depend on this machine's speed: tested in test_scheduler.py and test_api.py.
+        "REQUEST_DEADLINE": "600",
         "HOME": str(home),
         "XDG_RUNTIME_DIR": str(home),
     }
@@ -180,3 +188,52 @@ def test_text_prompt_gives_labeled_boxes_and_masks_while_health_answers(service)
     assert_cats_regions(response.json()["results"], [(320, 40), (240, 40)])
     log.seek(0)
     assert "e2e-token" not in log.read()
+
+
+def prompt_body(image: str, prompt: str = "shape_cats") -> dict:
+    context = {"result": [{"value": {"text": [prompt]}, "id": "abc", "from_name": "prompt", "to_name": "image",
+                           "type": "textarea", "origin": "manual"}]}
+    return {"tasks": [{"id": 1, "data": {"image": image}}], "project": "1.1700000000", "label_config": GUIDE_CONFIG,
+            "params": {"login": None, "password": None, "context": context}}
+
+
+def test_a_team_at_once_health_and_bad_input_never_wait_and_a_gone_client_is_dropped(service):
+    """TEAM prompt-box requests on fresh images at once: while they queue for the model, /health, /metrics and a
+    malformed request are answered (each well within 2 s, while prompts are still in flight), every prompt gets its
+    answer, and a request whose client hangs up while it waits is dropped before its model pass."""
+    from conftest import metric_samples
+
+    url, _ = service
+    assert wait_ready(url)["models"] == "ready"
+    answers, threads = {}, []
+    for n in range(TEAM):
+        body = prompt_body(f"/data/upload/1/team-{n}.png")
+        threads.append(threading.Thread(
+            target=lambda n=n, body=body: answers.update({n: requests.post(url + "/predict", json=body, timeout=300)})))
+        threads[-1].start()
+    time.sleep(0.5)  # all of them sent
+    # A client that gives up: its request waits behind the others, then it hangs up.
+    gone = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    payload = json.dumps(prompt_body(f"/data/upload/1/team-{TEAM}.png")).encode()
+    gone.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    time.sleep(0.3)
+    gone.close()
+    probes = 0
+    while len(answers) < TEAM - 1:  # while the model is busy with the team's requests
+        for method, path, kwargs, status in (("get", "/health", {}, 200), ("get", "/metrics", {}, 200),
+                                             ("post", "/predict", {"data": b"{not json"}, 400)):
+            response = requests.request(method, url + path, timeout=2, **kwargs)
+            assert response.status_code == status, (path, response.text)
+        probes += 1
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(300)
+    assert probes >= 3, "the team's requests were answered before the others could be probed"
+    assert sorted(answers) == list(range(TEAM))
+    for answer in answers.values():
+        assert answer.status_code == 200, answer.text
+        assert_cats_regions(answer.json()["results"], [(320, 40)])
+    metrics = metric_samples(requests.get(url + "/metrics", timeout=2).text)
+    assert metrics["grounded_sam_request_refused_total{reason=client gone}"] == 1
+    assert metrics["grounded_sam_request_seconds_count{kind=prompt,route=/predict,status=200}"] >= TEAM

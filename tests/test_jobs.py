@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import metric_samples
 from fake_label_studio import FakeLabelStudio
 from test_labeling import GUIDE_CONFIG
 
@@ -351,8 +352,9 @@ def test_post_jobs_runs_a_job_with_the_callers_key(service):
     assert imported(service.ls) == {i: 1 for i in range(1, 13)}
     assert all(p["model_version"] == "fake-dino+fake-sam" for p in service.ls.predictions)
     assert [j["id"] for j in service.get("/jobs").json["jobs"]] == [job["id"]]
-    metrics = service.get("/metrics").json
-    assert metrics["jobs_submitted"] == 1 and metrics["jobs_done"] == 1 and metrics["job_tasks_done"] == 12
+    metrics = metric_samples(service.get("/metrics").get_data(as_text=True))
+    assert metrics["grounded_sam_jobs_submitted_total"] == 1 and metrics["grounded_sam_jobs{state=done}"] == 1
+    assert metrics["grounded_sam_job_tasks{status=done}"] == 12
 
 
 @pytest.mark.parametrize(

@@ -158,11 +158,11 @@ def test_retrieve_predictions_uses_the_project_prompt_then_the_default(
 
     # 2. Without the project's prompt the default is the config's label names, "cats. house".
     assert ls.delete_predictions(project.task_ids) == 3
-    setups = backend.metrics().get("setup", 0)
+    setups = backend.setups()
     updated = ls.json("PATCH", f"/api/ml/{project.ml_backend}",
                       json={"url": row["url"], "project": project.id, "extra_params": {}})
     assert updated["state"] == "CO" and updated["extra_params"] == {}
-    assert backend.metrics()["setup"] > setups, "LS did not call /setup again after the extra params changed"
+    assert backend.setups() > setups, "LS did not call /setup again after the extra params changed"
     predictions = retrieve(ls, project)
     for task, prediction in predictions.items():
         assert region_problems(prediction["result"], project.sizes[task]) == []
@@ -174,12 +174,12 @@ def test_extra_params_as_a_json_string(label_studio: LabelStudio, project: Proje
     """The UI's "Extra params" box sends a string; /setup parses it and refuses malformed JSON (LS shows why)."""
     ls = label_studio
     row = ls.json("GET", f"/api/ml/{project.ml_backend}")
-    setups = backend.metrics().get("setup", 0)
+    setups = backend.setups()
     text = '{"prompt": "round thing_cats", "box_threshold": 0.3}'
     updated = ls.json("PATCH", f"/api/ml/{project.ml_backend}",
                       json={"url": row["url"], "project": project.id, "extra_params": text})
     assert updated["state"] == "CO" and updated["extra_params"] == text
-    assert backend.metrics()["setup"] > setups
+    assert backend.setups() > setups
     # LS refuses a row whose /setup fails, but shows only "400 Client Error: BAD REQUEST for url: .../setup",
     # not our answer's message: that one is in our log.
     for bad, reason in (('{"prompt": ', "extra_params is not valid JSON"),

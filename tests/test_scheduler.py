@@ -203,3 +203,17 @@ def test_peer_connected_sees_a_closed_client():
         ours.close()
     assert not peer_connected(ours)  # closed on our side
     assert peer_connected(None)
+
+
+def test_expected_time_is_learnt_per_task():
+    """A request's model time is learnt per task (image) and expected in proportion to its tasks: a Retrieve
+    Predictions of four images is expected to take four times one image's time."""
+    clock = Clock()
+    scheduler = Scheduler(clock=clock)
+    with scheduler.ticket("prompt", tasks=2) as ticket, ticket.model_pass():
+        clock.now += 6
+    assert scheduler.snapshot()["expected_seconds"] == {"prompt": 3}
+    with scheduler.ticket("prompt", tasks=4, deadline=clock.now + 100):
+        with pytest.raises(Busy, match="would take 12 s and its own 3 s"):
+            with scheduler.ticket("prompt", deadline=clock.now + 14):
+                pass
