@@ -101,7 +101,9 @@ class Segmenter:
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         # On CPU, prompts go through the mask decoder 4 at a time (sam_decoder.PromptDecoder: cache-sized passes).
         self.decoder = PromptDecoder(self.model, chunk=4 if torch.device(device).type == "cpu" else None)
-        self._lock = threading.Lock()
+        # The image encoder and the prompt decoder share no state: a click's decoder pass (the scheduler's click lane)
+        # need not wait for another image's encoder pass.
+        self._encoder_lock, self._decoder_lock = threading.Lock(), threading.Lock()
         self._warmed: tuple[int, ...] = ()  # the batch sizes the compiled encoder was warmed up at (compile)
 
     @classmethod
@@ -146,7 +148,7 @@ class Segmenter:
         try:
             self.model.image_encoder = torch.compile(eager, dynamic=False)
             for batch in sorted(set(batch_sizes)):
-                with self._lock, torch.no_grad(), autocast(self.device, self.dtype):
+                with self._encoder_lock, torch.no_grad(), autocast(self.device, self.dtype):
                     self.model.image_encoder(torch.zeros(batch, 3, size, size, device=self.device))
         except Exception:  # a failed compile must not take the service down: it runs eager, as without COMPILE
             logger.exception("torch.compile of the segmenter's image encoder failed; it runs eager")
@@ -175,10 +177,11 @@ class Segmenter:
             tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
             sizes.append((tuple(tensor.shape[-2:]), tuple(image.shape[:2])))
             inputs.append(self.model.preprocess(tensor))  # normalised, padded to (3, 1024, 1024)
-        with self._lock:
+        with self._encoder_lock:
             with autocast(self.device, self.dtype):
                 features = self._encode(torch.stack(inputs))
             features = features.float()  # (B, 256, 64, 64)
+        with self._decoder_lock:
             prepared = [self.decoder.prepare(features[i : i + 1]) for i in range(len(images))]
         return [ImageEmbedding(d, input_size, original_size) for d, (input_size, original_size)
                 in zip(prepared, sizes, strict=True)]
@@ -218,7 +221,7 @@ class Segmenter:
             coords = torch.as_tensor(self.transform.apply_coords(np.asarray(points), size), dtype=torch.float,
                                      device=self.device)
             pts = (coords, torch.as_tensor(point_labels, dtype=torch.int, device=self.device))
-        with self._lock:
+        with self._decoder_lock:
             sparse, _ = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
             return self.decoder.decode(embedding.decoder_input, sparse, multimask)
 
@@ -230,7 +233,7 @@ class Segmenter:
         (any float dtype: the prompt encoder gets them as they are), labels (B, P). Returns the predicted IoUs
         (B, C) of every prompt, the indices (K,) of the prompts with an IoU above `iou_thresh`, and their logits
         (K, C, 256, 256), as `decode` gives them (sam_decoder.PromptDecoder.decode_above; everything.py)."""
-        with self._lock:
+        with self._decoder_lock:
             sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             return self.decoder.decode_above(embedding.decoder_input, sparse, multimask, iou_thresh)
 

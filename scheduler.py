@@ -4,9 +4,9 @@
               prompt box, the page's try-it), batch (Retrieve Predictions, a task opened), job (bulk jobs, in the
               background). A free slot goes to the waiting pass of the most urgent kind, then to the first come.
     slots     MODEL_CONCURRENCY passes at once (default 1: a GPU runs one batched pass at a time, and one pass on a
-              CPU already uses all its cores). A request holds a slot only for a pass, so a click slips in between
-              a prompt-box answer's Grounding DINO pass and its SAM pass, and image downloads and host work (mask
-              clean-up, RLE) run beside the passes.
+              CPU already uses all its cores), and a lane for one click more: a click (mostly SAM's light decoder)
+              never waits for another request's pass. A request holds a slot only for a pass, so image downloads
+              and host work (mask clean-up, RLE) run beside the passes.
     deadline  every foreground request has one (REQUEST_DEADLINE after it arrived, under Label Studio's 100 s).
               A request that can't be served by then, judged from the work admitted ahead of it and the model time
               its kind took lately, is refused at once (Busy: HTTP 503 with Retry-After); so is one arriving while
@@ -149,7 +149,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._admitted: list[Ticket] = []  # foreground tickets between admission and their end, in arrival order
         self._waiting: list[tuple[int, int, Ticket]] = []  # heap of (priority, arrival, ticket)
-        self._running: dict[Ticket, float] = {}  # ticket -> when its pass started (clock)
+        self._running: dict[Ticket, tuple[float, bool]] = {}  # ticket -> (when its pass started, in the click lane)
         self._order = itertools.count()
         self.expected: dict[str, float] = {}  # kind -> model seconds of a request per task, lately (EWMA)
         self.pass_seconds: dict[str, float] = {}  # kind -> seconds of one pass, lately (EWMA)
@@ -211,8 +211,9 @@ class Scheduler:
         expected model time left of every admitted request as urgent and older (spread over the slots). Call with
         the lock held."""
         now, left = self.clock(), 0.0
-        for other, started in self._running.items():
-            if other.priority > ticket.priority:  # less urgent: only its pass in flight is ahead
+        for other, (started, lane) in self._running.items():
+            # Less urgent: only its pass in flight is ahead (and not of a click, which has its lane).
+            if other.priority > ticket.priority and (lane or ticket.kind != "click"):
                 left += max(self.pass_seconds.get(other.kind, 0.0) - (now - started), 0.0)
         for other in self._admitted:
             if other is not ticket and other.priority <= ticket.priority:
@@ -221,6 +222,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ passes
 
+    def _slot_for(self, ticket: Ticket) -> str | None:
+        """'regular' or 'lane' when a slot is free for `ticket`'s pass, else None. Call with the lock held."""
+        if sum(1 for _, lane in self._running.values() if not lane) < self.concurrency:
+            return "regular"
+        if ticket.kind == "click" and not any(lane for _, lane in self._running.values()):
+            return "lane"
+        return None
+
     def _acquire(self, ticket: Ticket) -> float:
         """Wait for a slot, the most urgent and oldest waiter first; returns the seconds waited."""
         entry = (ticket.priority, next(self._order), ticket)
@@ -228,7 +237,7 @@ class Scheduler:
         with self._cond:
             heapq.heappush(self._waiting, entry)
             try:
-                while len(self._running) >= self.concurrency or self._waiting[0] is not entry:
+                while self._waiting[0] is not entry or (slot := self._slot_for(ticket)) is None:
                     self._cond.wait(CHECK_EVERY_S)
                     self._check(ticket)
                 self._check(ticket)
@@ -238,7 +247,8 @@ class Scheduler:
                 self._cond.notify_all()
                 raise
             heapq.heappop(self._waiting)
-            self._running[ticket] = now = self.clock()
+            now = self.clock()
+            self._running[ticket] = (now, slot == "lane")
             self._cond.notify_all()  # the next waiter may take another free slot
         return now - waited_from
 

@@ -50,25 +50,52 @@ def wait_for(condition, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_free_slot_goes_to_the_most_urgent_waiter_then_the_oldest():
-    scheduler = Scheduler(concurrency=1)
-    order, release = [], threading.Event()
+def hold(scheduler: Scheduler, kind: str, order: list) -> tuple[threading.Thread, threading.Event]:
+    """A thread whose pass of `kind` holds its slot until the event is set."""
+    release = threading.Event()
 
-    def job():  # holds the only slot until released
-        with scheduler.ticket("job") as ticket, ticket.model_pass():
+    def run():
+        with scheduler.ticket(kind) as ticket, ticket.model_pass():
             release.wait(5)
-            order.append("job")
+            order.append(kind)
 
-    threads = [threading.Thread(target=job)]
-    threads[0].start()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, release
+
+
+def test_a_free_slot_goes_to_the_most_urgent_waiter_then_the_oldest_and_clicks_have_a_lane():
+    scheduler = Scheduler(concurrency=1)
+    order = []
+    job, release = hold(scheduler, "job", order)  # holds the only slot until released
     wait_for(lambda: scheduler.snapshot()["running"] == 1)
-    for n, kind in enumerate(("batch", "prompt", "batch", "click", "prompt"), 1):
+    threads = [job]
+    for n, kind in enumerate(("batch", "prompt", "batch", "prompt"), 1):
         threads.append(start_waiting(scheduler, kind, order))
         wait_for(lambda n=n: sum(scheduler.snapshot()["waiting"].values()) == n)  # queued in this order
+    threads.append(start_waiting(scheduler, "click", order))
+    wait_for(lambda: order == ["click"])  # in the click lane, past the job's pass and the queue
     release.set()
     for thread in threads:
         thread.join(5)
-    assert order == ["job", "click", "prompt", "prompt", "batch", "batch"]
+    assert order == ["click", "job", "prompt", "prompt", "batch", "batch"]
+
+
+def test_the_click_lane_holds_one_click():
+    scheduler = Scheduler(concurrency=1)
+    order = []
+    job, release_job = hold(scheduler, "job", order)
+    wait_for(lambda: scheduler.snapshot()["running"] == 1)
+    click, release_click = hold(scheduler, "click", order)
+    wait_for(lambda: scheduler.snapshot()["running"] == 2)  # the lane
+    second = start_waiting(scheduler, "click", order)
+    wait_for(lambda: scheduler.snapshot()["waiting"]["click"] == 1)  # no third slot
+    release_click.set()
+    for thread in (click, second):
+        thread.join(5)
+    assert order == ["click", "click"] and scheduler.snapshot()["running"] == 1
+    release_job.set()
+    job.join(5)
 
 
 def test_concurrency_runs_that_many_passes_at_once():
@@ -148,7 +175,7 @@ def test_a_waiting_request_is_dropped_when_its_client_hangs_up_or_its_deadline_p
     holder = threading.Thread(target=hold)
     holder.start()
     wait_for(lambda: scheduler.snapshot()["running"] == 1)
-    gone = start_waiting(scheduler, "click", order, connected=connected.is_set)
+    gone = start_waiting(scheduler, "batch", order, connected=connected.is_set)
     late = start_waiting(scheduler, "prompt", order, deadline=time.monotonic() + 0.3)
     wait_for(lambda: sum(scheduler.snapshot()["waiting"].values()) == 2)
     connected.clear()  # the client hangs up
@@ -156,7 +183,7 @@ def test_a_waiting_request_is_dropped_when_its_client_hangs_up_or_its_deadline_p
     gone.join(5)
     assert sorted(order) == ["Dropped", "Dropped"]
     assert scheduler.snapshot()["refused"] == {"client gone": 1, "deadline passed": 1}
-    assert scheduler.snapshot()["waiting"]["click"] == 0  # left the queue
+    assert sum(scheduler.snapshot()["waiting"].values()) == 0  # left the queue
     release.set()
     holder.join(5)
     assert issubclass(Dropped, Busy)
