@@ -68,13 +68,14 @@ def test_bf16_sam_masks_match_fp32_on_the_same_boxes(fp32, bf16):
     """The image encoder in bf16; the prompt encoder and mask decoder in float32 on float32 features."""
     boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120], [0, 0, 320, 240], [200, 150, 260, 230]], np.float32)
     masks32, iou32 = fp32.segmenter.segment_boxes(IMAGE, boxes)
-    masks16, iou16 = bf16.segmenter.segment_boxes(IMAGE, boxes)
+    # One bf16 encoder pass (the embedding cached under an id): on a CPU without bf16 units it takes a minute.
+    masks16, iou16 = bf16.segmenter.segment_boxes(IMAGE, boxes, image_id="bf16-image")
     masks32, masks16 = np.asarray(masks32), np.asarray(masks16)
     ious = [(a & b).sum() / max((a | b).sum(), 1) for a, b in zip(masks32, masks16, strict=True)]
     assert all(np.asarray(m).any() for m in masks32)
     assert min(ious) >= MIN_MASK_IOU, ious
     assert np.abs(iou32 - iou16).max() <= MAX_PREDICTED_IOU_ERROR
-    embedding = bf16.segmenter.embed(IMAGE)
+    embedding = bf16.segmenter.embedding_for(IMAGE, "bf16-image")
     assert embedding.decoder_input.src.dtype == torch.float32  # what the decoder sees
     assert relative_error(fp32.segmenter.embed(IMAGE).decoder_input.src, embedding.decoder_input.src) > 0  # bf16 ran
 
@@ -365,7 +366,7 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert list(figures["rows"]) == ["fp32, compile=false", "bf16, compile=false"]
+    assert list(figures["rows"]) == ["fp32, compile=false"]  # --quick: the bf16 row is the same code, 4 min on a CPU
     for row in figures["rows"].values():
         assert set(row) == {"dino", "mobile_sam", "answer mobile_sam"} and all(v > 0 for v in row.values())
     assert figures["bulk"].keys() == {"fp32"} and figures["bulk"]["fp32"].keys() == {"1", "2"}
