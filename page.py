@@ -318,7 +318,7 @@ def register_page(app: Flask, service: TryService, status: Callable[[], dict]) -
             looked = cache["hits"] + cache["misses"]
             cache["hit_rate"] = round(cache["hits"] / looked, 3) if looked else None
         return jsonify(status="UP", **{k: v for k, v in state.items() if k != "embedding_cache"}, cache=cache,
-                       memory=memory(), requests=log.items(), pid=os.getpid(),
+                       queue=service.scheduler.snapshot(), memory=memory(), requests=log.items(), pid=os.getpid(),
                        uptime_seconds=round(time.time() - STARTED, 1))
 
     @app.post("/try")

@@ -154,6 +154,7 @@ class Scheduler:
         self.expected: dict[str, float] = {}  # kind -> model seconds of a request per task, lately (EWMA)
         self.pass_seconds: dict[str, float] = {}  # kind -> seconds of one pass, lately (EWMA)
         self.refused: dict[str, int] = {}  # reason -> count
+        self.served: dict[str, int] = {}  # kind -> requests answered
         # Told of every pass: (model, kind, seconds waited for the slot, seconds of the pass).
         self.on_pass: Callable[[str, str, float, float], None] = lambda model, kind, waited, seconds: None
 
@@ -184,6 +185,8 @@ class Scheduler:
         finally:
             with self._cond:
                 self._admitted.remove(ticket)
+                if completed:
+                    self.served[kind] = self.served.get(kind, 0) + 1
                 if completed and ticket.used > 0:
                     self.expected[kind] = _ewma(self.expected.get(kind), ticket.used / ticket.tasks)
                 self._cond.notify_all()
@@ -277,14 +280,15 @@ class Scheduler:
     # ------------------------------------------------------------------ state
 
     def snapshot(self) -> dict:
-        """Queue depth and passes running by kind, the expected model time of each kind, refusals by reason."""
+        """Queue depth and passes running by kind, the expected model time of each kind, requests served by kind,
+        refusals by reason."""
         with self._cond:
             waiting = {kind: sum(1 for _, _, t in self._waiting if t.kind == kind) for kind in KINDS}
             admitted = {kind: sum(1 for t in self._admitted if t.kind == kind) for kind in FOREGROUND}
             return {"concurrency": self.concurrency, "queue_limit": self.queue_limit, "admitted": admitted,
                     "waiting": waiting, "running": len(self._running),
                     "expected_seconds": {k: round(v, 3) for k, v in self.expected.items()},
-                    "refused": dict(self.refused)}
+                    "served": dict(self.served), "refused": dict(self.refused)}
 
 
 def _ewma(old: float | None, new: float) -> float:

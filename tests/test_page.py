@@ -91,6 +91,9 @@ def test_status_reports_models_memory_cache_and_requests(client):
     assert {"entries", "hits", "misses", "hit_rate", "computed"} <= set(status["cache"])
     assert any(r["path"] == "/try" and r["status"] == 200 and r["ms"] > 0 for r in status["requests"])
     assert not any(r["path"] in ("/status",) for r in status["requests"])
+    queue = status["queue"]  # the worker's scheduler: the /try above was a prompt, answered
+    assert queue["served"]["prompt"] >= 1 and queue["admitted"] == {"click": 0, "prompt": 0, "batch": 0}
+    assert queue["running"] == 0 and queue["concurrency"] == 1 and queue["refused"] == {}
 
 
 def test_try_upload_then_refilter_runs_no_detector_or_encoder_pass(client):

@@ -186,6 +186,8 @@ def test_page_loads_offline_without_errors_and_reads_at_1280_and_narrow(page, se
     _, blocked, log = session
     assert page.title() == "Grounded SAM backend"
     assert page.locator("#status-grid dd").first.inner_text() == "ready"
+    grid = page.locator("#status-grid").inner_text()
+    assert "model queue" in grid and "click 0 · prompt 0 · batch 0 admitted" in grid and "refused (503)" in grid
     # every control has a label: inputs by <label for>, buttons by their text or aria-label
     unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, textarea, select')]
         .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map((e) => e.id)""")

@@ -63,6 +63,27 @@ $("key-form").addEventListener("submit", (event) => {
 $("key-forget").addEventListener("click", () => { sessionStorage.removeItem(KEY); showKeyState(); refreshJobs(); });
 
 // ---- status ----------------------------------------------------------------------------------------------------
+// The scheduler's queue (GET /status's "queue"), and answers per minute by kind since the previous poll.
+let lastQueue = null;
+function queueRows(q) {
+  if (!q) return [];
+  const kinds = ["click", "prompt", "batch"];
+  const now = Date.now();
+  const rates = lastQueue ? kinds.map((k) => {
+    const minutes = (now - lastQueue.at) / 60000;
+    return `${k} ${Math.round(((q.served[k] || 0) - (lastQueue.served[k] || 0)) / minutes)}`;
+  }).join(" · ") : "–";
+  lastQueue = { at: now, served: q.served };
+  const refused = Object.entries(q.refused).map(([reason, n]) => `${reason} ${n}`).join(" · ") || "none";
+  return [
+    ["model queue", kinds.map((k) => `${k} ${q.admitted[k]}`).join(" · ") + ` admitted; ` +
+      `${Object.values(q.waiting).reduce((a, b) => a + b, 0)} waiting, ${q.running} running ` +
+      `(${q.concurrency} at once + a click)`],
+    ["answered per minute", rates],
+    ["refused (503)", refused],
+  ];
+}
+
 async function refreshStatus() {
   try {
     const s = await api("/status");
@@ -83,6 +104,7 @@ async function refreshStatus() {
       ["detector passes", String((computed["groundingdino-outputs"] || 0) + (computed["sam3-query"] || 0))],
       ["image encoder passes", String((computed["sam-embedding"] || 0) + (computed["sam3-features"] || 0))],
       ["worker", `pid ${s.pid}, up ${fmt.secs(s.uptime_seconds)}`],
+      ...queueRows(s.queue),
     ];
     grid.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
     grid.querySelectorAll("dd")[7].id = "detector-passes";
