@@ -223,7 +223,7 @@ class GroundedSAM(LabelStudioMLBase):
         kind = "click" if isinstance(query, ClickQuery) else "prompt" if context is not None else "batch"
         caller = caller or Caller(time.monotonic())
         caller.kind = kind
-        deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
+        deadline = caller.deadline(self.settings.request_deadline)
         with self.scheduler.ticket(kind, deadline, caller.connected, len(tasks)) as ticket:
             return self._predict(tasks, context, query, ticket)
 

@@ -143,10 +143,9 @@ class TryService:
             query = _scaled_clicks(query, width, height)
         wants_masks = body.get("masks", True) not in (False, "false", "0")
         caller = caller or Caller(time.monotonic())
-        deadline = caller.arrived + self.settings.request_deadline if self.settings.request_deadline else None
         kind = caller.kind = "click" if isinstance(query, ClickQuery) else "prompt"
         before = models.cache.computed_here()
-        with self.scheduler.ticket(kind, deadline, caller.connected) as ticket:
+        with self.scheduler.ticket(kind, caller.deadline(self.settings.request_deadline), caller.connected) as ticket:
             pipeline = Pipeline(models, self.settings, self.images, self.loader.model_version, ticket)
             detections = pipeline.detect(image, image_id, query, wants_masks=wants_masks)
         after = models.cache.computed_here()

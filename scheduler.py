@@ -76,6 +76,10 @@ class Caller:
     connected: Callable[[], bool] = field(default=lambda: True)
     kind: str = ""
 
+    def deadline(self, within: float) -> float | None:
+        """When the answer is due (time.monotonic()): `within` seconds of the arrival (REQUEST_DEADLINE); 0: never."""
+        return self.arrived + within if within else None
+
 
 @dataclass(eq=False)
 class Ticket:

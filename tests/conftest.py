@@ -25,14 +25,6 @@ import pytest  # noqa: E402
 pytest.register_assert_rewrite("label_studio_harness")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (make test), the tests against a real Label Studio share one process: its session
-    fixtures start Label Studio and the service once."""
-    for item in items:
-        if item.get_closest_marker("label_studio") is not None:
-            item.add_marker(pytest.mark.xdist_group("label-studio"))
-
-
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory) -> Path:
     """A small random BERT directory with a bert-base-uncased-layout vocab (see model_factory.make_text_encoder)."""

@@ -23,10 +23,7 @@ prefetch=$!
 docker=$!
 trap 'kill -INT $docker $prefetch 2>/dev/null' INT TERM
 echo "run_suite: the image tests run alongside (PID $docker); their report comes last, live in $logs/docker.log"
-# Two test processes (pytest-xdist): much of the suite waits on subprocesses and servers (Label Studio's start-up, the
-# CLI, gunicorn), so two share the two cores well. The end-to-end tests against Label Studio go to one of them
-# together (their xdist_group, tests/conftest.py), so Label Studio starts once.
-"$bin/python" -m pytest -n 2 --dist loadgroup -m "not docker and not docker_ls"
+"$bin/python" -m pytest -m "not docker and not docker_ls"
 main=$?
 # pytest's 2: interrupted (Ctrl-C reaches the foreground run only).
 [ "$main" -eq 2 ] && kill -INT $docker $prefetch 2>/dev/null

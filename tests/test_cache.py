@@ -28,8 +28,8 @@ def test_hit_returns_the_cached_object():
     first = cache.get("a", compute)
     assert cache.get("a", compute) is first
     assert compute.calls == 1
-    assert cache.stats() == {"entries": 1, "mb": 0.0, "hits": 1, "misses": 1, "evictions": 0,
-                             "computed": {"other": 1}}
+    assert cache.stats() == {"entries": 1, "mb": 0.0, "bytes": 100, "max_bytes": 10_000, "hits": 1, "misses": 1,
+                             "evictions": 0, "computed": {"other": 1}}
 
 
 def test_computed_counts_misses_and_puts_by_kind():

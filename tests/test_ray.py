@@ -19,13 +19,15 @@ from test_labeling import GUIDE_CONFIG
 pytest.importorskip("ray")  # requirements-ray.txt: make install installs it
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "round thing_cats. box_house"
+TASKS = 6  # three per actor, in chunks of 3
 
 
 @pytest.fixture(scope="module")
 def project():
-    files = {f"/r/{i}.png": encode(make_image(64, 48, seed=200 + i), "PNG") for i in range(8)}
+    # Wide pictures keep Grounding DINO's input small (1333x167): each actor runs it on one thread.
+    files = {f"/r/{i}.png": encode(make_image(160, 20, seed=200 + i), "PNG") for i in range(TASKS)}
     with ImageServer(files) as images:
-        tasks = {i + 1: {"image": f"{images.url}/r/{i}.png"} for i in range(8)}
+        tasks = {i + 1: {"image": f"{images.url}/r/{i}.png"} for i in range(TASKS)}
         with FakeLabelStudio(GUIDE_CONFIG, tasks) as ls:
             yield ls
 
@@ -47,10 +49,10 @@ def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, m
                                "--chunk-size", "3", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, done.stderr
-        assert "8 done, 0 failed, 0 skipped" in done.stderr
+        assert f"{TASKS} done, 0 failed, 0 skipped" in done.stderr
         counts = {}
         for prediction in ls.predictions:
             counts[prediction["task"]] = counts.get(prediction["task"], 0) + 1
-        assert counts == {i: 1 for i in range(1, 9)}
+        assert counts == {i: 1 for i in range(1, TASKS + 1)}
         results.append(regions_by_task(ls))
     assert results[0] == results[1]
