@@ -54,6 +54,8 @@ from model_factory import make_image  # noqa: E402
 from servers import LoopbackServer  # noqa: E402
 from test_labeling import GUIDE_CONFIG  # noqa: E402
 
+from logs import silence_third_party_warnings  # noqa: E402
+
 LOCUST_VENV = ROOT / ".venv-locust"
 LOCUST_REQUIREMENTS = ROOT / "benchmarks" / "locust-requirements.txt"
 KINDS = ("click", "prompt", "batch", "bad input", "health")
@@ -255,6 +257,7 @@ def main() -> None:
     parser.add_argument("--soak-minutes", type=float, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    silence_third_party_warnings()
     locust = ensure_locust()
     results: dict = {"users": {}, "flood": {}, "soak": {}}
 
