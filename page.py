@@ -134,9 +134,8 @@ class TryService:
                               f"'task' (with 'project') or 'image_id'; got {sources or 'none'}")
         source = sources[0]
         models = self.loader.get()
-        pipeline = Pipeline(models, self.settings, self.images, self.loader.model_version)
         query = self._query(body)
-        pipeline.check(query)
+        Pipeline(models, self.settings, self.images).check(query)
         image, image_id = self._image(source, body, upload, key, models)
         height, width = image.shape[:2]
         if isinstance(query, ClickQuery):
