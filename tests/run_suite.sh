@@ -23,7 +23,7 @@ prefetch=$!
 docker=$!
 trap 'kill -INT $docker $prefetch 2>/dev/null' INT TERM
 echo "run_suite: the image tests run alongside (PID $docker); their report comes last, live in $logs/docker.log"
-"$bin/python" -m pytest -m "not docker and not docker_ls"
+"$bin/python" -m pytest -m "not docker and not docker_ls" --junitxml="$logs/main.xml"  # every test's time, for the slow ones
 main=$?
 # pytest's 2: interrupted (Ctrl-C reaches the foreground run only).
 [ "$main" -eq 2 ] && kill -INT $docker $prefetch 2>/dev/null

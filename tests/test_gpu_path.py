@@ -115,31 +115,33 @@ def test_health_says_how_the_models_run(env):
 
 def test_compile_warms_every_batch_size_up_before_the_models_are_ready(env, fp32, caplog):
     """COMPILE=true: SAM's image encoder compiled (inductor, on CPU here) and warmed up at batch 1 and BATCH_SIZE while
-    loading, so /health says ready only after that; then batches of every size, 1 to BATCH_SIZE + 1, compile nothing
-    (the smaller ones padded to BATCH_SIZE, the larger in chunks) and give the eager encoder's embeddings. Grounding
-    DINO's backbone is set to compile per input size, later, in the background: nothing of it at load."""
+    loading, so /health says ready only after that; then batches of 1 to BATCH_SIZE + 1 images compile nothing (the
+    larger in chunks) and give the eager encoder's embeddings. Grounding DINO's backbone is set to compile per input
+    size, later, in the background: nothing of it at load. (BATCH_SIZE=1 here: each warmed batch size is another
+    compile of a minute on this CPU; the padding of a batch to a warmed size is device.in_warmed_batches, tested
+    compiled on a small module below.)"""
     import torch._dynamo.utils
 
     caplog.set_level("INFO", logger="loader")
-    loader = ModelLoader(Settings.from_env({**env, "COMPILE": "true", "BATCH_SIZE": "3"}))
+    loader = ModelLoader(Settings.from_env({**env, "COMPILE": "true", "BATCH_SIZE": "1"}))
     loader.start()
     models = loader.get(timeout=900)
     assert loader.state()["compiled"] == ["segmenter", "groundingdino backbone"]
     messages = [r.getMessage() for r in caplog.records if r.name == "loader"]
     compiled = next(i for i, m in enumerate(messages) if m.startswith("torch.compile: the segmenter's image encoder"))
     assert compiled < next(i for i, m in enumerate(messages) if m.startswith("models ready"))
-    assert " warmed up at batch sizes 1, 3 in " in messages[compiled] and messages[compiled].endswith(" s")
+    assert " warmed up at batch sizes 1 in " in messages[compiled] and messages[compiled].endswith(" s")
     backbone = models.detector.model.backbone[0]
     assert isinstance(backbone, CompiledBackbone) and not backbone.ready and backbone._thread is None
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    images = [make_image(64 + 8 * n, 48, seed=n) for n in range(4)]
+    images = [make_image(64 + 8 * n, 48, seed=n) for n in range(2)]
     with torch.compiler.set_stance("fail_on_recompile"):  # any compile on a request raises
-        for k in range(1, 5):
+        for k in range(1, 3):
             models.segmenter.embed_batch(images[:k], [f"batch{k}-{n}" for n in range(k)])
         boxes = np.array([[10, 20, 150, 200], [100, 30, 310, 120]], np.float32)
         masks, _ = models.segmenter.segment_boxes(IMAGE, boxes)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled on a request
-    for k in range(1, 5):
+    for k in range(1, 3):
         for n in range(k):
             got = models.cache.get(models.segmenter._key(f"batch{k}-{n}"), lambda: pytest.fail("not encoded"))
             assert relative_error(fp32.segmenter.embed(images[n]).decoder_input.src, got.decoder_input.src) <= 1e-4
