@@ -27,7 +27,8 @@ WORKDIR /app
 # The project's pinned set, installed the way `make install` does (see README "Why rf-groundingdino").
 COPY requirements.txt requirements-nodeps.txt constraints.txt ./
 RUN pip install --no-cache-dir -c constraints.txt -r requirements.txt \
-    && pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt
+    && SAM2_BUILD_CUDA=0 pip install --no-cache-dir -c constraints.txt --no-deps --no-build-isolation \
+       -r requirements-nodeps.txt
 
 # WITH_RAY=true adds Ray (requirements-ray.txt), so the same image also serves as a Ray node for
 # `cli.py annotate --ray` (README "Many GPUs"). A layer of its own: the one above stays cached either way.

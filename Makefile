@@ -12,12 +12,17 @@ PIP_PROGRESS := $(if $(and $(MAKE_TERMOUT),$(if $(CI),,on)),on,off)
 
 # $(call pip-install,BIN,OPTIONS): the requirements files into the virtualenv of BIN.
 # --no-deps: the Grounding DINO package's declared deps pull a second OpenCV (docs/how-it-works.md).
+# --no-build-isolation: sam2 is a source distribution whose build needs torch: the one installed, not a second.
+# --no-compile: Python compiles a module's bytecode when it is first imported (a fraction of the 20,000 files pip
+# would compile one by one: about a minute of a first install here).
 define pip-install
 	@echo "make: installing requirements.txt, requirements-dev.txt and requirements-ray.txt into $(patsubst %/bin,%,$(1))" \
 	  "(the first time: about 3.2 GB to download, mostly PyTorch and its CUDA libraries; 6.6 GB on disk)"
-	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) -r requirements.txt -r requirements-dev.txt -r requirements-ray.txt
-	@echo "make: installing requirements-nodeps.txt (the Grounding DINO package) with --no-deps"
-	$(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) --no-deps -r requirements-nodeps.txt
+	$(1)/pip install --progress-bar $(PIP_PROGRESS) --no-compile $(2) -r requirements.txt -r requirements-dev.txt \
+	  -r requirements-ray.txt
+	@echo "make: installing requirements-nodeps.txt (Grounding DINO, SAM 2.1 and SAM 3's packages) with --no-deps"
+	SAM2_BUILD_CUDA=0 $(1)/pip install --progress-bar $(PIP_PROGRESS) $(2) --no-deps --no-build-isolation \
+	  -r requirements-nodeps.txt
 endef
 
 install: $(STAMP)

@@ -35,7 +35,16 @@ SEGMENTERS = {
         "vit_b": "sam_vit_b_01ec64.pth",
     }),
     "mobile_sam": SegmenterKind("mobile_sam", "MOBILESAM_CHECKPOINT", {"vit_t": "mobile_sam.pt"}),
+    # SAM 2.1 (Meta's sam2 package builds it from its own configs, sam2_segmenter.CONFIGS); chosen, as SAM 1, by
+    # USE_SAM and SAM_MODEL_TYPE, its file named by SAM_CHECKPOINT.
+    "sam2": SegmenterKind("sam2", "SAM_CHECKPOINT", {
+        "sam2.1_hiera_t": "sam2.1_hiera_tiny.pt",
+        "sam2.1_hiera_s": "sam2.1_hiera_small.pt",
+        "sam2.1_hiera_b+": "sam2.1_hiera_base_plus.pt",
+        "sam2.1_hiera_l": "sam2.1_hiera_large.pt",
+    }),
 }
+SAM_MODEL_TYPES = {**SEGMENTERS["sam"].files, **SEGMENTERS["sam2"].files}  # SAM_MODEL_TYPE -> its file name
 # PRECISION: auto = bfloat16 on CUDA (float16 where the GPU has no bfloat16), float32 on CPU (device.py).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # COMPILE: what torch.compile compiles (docs/gpu.md): nothing, SAM's image encoder (at load), or that and Grounding
@@ -197,17 +206,18 @@ class Settings:
 
     @property
     def segmenter(self) -> str | None:
-        """'sam', 'mobile_sam' or None (boxes only). USE_SAM wins when both are on."""
+        """'sam', 'sam2' (SAM_MODEL_TYPE sam2.1_*), 'mobile_sam' or None (boxes only). USE_SAM wins when both
+        are on."""
         if self.use_sam:
-            return "sam"
+            return "sam2" if self.sam_model_type in SEGMENTERS["sam2"].files else "sam"
         return "mobile_sam" if self.use_mobile_sam else None
 
     @property
     def segmenter_model_type(self) -> str | None:
-        """The model type the segmenter's registry builds: SAM_MODEL_TYPE for SAM, vit_t for MobileSAM."""
+        """The model type the segmenter's package builds: SAM_MODEL_TYPE for SAM 1 and 2.1, vit_t for MobileSAM."""
         if self.segmenter is None:
             return None
-        return self.sam_model_type if self.segmenter == "sam" else next(iter(SEGMENTERS[self.segmenter].files))
+        return next(iter(SEGMENTERS[self.segmenter].files)) if self.segmenter == "mobile_sam" else self.sam_model_type
 
     def checkpoints(self) -> list[Checkpoint]:
         """The model files these settings load: the detector's (Grounding DINO's, or SAM 3's checkpoint and
@@ -220,7 +230,7 @@ class Settings:
                                  GROUNDINGDINO_CHECKPOINT_NAME)]
         if self.segmenter is not None:
             kind = SEGMENTERS[self.segmenter]
-            path = self.sam_checkpoint if self.segmenter == "sam" else self.mobilesam_checkpoint
+            path = self.mobilesam_checkpoint if self.segmenter == "mobile_sam" else self.sam_checkpoint
             needed.append(Checkpoint(kind.variable, path, kind.files[self.segmenter_model_type]))
         return needed
 
@@ -240,8 +250,8 @@ class Settings:
         env = os.environ if env is None else env
         model_dir = _str(env, "MODEL_DIR", cls.model_dir)
         sam_type = _str(env, "SAM_MODEL_TYPE", cls.sam_model_type).lower()
-        if sam_type not in SEGMENTERS["sam"].files:
-            raise ConfigError(f"SAM_MODEL_TYPE must be one of vit_h, vit_l, vit_b, got {sam_type!r}")
+        if sam_type not in SAM_MODEL_TYPES:
+            raise ConfigError(f"SAM_MODEL_TYPE must be one of {', '.join(SAM_MODEL_TYPES)}, got {sam_type!r}")
         engine = _str(env, "ENGINE", cls.engine).lower()
         if engine not in ENGINES:
             raise ConfigError(f"ENGINE must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -265,7 +275,7 @@ class Settings:
             use_sam=_bool(env, "USE_SAM", cls.use_sam),
             use_mobile_sam=_bool(env, "USE_MOBILE_SAM", cls.use_mobile_sam),
             sam_model_type=sam_type,
-            sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SEGMENTERS["sam"].files[sam_type])),
+            sam_checkpoint=_str(env, "SAM_CHECKPOINT", os.path.join(model_dir, SAM_MODEL_TYPES[sam_type])),
             mobilesam_checkpoint=_str(env, "MOBILESAM_CHECKPOINT",
                                       os.path.join(model_dir, SEGMENTERS["mobile_sam"].files["vit_t"])),
             sam3_checkpoint=_str(env, "SAM3_CHECKPOINT", os.path.join(model_dir, SAM3_CHECKPOINT_NAME)),

@@ -250,10 +250,8 @@ def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, c
     inclusive, points (M, 2)), in SamAutomaticMaskGenerator._process_batch's order (point by point, its three
     masks in turn)."""
     height, width = size
-    # The points reach the prompt encoder as SamPredictor.predict_torch gets them from the generator: float64.
-    coords = torch.as_tensor(segmenter.transform.apply_coords(points, embedding.original_size),
-                             device=segmenter.device)
-    labels = torch.ones(coords.shape[0], dtype=torch.int, device=segmenter.device)
+    coords = segmenter.input_points(points, embedding.original_size)  # as the package's own generator maps them
+    labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
     # Only the points with a mask above the IoU threshold get their masks computed (the IoUs need no upscaling).
     iou_thresh = params.pred_iou_thresh if params.pred_iou_thresh > 0.0 else float("-inf")
     iou, selected, logits = segmenter.decode_input_points(embedding, coords[:, None, :], labels[:, None],
@@ -264,7 +262,7 @@ def _batch(segmenter, embedding, points: np.ndarray, params: EverythingParams, c
     logits, iou, point_of = logits[keep], iou[keep], point_of[keep.cpu().numpy()]
     crop_h, crop_w = embedding.original_size
     step = max(1, _UPSCALE_PIXELS // (crop_h * crop_w))
-    threshold = segmenter.model.mask_threshold
+    threshold = segmenter.mask_threshold
     bits, stability, boxes, kept = [], [], [], []
     for start in range(0, len(logits), step):
         full = segmenter.upscale_logits(logits[start:start + step], embedding)

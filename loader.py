@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cache import EmbeddingCache
-from config import SEGMENTERS, Settings
+from config import SEGMENTERS, Settings, require_file
 from errors import ModelLoadError, ModelsNotReady
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ def build_models(settings: Settings) -> Models:
 
 
 def _build_models(settings: Settings) -> Models:
+    # Every model file first: a missing or unreadable one is an error in a second, not after the others loaded.
+    for checkpoint in settings.checkpoints():
+        require_file(checkpoint.variable, checkpoint.path)
     # Imported here, not at module level: torch takes seconds to import, and a gunicorn worker must answer
     # /health as soon as it starts.
     from device import allow_tf32, compute_dtype, dtype_name, resolve_device
@@ -71,7 +74,12 @@ def _build_models(settings: Settings) -> Models:
     segmenter = None
     if s.segmenter is not None:
         checkpoint = s.checkpoint(SEGMENTERS[s.segmenter].variable)
-        segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache, dtype)
+        if s.segmenter == "sam2":
+            from sam2_segmenter import Sam2Segmenter
+
+            segmenter = Sam2Segmenter.load(checkpoint.path, device, s.segmenter_model_type, cache, dtype)
+        else:
+            segmenter = Segmenter.load(s.segmenter, checkpoint.path, device, s.segmenter_model_type, cache, dtype)
     runtime = {"device": device, "precision": dtype_name(dtype), "compiled": []}
     if s.engine == "grounded_sam":
         runtime["deformable_attention"] = deformable_attention_kernel(device)

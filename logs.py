@@ -46,6 +46,8 @@ SILENCED: tuple[Silenced, ...] = (
              r"transformers\.modeling_utils"),
     Silenced("groundingdino", FutureWarning, r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated",
              r"groundingdino\."),
+    # sam2's SAM2Transforms scripts its resize and normalisation with torch.jit.script.
+    Silenced("sam2", FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit"),
     # label_studio_sdk's personal access token exchange (pydantic's PydanticDeprecatedSince20, a DeprecationWarning).
     Silenced("label_studio_sdk", DeprecationWarning, r"The `parse_obj` method is deprecated", r"label_studio_sdk\."),
 )

@@ -54,16 +54,20 @@ def postprocess_masks(model: torch.nn.Module, low_res: torch.Tensor, embedding: 
 
 class UpscaledMasks(LazyMasks):
     """N masks (H, W) bool in image pixels from SAM's low-resolution logits, upscaled as they are read
-    (detections.LazyMasks); the interpolation is Sam.postprocess_masks', bit for bit (postprocess_masks)."""
+    (detections.LazyMasks); the interpolation is Sam.postprocess_masks', bit for bit (postprocess_masks).
+    sam2_segmenter.Sam2Masks: SAM 2's, through `_logits`."""
 
-    def __init__(self, low_res: torch.Tensor, embedding: ImageEmbedding, model: torch.nn.Module):
+    def __init__(self, low_res: torch.Tensor, embedding, threshold: float, model: torch.nn.Module | None = None):
         super().__init__(len(low_res), embedding.original_size)
-        self.low_res, self.embedding, self.model = low_res, embedding, model  # low_res: (N, 256, 256)
+        self.low_res, self.embedding, self.threshold, self.model = low_res, embedding, threshold, model
+
+    def _logits(self, start: int, stop: int) -> torch.Tensor:
+        """Masks start..stop as (k, H, W) float logits in image pixels, on the model's device."""
+        return postprocess_masks(self.model, self.low_res[start:stop, None], self.embedding)[:, 0]
 
     @torch.no_grad()
     def _chunk(self, start: int, stop: int) -> np.ndarray:
-        logits = postprocess_masks(self.model, self.low_res[start:stop, None], self.embedding)
-        return (logits[:, 0] > self.model.mask_threshold).cpu().numpy()
+        return (self._logits(start, stop) > self.threshold).cpu().numpy()
 
     @torch.no_grad()
     def with_bounds(self):
@@ -71,8 +75,7 @@ class UpscaledMasks(LazyMasks):
         the masks are made (a GPU: the host then reads each mask only on its box; on CPU with numpy)."""
         for start in self._chunks():
             stop = min(start + self._chunks().step, len(self))
-            logits = postprocess_masks(self.model, self.low_res[start:stop, None], self.embedding)
-            masks = logits[:, 0] > self.model.mask_threshold
+            masks = self._logits(start, stop) > self.threshold
             if masks.device.type == "cpu":  # torch's any() over a dimension is ~30x slower than numpy's there
                 for mask in masks.numpy():
                     yield mask, mask_bounds(mask)
@@ -237,6 +240,15 @@ class Segmenter:
             sparse, _ = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             return self.decoder.decode_above(embedding.decoder_input, sparse, multimask, iou_thresh)
 
+    @property
+    def mask_threshold(self) -> float:
+        return self.model.mask_threshold
+
+    def input_points(self, points: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """(K, 2) xy pixels of an image of `size` (H, W) -> (K, 2) in the input frame, on the device, float64 as
+        SamAutomaticMaskGenerator hands its grid points to SamPredictor.predict_torch (everything.py)."""
+        return torch.as_tensor(self.transform.apply_coords(points, size), device=self.device)
+
     @torch.no_grad()
     def upscale_logits(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
         """(B, 256, 256) mask logits -> (B, H, W) float logits in image pixels (Sam.postprocess_masks)."""
@@ -244,7 +256,7 @@ class Segmenter:
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> UpscaledMasks:
         """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""
-        return UpscaledMasks(low_res, embedding, self.model)
+        return UpscaledMasks(low_res, embedding, self.model.mask_threshold, self.model)
 
     def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
                       image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:

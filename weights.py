@@ -56,9 +56,14 @@ SAM3_LICENSE_PAGE = f"https://huggingface.co/{SAM3_REPO}"
 #   download first asks the hub for the file's LFS object id at SAM3_REVISION (the SHA-256 of its content, the
 #   X-Linked-Etag header; its size, X-Linked-Size) and verifies the bytes against that. It proves the file is the
 #   one that revision holds, intact, not that the hub is honest.
+# - SAM 2.1 (Hiera-T/S/B+/L): Meta publishes no digest beside its download links, so, as sam3.pt, "hub-lfs": the hub's
+#   LFS object id of the file in facebook/sam2.1-hiera-*, then Meta's own host with the same digest. Those
+#   repositories' commits could not be read from here, so these entries ask for "main" (UNPINNED): the file is the
+#   one the hub holds now, intact, not necessarily the one of a fixed revision. Pin them when a commit is known.
 # - bert-base-uncased@86b5e09: the hub's LFS pointer digest of model.safetensors and the file digests of
 #   config.json, vocab.txt, tokenizer.json and tokenizer_config.json, as pinned by projects that download
 #   them from that revision.
+UNPINNED = ("sam2.1_hiera_tiny.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_large.pt")
 MANIFEST: dict[str, dict] = {
     "groundingdino_swint_ogc.pth": {
         "description": "Grounding DINO Swin-T (OGC): the default detector (the upstream grounding_sam example's)",
@@ -122,6 +127,22 @@ MANIFEST: dict[str, dict] = {
             "sha256": "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
         }],
     },
+    **{name: {
+        "description": f"SAM 2.1 Hiera-{label} (USE_SAM=true, SAM_MODEL_TYPE={model_type})",
+        "files": [{
+            "path": name,
+            "urls": [f"https://huggingface.co/facebook/{repo}/resolve/main/{name}",
+                     f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"],
+            "size": None,
+            "sha256": None,
+            "sha256_from": "hub-lfs",
+        }],
+    } for model_type, name, label, repo in [
+        ("sam2.1_hiera_t", "sam2.1_hiera_tiny.pt", "T", "sam2.1-hiera-tiny"),
+        ("sam2.1_hiera_s", "sam2.1_hiera_small.pt", "S", "sam2.1-hiera-small"),
+        ("sam2.1_hiera_b+", "sam2.1_hiera_base_plus.pt", "B+", "sam2.1-hiera-base-plus"),
+        ("sam2.1_hiera_l", "sam2.1_hiera_large.pt", "L", "sam2.1-hiera-large"),
+    ]},
     "sam3.pt": {
         "description": "SAM 3 (ENGINE=sam3); the repository is gated: accept the license, set HF_TOKEN",
         "files": [{
@@ -401,6 +422,13 @@ def hub_token() -> str | None:
     return get_token() or None
 
 
+def hub_only(url: str, spec: Mapping, token: str | None) -> str | None:
+    """`token` (a Hugging Face token) for the hub URL of a hub entry (gated, or verified by the hub's LFS digest: its
+    first URL, the one the digest is asked of), None for any other URL: another host never sees it."""
+    hub = spec.get("gated") or spec.get("sha256_from") == "hub-lfs"
+    return token if hub and url == spec["urls"][0] else None
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None  # the redirect itself is the answer (its headers name the LFS object)
@@ -453,21 +481,23 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
     verify and move it into place. Returns its path. Raises DownloadError / ChecksumError."""
     path = Path(directory) / spec["path"]
     where = f"{variable}={path}" if variable else str(path)
-    page, token = spec.get("gated"), None
-    if page:
-        token = hub_token()
-        if spec.get("sha256") is None and spec.get("sha256_from") == "hub-lfs":
-            if token is None and path.is_file():
-                logger.warning("%s: present, NOT VERIFIED (its digest is asked of the hub, which needs HF_TOKEN)",
-                               path)
-                return path
-            if token is None:
-                raise GatedError(gated_message(where, page, None))
-            digest, size = hub_lfs_digest(spec["urls"][0], token, timeout=options.get("timeout", 60), where=where,
-                                          page=page)
-            spec = {**spec, "sha256": digest, "size": size}
-        elif token is None and not path.is_file():
+    page, token = spec.get("gated"), hub_token()
+    if spec.get("sha256") is None and spec.get("sha256_from") == "hub-lfs":
+        stamp = _read_stamps(path.parent).get(path.name) if path.is_file() else None
+        if isinstance(stamp, dict) and _stamped(path, str(stamp.get("sha256"))):
+            logger.info("%s: present, verified against the hub's digest before", path)  # no hub needed: offline
+            return path
+        if page and token is None and path.is_file():
+            logger.warning("%s: present, NOT VERIFIED (its digest is asked of the hub, which needs HF_TOKEN)", path)
+            return path
+        if page and token is None:
             raise GatedError(gated_message(where, page, None))
+        hub = spec["urls"][0]
+        digest, size = hub_lfs_digest(hub, token, timeout=options.get("timeout", 60), where=where,
+                                      page=page or "")
+        spec = {**spec, "sha256": digest, "size": size}
+    elif page and token is None and not path.is_file():
+        raise GatedError(gated_message(where, page, None))
     if path.is_file():
         problem = check_file(path, spec)
         if problem is None:
@@ -483,12 +513,12 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
     for url in spec["urls"]:
         try:
             resumed = part.exists() and part.stat().st_size > 0
-            download(url, part, spec.get("size"), token=token, **options)
+            download(url, part, spec.get("size"), token=hub_only(url, spec, token), **options)
             problem = check_file(part, spec)
             if problem is not None and resumed:  # the bytes resumed from may belong to another file
                 logger.warning("%s: the resumed download has %s; downloading it again from the start", path, problem)
                 part.unlink()
-                download(url, part, spec.get("size"), token=token, **options)
+                download(url, part, spec.get("size"), token=hub_only(url, spec, token), **options)
                 problem = check_file(part, spec)
         except DownloadError as e:
             code = getattr(e.__cause__, "code", None)

@@ -58,6 +58,7 @@ from model_factory import (  # noqa: E402
     make_real_size_groundingdino,
     make_real_size_sam3,
     make_sam,
+    make_sam2,
 )
 
 from config import SAM3_CHECKPOINT_NAME, SEGMENTERS, Settings  # noqa: E402
@@ -73,6 +74,7 @@ CONFIG = parse_label_config("""<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="cats"/><Label value="house"/></BrushLabels></View>""")
 QUERY = TextQuery((Phrase("shape", "cats"), Phrase("round thing", "house")), DetectionParams(0.3, 0.25, 20))
 CAPTION = "shape . round thing ."
+SAM2_KINDS = ("sam2.1_hiera_t", "sam2.1_hiera_l")  # the smallest and the largest SAM 2.1
 
 
 def generate(directory: Path, quick: bool) -> dict[str, str]:
@@ -88,6 +90,8 @@ def generate(directory: Path, quick: bool) -> dict[str, str]:
         if not quick:
             for kind in ("vit_b", "vit_h"):
                 make_sam(directory / SEGMENTERS["sam"].files[kind], kind)
+            for kind in SAM2_KINDS:
+                make_sam2(directory / SEGMENTERS["sam2"].files[kind], kind)
             make_real_size_sam3(directory / SAM3_CHECKPOINT_NAME)
         marker.write_text(json.dumps([str(config), str(checkpoint), str(bert)]))
         print(f"checkpoints generated in {time.perf_counter() - started:.0f} s under {directory}", flush=True)
@@ -98,8 +102,8 @@ def generate(directory: Path, quick: bool) -> dict[str, str]:
 
 
 def segmenter_env(env: dict, kind: str) -> dict:
-    """The environment with `kind` (vit_h, vit_b or mobile_sam) as the segmenter; SAM's checkpoint is found under
-    MODEL_DIR by its published name, as the service finds it."""
+    """The environment with `kind` (vit_h, vit_b, mobile_sam or a SAM 2.1 type) as the segmenter; SAM's checkpoint
+    is found under MODEL_DIR by its published name, as the service finds it."""
     if kind == "mobile_sam":
         return {**env, "USE_SAM": "false", "USE_MOBILE_SAM": "true"}
     return {**env, "USE_SAM": "true", "SAM_MODEL_TYPE": kind}
@@ -287,7 +291,7 @@ def main() -> None:
         env = {**env, "DEVICE": args.device, "MAX_DETECTIONS": "20"}
         # --quick (a smoke test of the code paths): a wide picture keeps Grounding DINO's input small on a CPU.
         image = make_image(320, 40, seed=1) if args.quick else make_image(1280, 960, seed=1)
-        kinds = ["mobile_sam"] if args.quick else ["vit_h", "vit_b", "mobile_sam"]
+        kinds = ["mobile_sam"] if args.quick else ["vit_h", "vit_b", "mobile_sam", *SAM2_KINDS]
         clock = Clock(args.device)
         device_name = torch.cuda.get_device_name() if clock.cuda else "CPU"
         print(f"device: {device_name}; image {image.shape[1]}x{image.shape[0]}; median of {args.iterations} after "

@@ -268,6 +268,23 @@ def make_sam(path: Path, model_type: str = "vit_b", seed: int = 0) -> Path:
     return path
 
 
+def make_sam2(path: Path, model_type: str = "sam2.1_hiera_t", seed: int = 0) -> Path:
+    """Random-weight SAM 2.1 at a published config (``sam2.build_sam.build_sam2``, no checkpoint) saved as Meta's
+    files are, ``torch.save({"model": state_dict})``; loads with ``build_sam2(config, str(path))``. Deterministic
+    for a seed. Hiera-T: 39 M parameters, 156 MB."""
+    from sam2.build_sam import build_sam2
+
+    from sam2_segmenter import CONFIGS
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sam2(CONFIGS[model_type], None, device="cpu")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
 TINY_SAM_MASK_LOGIT_GAIN = 20.0
 
 

@@ -53,6 +53,10 @@ from torch.utils import checkpoint
 with torch.no_grad():
     checkpoint.checkpoint(torch.nn.Linear(2, 2), torch.ones(1, 2))
 
+# A SAM 2.1 segmenter's image transforms (sam2_segmenter.Sam2Segmenter builds them as it loads).
+from sam2.utils.transforms import SAM2Transforms
+SAM2Transforms(resolution=1024, mask_threshold=0.0)
+
 # label_studio_sdk's exchange of a personal access token (ls_client.py uses it), answered by a mock transport.
 import httpx
 from types import SimpleNamespace

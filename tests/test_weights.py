@@ -431,6 +431,10 @@ def test_the_real_manifest_is_pinned_and_verified():
     manifest = weights.load_manifest()
     for name, item in manifest.items():
         for spec in item["files"]:
+            if spec.get("sha256_from") == "hub-lfs" and name in weights.UNPINNED:  # the hub's digest of "main"
+                assert spec["urls"][0].startswith("https://huggingface.co/facebook/sam2.1-hiera-")
+                assert all(url.startswith("https://") for url in spec["urls"]) and spec["sha256"] is None
+                continue
             if spec.get("sha256_from") == "hub-lfs":  # a gated file: the hub's digest at a pinned revision
                 assert spec["gated"].startswith("https://huggingface.co/") and spec["sha256"] is None
                 assert all(re.search(r"/resolve/[0-9a-f]{40}/", url) for url in spec["urls"]), spec["urls"]
@@ -440,8 +444,9 @@ def test_the_real_manifest_is_pinned_and_verified():
             for url in spec["urls"]:
                 assert url.startswith("https://"), url
                 assert not re.search(r"/(main|master|latest)/", url), f"{url} is not pinned"
-    for file_name in (*SEGMENTERS["sam"].files.values(), "groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam3.pt",
-                      "bpe_simple_vocab_16e6.txt.gz"):
+    assert set(weights.UNPINNED) == set(SEGMENTERS["sam2"].files.values())  # nothing else goes unpinned
+    for file_name in (*SEGMENTERS["sam"].files.values(), *SEGMENTERS["sam2"].files.values(),
+                      "groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam3.pt", "bpe_simple_vocab_16e6.txt.gz"):
         assert file_name in manifest, file_name  # every default checkpoint name can be fetched
     settings = Settings()
     for path in (settings.groundingdino_checkpoint, settings.sam_checkpoint, settings.mobilesam_checkpoint):
@@ -495,7 +500,7 @@ class HubServer(LoopbackServer):
     "Bearer pending": 403) and redirects to /storage/sam3.pt with X-Linked-Etag / X-Linked-Size (the LFS object's
     sha256 and size, `lfs_digest` to lie); the storage host serves the bytes. Records (method, path, Authorization)."""
 
-    def __init__(self, lfs_digest: str | None = None):
+    def __init__(self, lfs_digest: str | None = None, public: bool = False):
         self.requests, self.lfs_digest = [], lfs_digest or sha(SAM3_BYTES)
         server = self
 
@@ -510,7 +515,10 @@ class HubServer(LoopbackServer):
                     if with_body:
                         self.wfile.write(SAM3_BYTES)
                     return
-                if auth != "Bearer good":
+                if self.path.startswith("/meta/"):  # a plain host (Meta's), no redirect
+                    self.send_error(404)
+                    return
+                if auth != "Bearer good" and not public:
                     self.send_error(403 if auth == "Bearer pending" else 401)
                     return
                 self.send_response(302)
@@ -586,6 +594,39 @@ def test_a_present_gated_file_is_used_unverified_without_a_token(tmp_path, monke
         [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
         assert server.requests == []
     assert path == tmp_path / "sam3.pt" and "NOT VERIFIED" in caplog.text
+
+
+def sam2_manifest(server) -> dict:
+    """A public hub file verified by the hub's LFS digest (SAM 2.1's entries), Meta's host as the second URL."""
+    name = "sam2.1_hiera_tiny.pt"
+    return {name: {"files": [{"path": name, "urls": [f"{server.url}/facebook/sam2.1-hiera-tiny/resolve/main/{name}",
+                                                     f"{server.url}/meta/{name}"],
+                              "size": None, "sha256": None, "sha256_from": "hub-lfs"}]}}
+
+
+@pytest.mark.parametrize("token", [None, "good"])
+def test_a_public_hub_file_is_verified_by_the_hub_then_offline_from_its_stamp(tmp_path, monkeypatch, caplog, token):
+    monkeypatch.setattr(weights, "hub_token", lambda: token)
+    caplog.set_level("INFO", logger="weights")
+    with HubServer(public=True) as server:
+        [path] = weights.fetch_entry("sam2.1_hiera_tiny.pt", tmp_path, sam2_manifest(server), **FAST)
+        assert [(m, a) for m, _, a in server.requests] == [("HEAD", token and "Bearer good"),
+                                                           ("GET", token and "Bearer good"), ("GET", None)]
+        manifest = sam2_manifest(server)
+    assert path.read_bytes() == SAM3_BYTES and "downloaded and verified" in caplog.text
+    # The server is gone (offline): the file verified once is used as it is.
+    assert weights.fetch_entry("sam2.1_hiera_tiny.pt", tmp_path, manifest, **FAST) == [path]
+    assert "verified against the hub's digest before" in caplog.text
+
+
+def test_the_token_never_goes_to_a_hub_entrys_other_hosts(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "hub_token", lambda: "good")
+    with HubServer(public=True) as server:
+        spec = sam2_manifest(server)["sam2.1_hiera_tiny.pt"]["files"][0]
+        assert weights.hub_only(spec["urls"][0], spec, "good") == "good"
+        assert weights.hub_only(spec["urls"][1], spec, "good") is None
+        plain = {"path": "x", "urls": [spec["urls"][0]], "size": 1, "sha256": "0" * 64}
+        assert weights.hub_only(plain["urls"][0], plain, "good") is None  # not a hub entry
 
 
 def test_ensure_with_the_sam3_engine_fetches_its_checkpoint_and_checks_the_tokenizer(tmp_path, monkeypatch):
