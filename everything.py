@@ -1,10 +1,11 @@
 """Segment everything: SAM's automatic mask generation on our Segmenter.
 
 The steps and their order are segment_anything's `SamAutomaticMaskGenerator.generate` (MobileSAM's is the same
-code), so on the same model, image and parameters the masks are the same, in the same order
-(tests/test_everything.py): a grid of `points_per_side`**2 single-point prompts per crop (crop layer 0 is the
-whole image; `crop_n_layers` adds 4, 16, ... overlapping crops), three masks per point, the predicted-IoU filter,
-the stability-score filter, masks touching a crop's inner edge dropped, box NMS within a crop, then between crops.
+code, and sam2's SAM2AutomaticMaskGenerator the same steps for SAM 2.1), so on the same model, image and parameters
+the masks are the same, in the same order (tests/test_everything.py, tests/test_sam2_segmenter.py): a grid of
+`points_per_side`**2 single-point prompts per crop (crop layer 0 is the whole image; `crop_n_layers` adds 4, 16, ...
+overlapping crops), three masks per point, the predicted-IoU filter, the stability-score filter, masks touching a
+crop's inner edge dropped, box NMS within a crop, then between crops.
 
 What differs is where the work goes:
 - the image embedding comes from the segmenter's shared cache (a click or a text prompt on the image encoded it
@@ -177,7 +178,8 @@ def segment_everything(segmenter, image: np.ndarray, params: EverythingParams, i
                        deadline: float | None = None) -> Everything:
     """Every mask SAM finds in `image` ((H, W, 3) uint8 RGB) with SamAutomaticMaskGenerator's algorithm.
 
-    segmenter: a sam_wrapper.Segmenter (its cache serves the embedding when `image_id` is given).
+    segmenter: a sam_wrapper.Segmenter or sam2_segmenter.Sam2Segmenter (its cache serves the embedding when
+    `image_id` is given).
     model_pass: wraps each model pass (the request's scheduler.Ticket.model_pass). deadline: a
     time.monotonic() after which no further batch starts (the answer then holds the masks found so far).
     """

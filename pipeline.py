@@ -3,7 +3,7 @@
     query (text phrases with thresholds, or one interactive SAM prompt)
       image  (H, W, 3) uint8 RGB, displayed orientation   <- Pipeline.load_image (task URL, cached)
       boxes  dino.GroundingDino.detect                    -> Detections (xyxy image pixels, scores, labels)
-      masks  sam_wrapper.Segmenter                        -> Detections.masks (N, H, W) bool
+      masks  sam_wrapper.Segmenter (SAM 2.1: sam2_segmenter) -> Detections.masks (N, H, W) bool
              (or everything.segment_everything for a `*` phrase: SAM's automatic masks)
       clean  masks.clean_mask, each mask as it is read    -> holes filled, islands dropped, smoothed
       JSON   regions.build_regions                        -> RectangleLabels / BrushLabels / PolygonLabels
