@@ -40,7 +40,7 @@ constraints:
 	$(call pip-install,.venv-constraints/bin,)
 	{ echo "# Every package that make install installs, as make constraints resolved them (pip freeze; Linux x86_64, Python 3.11)."; \
 	  echo "# Used with -c by make install and the Dockerfile. Regenerate after editing a requirements file."; \
-	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
+	  .venv-constraints/bin/pip freeze --all --exclude pip --exclude-editable | grep -v '^#'; } > constraints.txt
 	rm -rf .venv-constraints
 
 # The end-to-end tests' Label Studio and moto S3 server (their versions: LS_VERSION and MOTO_VERSION in

@@ -22,7 +22,7 @@ from cache import EmbeddingCache
 from config import SEGMENTERS, require_file
 from device import autocast, in_warmed_batches, resolve_device
 from errors import ModelLoadError
-from sam_wrapper import UpscaledMasks
+from sam_wrapper import PromptSegmenter, UpscaledMasks
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def upscale_logits(low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(low_res[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
-class Sam2Segmenter:
+class Sam2Segmenter(PromptSegmenter):
     """Owns one SAM 2 model (sam2's SAM2Base, used for single images); stateless between calls.
 
     As sam_wrapper.Segmenter: the image encoder and the prompt decoder each under a lock of their own (a click's
@@ -134,29 +134,6 @@ class Sam2Segmenter:
         return [Sam2Embedding(embed[i : i + 1], (s0[i : i + 1], s1[i : i + 1]), tuple(image.shape[:2]))
                 for i, image in enumerate(images)]
 
-    def embed(self, image: np.ndarray) -> Sam2Embedding:
-        """(H, W, 3) uint8 RGB -> its embedding (the expensive step: one image encoder pass)."""
-        return self._embed([image])[0]
-
-    def embed_batch(self, images: list[np.ndarray], image_ids: list[str]) -> None:
-        """Encode the images not in the cache yet in one encoder pass and cache their embeddings. Needs a cache."""
-        if self.cache is None:
-            return
-        todo = [(image, image_id) for image, image_id in zip(images, image_ids, strict=True)
-                if self._key(image_id) not in self.cache]
-        if todo:
-            for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
-                self.cache.put(self._key(image_id), embedding)
-
-    def embedding_for(self, image: np.ndarray, image_id: str | None = None) -> Sam2Embedding:
-        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
-        if self.cache is None or image_id is None:
-            return self.embed(image)
-        return self.cache.get(self._key(image_id), lambda: self.embed(image))
-
-    def _key(self, image_id: str) -> tuple:
-        return ("sam-embedding", id(self), image_id)
-
     # ------------------------------------------------------------------ prompts -> masks
 
     @torch.no_grad()
@@ -213,31 +190,3 @@ class Sam2Segmenter:
     def upscale(self, low_res: torch.Tensor, embedding: Sam2Embedding) -> Sam2Masks:
         """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""
         return Sam2Masks(low_res, embedding, self.mask_threshold)
-
-    def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
-                      image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One mask per box, all boxes in one decoder call: masks (N, H, W) bool (a Sam2Masks: read them in order)
-        and the predicted IoU per mask (N,) float32. N == 0 skips the encoder."""
-        height, width = image.shape[:2]
-        if len(xyxy) == 0:
-            return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-        embedding = self.embedding_for(image, image_id)
-        low_res, iou = self.decode(embedding, boxes=xyxy)
-        return self.upscale(low_res[:, 0], embedding), iou[:, 0].float().cpu().numpy()
-
-    def segment_prompt(self, image: np.ndarray, points: np.ndarray, point_labels: np.ndarray,
-                       box: np.ndarray | None = None, image_id: str | None = None) -> tuple[np.ndarray, float]:
-        """One mask for one interactive prompt, as Segmenter.segment_prompt: a single click asks for three masks
-        and keeps the best-scoring one; a box or several clicks ask for one."""
-        if len(points) == 0 and box is None:
-            raise ValueError("a SAM prompt needs at least one point or a box")
-        embedding = self.embedding_for(image, image_id)
-        low_res, iou = self.decode(
-            embedding,
-            boxes=None if box is None else np.asarray(box)[None],
-            points=np.asarray(points)[None] if len(points) else None,
-            point_labels=np.asarray(point_labels)[None] if len(points) else None,
-            multimask=box is None and len(points) == 1,
-        )
-        best = int(iou[0].argmax())
-        return self.upscale(low_res[0, best : best + 1], embedding)[0], float(iou[0, best])

@@ -85,7 +85,78 @@ class UpscaledMasks(LazyMasks):
                 yield mask, profile_bounds(row, col)
 
 
-class Segmenter:
+class PromptSegmenter:
+    """What every segmenter (Segmenter below, sam2_segmenter.Sam2Segmenter) does on top of its own
+    `_embed(images) -> embeddings` (one encoder pass), `decode(embedding, boxes, points, point_labels, multimask)`
+    and `upscale(low_res, embedding)`: embeddings by image through the shared cache, boxes and clicks to masks."""
+
+    cache: EmbeddingCache | None
+
+    def embed(self, image: np.ndarray):
+        """(H, W, 3) uint8 RGB -> its embedding (the expensive step: one image encoder pass)."""
+        return self._embed([image])[0]
+
+    def embed_batch(self, images: list[np.ndarray], image_ids: list[str]) -> None:
+        """Encode the images not in the cache yet in one image encoder pass, and cache their embeddings, where
+        `embedding_for` then finds them. Every image enters the encoder as the same square (SAM pads it, SAM 2.1
+        resizes it), so each one's embedding is the one `embed` gives it. Needs a cache."""
+        if self.cache is None:
+            return
+        todo = [(image, image_id) for image, image_id in zip(images, image_ids, strict=True)
+                if self._key(image_id) not in self.cache]
+        if todo:
+            for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
+                self.cache.put(self._key(image_id), embedding)
+
+    def embedding_for(self, image: np.ndarray, image_id: str | None = None):
+        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
+        if self.cache is None or image_id is None:
+            return self.embed(image)
+        return self.cache.get(self._key(image_id), lambda: self.embed(image))
+
+    def _key(self, image_id: str) -> tuple:
+        """The cache key of an image's embedding."""
+        return ("sam-embedding", id(self), image_id)
+
+    def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
+                      image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per box, all boxes in one decoder call.
+
+        image: (H, W, 3) uint8 RGB; xyxy: (N, 4) image pixels. Returns masks (N, H, W) bool and
+        SAM's predicted IoU per mask (N,) float32. N == 0 skips the encoder entirely.
+        The masks are an UpscaledMasks: read them in order (or np.asarray them).
+        """
+        height, width = image.shape[:2]
+        if len(xyxy) == 0:
+            return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
+        embedding = self.embedding_for(image, image_id)
+        low_res, iou = self.decode(embedding, boxes=xyxy)
+        return self.upscale(low_res[:, 0], embedding), iou[:, 0].float().cpu().numpy()
+
+    def segment_prompt(self, image: np.ndarray, points: np.ndarray, point_labels: np.ndarray,
+                       box: np.ndarray | None = None, image_id: str | None = None) -> tuple[np.ndarray, float]:
+        """One mask for one interactive prompt: clicks and/or a box, as SamPredictor.predict takes them.
+
+        points: (P, 2) xy image pixels, P >= 0; point_labels: (P,) 1 foreground / 0 background;
+        box: (4,) xyxy image pixels or None. A single click is ambiguous, so it asks SAM for three
+        masks and keeps the best-scoring one; a box or several clicks ask for one.
+        Returns the mask (H, W) bool and SAM's predicted IoU for it.
+        """
+        if len(points) == 0 and box is None:
+            raise ValueError("a SAM prompt needs at least one point or a box")
+        embedding = self.embedding_for(image, image_id)
+        low_res, iou = self.decode(
+            embedding,
+            boxes=None if box is None else np.asarray(box)[None],
+            points=np.asarray(points)[None] if len(points) else None,
+            point_labels=np.asarray(point_labels)[None] if len(points) else None,
+            multimask=box is None and len(points) == 1,
+        )
+        best = int(iou[0].argmax())
+        return self.upscale(low_res[0, best : best + 1], embedding)[0], float(iou[0, best])
+
+
+class Segmenter(PromptSegmenter):
     """Owns one SAM-family model (segment_anything's Sam or mobile_sam's Sam); stateless between calls.
 
     Every call takes the image embedding it works on as an argument, so threads never share a
@@ -124,22 +195,6 @@ class Segmenter:
             hint = " (does SAM_MODEL_TYPE match the checkpoint?)" if len(spec.files) > 1 else ""
             raise ModelLoadError(f"{spec.variable}={checkpoint}: could not load as {model_type}{hint}: {e}") from e
         return cls(model, resolve_device(device), cache, dtype)
-
-    def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """(H, W, 3) uint8 RGB -> its embedding (the expensive step: one image encoder pass)."""
-        return self._embed([image])[0]
-
-    def embed_batch(self, images: list[np.ndarray], image_ids: list[str]) -> None:
-        """Encode the images not in the cache yet in one image encoder pass, and cache their embeddings, where
-        `embedding_for` then finds them. Every image enters the encoder padded to the same square, so each
-        one's embedding is the one `embed` gives it. Needs a cache."""
-        if self.cache is None:
-            return
-        todo = [(image, image_id) for image, image_id in zip(images, image_ids, strict=True)
-                if self._key(image_id) not in self.cache]
-        if todo:
-            for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
-                self.cache.put(self._key(image_id), embedding)
 
     def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> bool:
         """torch.compile the image encoder with static shapes (its input is always (B, 3, 1024, 1024)) and warm it up
@@ -188,16 +243,6 @@ class Segmenter:
             prepared = [self.decoder.prepare(features[i : i + 1]) for i in range(len(images))]
         return [ImageEmbedding(d, input_size, original_size) for d, (input_size, original_size)
                 in zip(prepared, sizes, strict=True)]
-
-    def embedding_for(self, image: np.ndarray, image_id: str | None = None) -> ImageEmbedding:
-        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
-        if self.cache is None or image_id is None:
-            return self.embed(image)
-        return self.cache.get(self._key(image_id), lambda: self.embed(image))
-
-    def _key(self, image_id: str) -> tuple:
-        """The cache key of an image's embedding."""
-        return ("sam-embedding", id(self), image_id)
 
     @torch.no_grad()
     def decode(
@@ -257,40 +302,3 @@ class Segmenter:
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> UpscaledMasks:
         """(B, 256, 256) mask logits -> B masks (H, W) bool in image pixels, computed as they are read."""
         return UpscaledMasks(low_res, embedding, self.model.mask_threshold, self.model)
-
-    def segment_boxes(self, image: np.ndarray, xyxy: np.ndarray,
-                      image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One mask per box, all boxes in one decoder call.
-
-        image: (H, W, 3) uint8 RGB; xyxy: (N, 4) image pixels. Returns masks (N, H, W) bool and
-        SAM's predicted IoU per mask (N,) float32. N == 0 skips the encoder entirely.
-        The masks are an UpscaledMasks: read them in order (or np.asarray them).
-        """
-        height, width = image.shape[:2]
-        if len(xyxy) == 0:
-            return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-        embedding = self.embedding_for(image, image_id)
-        low_res, iou = self.decode(embedding, boxes=xyxy)
-        return self.upscale(low_res[:, 0], embedding), iou[:, 0].float().cpu().numpy()
-
-    def segment_prompt(self, image: np.ndarray, points: np.ndarray, point_labels: np.ndarray,
-                       box: np.ndarray | None = None, image_id: str | None = None) -> tuple[np.ndarray, float]:
-        """One mask for one interactive prompt: clicks and/or a box, as SamPredictor.predict takes them.
-
-        points: (P, 2) xy image pixels, P >= 0; point_labels: (P,) 1 foreground / 0 background;
-        box: (4,) xyxy image pixels or None. A single click is ambiguous, so it asks SAM for three
-        masks and keeps the best-scoring one; a box or several clicks ask for one.
-        Returns the mask (H, W) bool and SAM's predicted IoU for it.
-        """
-        if len(points) == 0 and box is None:
-            raise ValueError("a SAM prompt needs at least one point or a box")
-        embedding = self.embedding_for(image, image_id)
-        low_res, iou = self.decode(
-            embedding,
-            boxes=None if box is None else np.asarray(box)[None],
-            points=np.asarray(points)[None] if len(points) else None,
-            point_labels=np.asarray(point_labels)[None] if len(points) else None,
-            multimask=box is None and len(points) == 1,
-        )
-        best = int(iou[0].argmax())
-        return self.upscale(low_res[0, best : best + 1], embedding)[0], float(iou[0, best])

@@ -36,6 +36,17 @@ def run(env, *args):
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
 
 
+def run_here(monkeypatch, capsys, env, *args) -> subprocess.CompletedProcess:
+    """cli.main in this process with `env` set: what `run` gives, without a new interpreter's imports (each
+    subprocess costs seconds; the test above and the annotate ones run the real command line)."""
+    for key, value in {"HF_HUB_OFFLINE": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def test_predict_prints_the_prediction_and_writes_the_overlay(env, picture, tmp_path):
     overlay = tmp_path / "overlay.png"
     done = run(env, "predict", str(picture), "--prompt", "brown cat_cats. house", "--box-threshold", "0.3",
@@ -56,12 +67,13 @@ def test_predict_prints_the_prediction_and_writes_the_overlay(env, picture, tmp_
     assert drawn.shape == (80, 120, 3) and (drawn != np.asarray(Image.open(picture))).any()
 
 
-def test_predict_with_a_config_and_out_file(env, picture, tmp_path):
+def test_predict_with_a_config_and_out_file(env, picture, tmp_path, monkeypatch, capsys):
     config = tmp_path / "label.xml"
     config.write_text('<View><Image name="img" value="$url"/>'
                       '<RectangleLabels name="boxes" toName="img"><Label value="cats"/></RectangleLabels></View>')
     out = tmp_path / "prediction.json"
-    done = run(env, "predict", str(picture), "--prompt", "cats", "--config", str(config), "--out", str(out))
+    done = run_here(monkeypatch, capsys, env, "predict", str(picture), "--prompt", "cats", "--config", str(config),
+                    "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     regions = json.loads(out.read_text())["result"]
@@ -137,7 +149,7 @@ def per_task(ls) -> dict[int, int]:
     return counts
 
 
-def test_predict_a_task_of_a_project_with_its_labeling_config(env, picture, tmp_path):
+def test_predict_a_task_of_a_project_with_its_labeling_config(env, picture, tmp_path, monkeypatch, capsys):
     from fake_label_studio import FakeLabelStudio
     from servers import ImageServer
 
@@ -147,18 +159,18 @@ def test_predict_a_task_of_a_project_with_its_labeling_config(env, picture, tmp_
             FakeLabelStudio(boxes_only, {3: {"img": f"{images.url}/pic.png"},
                                          5: {"img": f"{images.url}/broken.png"}}) as ls:
         e = annotate_env(env, ls, tmp_path)
-        done = run(e, "predict", "--project", "1", "--task", "3", "--prompt", "shape_cats")
+        done = run_here(monkeypatch, capsys, e, "predict", "--project", "1", "--task", "3", "--prompt", "shape_cats")
         assert done.returncode == 0, done.stderr
         regions = json.loads(done.stdout)["result"]
         assert regions and {(r["from_name"], r["to_name"], r["type"]) for r in regions} == {
             ("boxes", "photo", "rectanglelabels")}
-        done = run(e, "predict", "--project", "1", "--task", "99", "--prompt", "cats")
+        done = run_here(monkeypatch, capsys, e, "predict", "--project", "1", "--task", "99", "--prompt", "cats")
         assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "error: project 1 has no task 99"
-        done = run(e, "predict", "--project", "1", "--task", "5", "--prompt", "cats")
+        done = run_here(monkeypatch, capsys, e, "predict", "--project", "1", "--task", "5", "--prompt", "cats")
         assert done.returncode == 1 and "not a recognised image format" in done.stderr
 
 
-def test_annotate_a_project_then_only_missing(env, project, tmp_path):
+def test_annotate_a_project_then_only_missing(env, project, tmp_path, monkeypatch, capsys):
     e = annotate_env(env, project, tmp_path)
     done = run(e, "annotate", "--project", "1", "--prompt", "shape_cats. round thing_house", "--chunk-size", "5")
     assert done.returncode == 0, done.stderr
@@ -166,7 +178,8 @@ def test_annotate_a_project_then_only_missing(env, project, tmp_path):
     assert all(p["model_version"] == "groundingdino_tiny+mobile_sam" and p["result"] for p in project.predictions)
     assert "11 done, 1 failed, 0 skipped" in done.stderr
     assert "task 5 failed (undecodable)" in done.stderr and "12/12 tasks" in done.stderr  # a plain progress line
-    again = run(e, "annotate", "--project", "1", "--prompt", "shape_cats", "--only-missing", "--tasks", "1-6")
+    again = run_here(monkeypatch, capsys, e, "annotate", "--project", "1", "--prompt", "shape_cats", "--only-missing",
+                     "--tasks", "1-6")
     assert again.returncode == 0, again.stderr
     assert "0 done, 1 failed, 5 skipped" in again.stderr and per_task(project)[1] == 1
 

@@ -272,7 +272,8 @@ def test_dockerfile_structure():
     assert kinds.count("FROM") == 1
     runs = " ".join(rest for i, rest in instructions if i == "RUN")
     assert "pip install --no-cache-dir -c constraints.txt -r requirements.txt" in runs
-    assert "pip install --no-cache-dir -c constraints.txt --no-deps -r requirements-nodeps.txt" in runs
+    assert ("SAM2_BUILD_CUDA=0 pip install --no-cache-dir -c constraints.txt --no-deps --no-build-isolation "
+            "-r requirements-nodeps.txt") in " ".join(runs.replace("\\\n", " ").split())  # as make install
     assert "python weights.py --dir /models" in runs and "${WEIGHTS}" in runs
     # weights.py without names fetches what the settings need: WEIGHTS="" must skip it, not fetch the defaults.
     assert 'if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi' in runs
