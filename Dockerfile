@@ -6,6 +6,7 @@
 #               empty: none)
 #   BASE_IMAGE  the base image (default: the pinned official Python image below)
 #   WITH_RAY    true: also install Ray, to run the image as a Ray head or worker (default false)
+#   HF_ENDPOINT a Hugging Face hub mirror to fetch the hub's model files from (default https://huggingface.co)
 # SAM 3's checkpoint (ENGINE=sam3, a gated download) is baked in by Dockerfile.sam3, on top of this image: it needs a
 # build secret, which only BuildKit has, and this file builds with the classic builder too.
 #
@@ -40,6 +41,8 @@ RUN if [ "${WITH_RAY}" = "true" ]; then pip install --no-cache-dir -c constraint
 # This layer depends only on weights.py and WEIGHTS (split into names), so other code changes do not download
 # them again.
 ARG WEIGHTS="groundingdino_swint_ogc.pth mobile_sam.pt sam_vit_h_4b8939.pth bert-base-uncased"
+# A Hugging Face hub mirror for the hub's files (read by huggingface_hub in this step only).
+ARG HF_ENDPOINT=https://huggingface.co
 COPY weights.py ./
 # WEIGHTS="" bakes in no model file (mount your own: README "Where the weights come from"); weights.py without
 # names would fetch what the settings need instead.

@@ -1,15 +1,18 @@
-"""Download model checkpoints from pinned URLs and verify their SHA-256 digests.
+"""Fetch model checkpoints at pinned revisions and verify their SHA-256 digests.
 
     python weights.py                        fetch what the current settings need (`make serve` runs this)
     python weights.py --dir /models NAME...  fetch the named manifest entries into a directory (the Docker build)
     python weights.py --list                 show the manifest
 
-A download goes to NAME.part first and resumes from there (HTTP Range) when it was interrupted, in this run
-(a few retries) or in an earlier one. Only a file whose size and SHA-256 match the manifest is renamed into
-place; a downloaded file that does not match is deleted and the run fails. A file already in place is checked
-too (once: a small `.weights-verified.json` next to it remembers the result by size and modification time), and
-one that does not match is an error, never silently replaced. `--manifest FILE` (JSON, the layout of MANIFEST
-below) swaps the whole manifest, e.g. for an internal mirror.
+The libraries made for it do the fetching: a file on the Hugging Face hub comes through `huggingface_hub`
+(`hf_hub_download` at a pinned revision: HF_TOKEN for gated repositories, HF_ENDPOINT for a mirror, HF_HUB_OFFLINE,
+its cache, resuming an interrupted download from where it stopped, in this run or the next), a file on a plain host
+through `pooch` (a known SHA-256 digest, retries, a progress bar; an interrupted download starts again). Only a
+file whose size and SHA-256 match the manifest is kept; a downloaded file that does not match is deleted and the
+run fails. A file already in place is checked too (once: a small `.weights-verified.json` next to it remembers the
+result by size and modification time, so a verified file needs no network again), and one that does not match is
+an error, never silently replaced. `--manifest FILE` (JSON, the layout of MANIFEST below) swaps the whole manifest,
+e.g. for an internal mirror.
 """
 
 from __future__ import annotations
@@ -17,24 +20,18 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import http.client
 import json
 import logging
 import os
 import re
-import socket
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
 logger = logging.getLogger("weights")
 
 BERT_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"  # bert-base-uncased on the Hugging Face hub
-_BERT = f"https://huggingface.co/bert-base-uncased/resolve/{BERT_REVISION}"
-_GDINO_HF = "https://huggingface.co/ShilongLiu/GroundingDINO/resolve/a94c9b567a2a374598f05c584e96798a170c56fb"
+GDINO_REVISION = "a94c9b567a2a374598f05c584e96798a170c56fb"  # ShilongLiu/GroundingDINO on the hub
 _MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/MobileSAM
 # facebook/sam3 on the hub (gated: each user accepts Meta's SAM License there), at the revision public download
 # manifests pin it to.
@@ -52,12 +49,12 @@ SAM3_LICENSE_PAGE = f"https://huggingface.co/{SAM3_REPO}"
 # - bpe_simple_vocab_16e6.txt.gz (SAM 3's tokenizer: CLIP's BPE vocabulary, not in the sam3 wheel): computed here
 #   from the copy in the open_clip_torch 3.3.0 wheel as PyPI serves it (pip checks that wheel's own digest), the
 #   file `make install` puts in site-packages and SAM3_TOKENIZER defaults to; the URLs serve the same file.
-# - sam3.pt has no digest published outside the gated repository, so its entry says "sha256_from": "hub-lfs": the
-#   download first asks the hub for the file's LFS object id at SAM3_REVISION (the SHA-256 of its content, the
-#   X-Linked-Etag header; its size, X-Linked-Size) and verifies the bytes against that. It proves the file is the
-#   one that revision holds, intact, not that the hub is honest.
-# - SAM 2.1 (Hiera-T/S/B+/L): Meta publishes no digest beside its download links, so, as sam3.pt, "hub-lfs": the hub's
-#   LFS object id of the file in facebook/sam2.1-hiera-*, then Meta's own host with the same digest. Those
+# - sam3.pt has no digest published outside the gated repository, so its entry's sha256 is null: the download first
+#   asks the hub for the file's metadata at SAM3_REVISION (`get_hf_file_metadata`: the LFS object id, which is the
+#   SHA-256 of its content, and its size) and verifies the bytes against that. It proves the file is the one that
+#   revision holds, intact, not that the hub is honest.
+# - SAM 2.1 (Hiera-T/S/B+/L): Meta publishes no digest beside its download links, so, as sam3.pt, the hub's LFS
+#   object id of the file in facebook/sam2.1-hiera-*, then Meta's own host with the same digest. Those
 #   repositories' commits could not be read from here, so these entries ask for "main" (UNPINNED): the file is the
 #   one the hub holds now, intact, not necessarily the one of a fixed revision. Pin them when a commit is known.
 # - bert-base-uncased@86b5e09: the hub's LFS pointer digest of model.safetensors and the file digests of
@@ -69,11 +66,10 @@ MANIFEST: dict[str, dict] = {
         "description": "Grounding DINO Swin-T (OGC): the default detector (the upstream grounding_sam example's)",
         "files": [{
             "path": "groundingdino_swint_ogc.pth",
-            "urls": [
-                "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/"
-                "groundingdino_swint_ogc.pth",
-                f"{_GDINO_HF}/groundingdino_swint_ogc.pth",
-            ],
+            "hub": {"repo": "ShilongLiu/GroundingDINO", "revision": GDINO_REVISION,
+                    "file": "groundingdino_swint_ogc.pth"},
+            "urls": ["https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/"
+                     "groundingdino_swint_ogc.pth"],
             "size": 693_997_677,
             "sha256": "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799",
         }],
@@ -83,41 +79,24 @@ MANIFEST: dict[str, dict] = {
                        "GroundingDINO_SwinB_cfg.py",
         "files": [{
             "path": "groundingdino_swinb_cogcoor.pth",
-            "urls": [
-                "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha2/"
-                "groundingdino_swinb_cogcoor.pth",
-            ],
+            "urls": ["https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha2/"
+                     "groundingdino_swinb_cogcoor.pth"],
             "size": 938_057_991,
             "sha256": "46270f7a822e6906b655b729c90613e48929d0f2bb8b9b76fd10a856f3ac6ab7",
         }],
     },
-    "sam_vit_h_4b8939.pth": {
-        "description": "SAM ViT-H (USE_SAM=true, SAM_MODEL_TYPE=vit_h)",
-        "files": [{
-            "path": "sam_vit_h_4b8939.pth",
-            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"],
-            "size": 2_564_550_879,
-            "sha256": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        }],
-    },
-    "sam_vit_l_0b3195.pth": {
-        "description": "SAM ViT-L (USE_SAM=true, SAM_MODEL_TYPE=vit_l)",
-        "files": [{
-            "path": "sam_vit_l_0b3195.pth",
-            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"],
-            "size": 1_249_524_607,
-            "sha256": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        }],
-    },
-    "sam_vit_b_01ec64.pth": {
-        "description": "SAM ViT-B (USE_SAM=true, SAM_MODEL_TYPE=vit_b)",
-        "files": [{
-            "path": "sam_vit_b_01ec64.pth",
-            "urls": ["https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"],
-            "size": 375_042_383,
-            "sha256": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        }],
-    },
+    **{name: {
+        "description": f"SAM ViT-{kind[-1].upper()} (USE_SAM=true, SAM_MODEL_TYPE={kind})",
+        "files": [{"path": name, "urls": [f"https://dl.fbaipublicfiles.com/segment_anything/{name}"],
+                   "size": size, "sha256": digest}],
+    } for kind, name, size, digest in [
+        ("vit_h", "sam_vit_h_4b8939.pth", 2_564_550_879,
+         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+        ("vit_l", "sam_vit_l_0b3195.pth", 1_249_524_607,
+         "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+        ("vit_b", "sam_vit_b_01ec64.pth", 375_042_383,
+         "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    ]},
     "mobile_sam.pt": {
         "description": "MobileSAM: the default mask model (USE_MOBILE_SAM=true)",
         "files": [{
@@ -131,11 +110,10 @@ MANIFEST: dict[str, dict] = {
         "description": f"SAM 2.1 Hiera-{label} (USE_SAM=true, SAM_MODEL_TYPE={model_type})",
         "files": [{
             "path": name,
-            "urls": [f"https://huggingface.co/facebook/{repo}/resolve/main/{name}",
-                     f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"],
+            "hub": {"repo": f"facebook/{repo}", "revision": "main", "file": name},
+            "urls": [f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"],
             "size": None,
-            "sha256": None,
-            "sha256_from": "hub-lfs",
+            "sha256": None,  # the hub's LFS digest
         }],
     } for model_type, name, label, repo in [
         ("sam2.1_hiera_t", "sam2.1_hiera_tiny.pt", "T", "sam2.1-hiera-tiny"),
@@ -147,10 +125,9 @@ MANIFEST: dict[str, dict] = {
         "description": "SAM 3 (ENGINE=sam3); the repository is gated: accept the license, set HF_TOKEN",
         "files": [{
             "path": "sam3.pt",
-            "urls": [f"https://huggingface.co/{SAM3_REPO}/resolve/{SAM3_REVISION}/sam3.pt"],
+            "hub": {"repo": SAM3_REPO, "revision": SAM3_REVISION, "file": "sam3.pt"},
             "size": None,
-            "sha256": None,
-            "sha256_from": "hub-lfs",
+            "sha256": None,  # the hub's LFS digest
             "gated": SAM3_LICENSE_PAGE,
         }],
     },
@@ -166,24 +143,19 @@ MANIFEST: dict[str, dict] = {
     "bert-base-uncased": {
         "description": f"Grounding DINO's text encoder as a local directory (hub revision {BERT_REVISION[:7]}); "
                        "point GROUNDINGDINO_TEXT_ENCODER at it",
-        "files": [
-            {"path": "bert-base-uncased/config.json", "urls": [f"{_BERT}/config.json"], "size": 570,
-             "sha256": "7160e1553ad2ca51d8c1cb066be533db31826e12d173824c1bb0cb1a4f187d20"},
-            {"path": "bert-base-uncased/vocab.txt", "urls": [f"{_BERT}/vocab.txt"], "size": 231_508,
-             "sha256": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
-            {"path": "bert-base-uncased/tokenizer.json", "urls": [f"{_BERT}/tokenizer.json"], "size": 466_062,
-             "sha256": "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"},
-            {"path": "bert-base-uncased/tokenizer_config.json", "urls": [f"{_BERT}/tokenizer_config.json"],
-             "size": 48, "sha256": "a025160ef0431f1a392f6f050c1310f4c5d9fb6f275932dbccba73c4d214bf10"},
-            {"path": "bert-base-uncased/model.safetensors", "urls": [f"{_BERT}/model.safetensors"],
-             "size": 440_449_768, "sha256": "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"},
-        ],
+        "files": [{"path": f"bert-base-uncased/{name}", "size": size, "sha256": digest,
+                   "hub": {"repo": "bert-base-uncased", "revision": BERT_REVISION, "file": name}}
+                  for name, size, digest in [
+            ("config.json", 570, "7160e1553ad2ca51d8c1cb066be533db31826e12d173824c1bb0cb1a4f187d20"),
+            ("vocab.txt", 231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+            ("tokenizer.json", 466_062, "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"),
+            ("tokenizer_config.json", 48, "a025160ef0431f1a392f6f050c1310f4c5d9fb6f275932dbccba73c4d214bf10"),
+            ("model.safetensors", 440_449_768, "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"),
+        ]],
     },
 }
 
 STAMP = ".weights-verified.json"
-CHUNK = 1 << 20
-RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -203,7 +175,12 @@ class GatedError(DownloadError):
 # ---------------------------------------------------------------------------------------------- manifest
 
 def validate_manifest(manifest: Mapping) -> dict:
-    """Check a manifest's layout; return a deep copy. Raises DownloadError naming the bad entry."""
+    """Check a manifest's layout; return a deep copy. Raises DownloadError naming the bad entry.
+
+    Each entry: {"description": str, "files": [spec, ...]}; each spec: "path" (relative to the target directory),
+    "hub" ({"repo", "revision", "file"}: fetched with hf_hub_download) and/or "urls" (plain hosts, tried after the
+    hub), "size" (bytes or null), "sha256" (64 hex digits; null: the hub's LFS digest for a hub file, else not
+    verified) and, for a gated hub repository, "gated" (the https page where its license is accepted)."""
     if not isinstance(manifest, Mapping) or not manifest:
         raise DownloadError("manifest: expected a non-empty object of entries")
     for name, entry in manifest.items():
@@ -217,21 +194,23 @@ def validate_manifest(manifest: Mapping) -> dict:
             path = spec.get("path")
             if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
                 raise DownloadError(f"{where}: 'path' must be a relative path inside the target directory")
-            urls = spec.get("urls")
-            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
-                raise DownloadError(f"{where}: 'urls' must be a non-empty list of URLs")
+            hub, urls = spec.get("hub"), spec.get("urls", [])
+            if hub is not None and not (isinstance(hub, Mapping) and
+                                        all(isinstance(hub.get(k), str) and hub[k] for k in ("repo", "revision",
+                                                                                             "file"))):
+                raise DownloadError(f"{where}: 'hub' must be an object with 'repo', 'revision' and 'file'")
+            if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls) or not (hub or urls):
+                raise DownloadError(f"{where}: needs 'hub' or 'urls' (a non-empty list of URLs)")
             digest = spec.get("sha256")
             if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
-                raise DownloadError(f"{where}: 'sha256' must be 64 lowercase hex digits or null (not verified)")
+                raise DownloadError(f"{where}: 'sha256' must be 64 lowercase hex digits or null")
             size = spec.get("size")
             if size is not None and not (isinstance(size, int) and size >= 0):
                 raise DownloadError(f"{where}: 'size' must be a byte count or null")
-            if spec.get("sha256_from") not in (None, "hub-lfs"):
-                raise DownloadError(f"{where}: 'sha256_from' must be \"hub-lfs\" or absent")
             gated = spec.get("gated")
-            if gated is not None and not (isinstance(gated, str) and gated.startswith("https://")):
-                raise DownloadError(f"{where}: 'gated' must be the https URL of the page where its license is "
-                                    "accepted")
+            if gated is not None and not (hub and isinstance(gated, str) and gated.startswith("https://")):
+                raise DownloadError(f"{where}: 'gated' must be the https URL of the page where the license of its "
+                                    "'hub' repository is accepted")
     return copy.deepcopy(dict(manifest))
 
 
@@ -249,11 +228,8 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------- checking
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_stamps(directory: Path) -> dict:
@@ -277,23 +253,22 @@ def _write_stamp(path: Path, digest: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _stamped(path: Path, digest: str) -> bool:
+def _stamped(path: Path, digest: str | None = None) -> str | None:
+    """The digest a stamp remembers for `path` as it is now (and equal to `digest` when given), else None."""
     stamp = _read_stamps(path.parent).get(path.name)
-    if not isinstance(stamp, dict):
-        return False
     stat = path.stat()
-    return stamp == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    if not isinstance(stamp, dict) or stamp.get("size") != stat.st_size or stamp.get("mtime_ns") != stat.st_mtime_ns:
+        return None
+    return stamp.get("sha256") if digest in (None, stamp.get("sha256")) else None
 
 
 def check_file(path: Path, spec: Mapping) -> str | None:
-    """None when `path` matches the spec's size and digest, else the reason it does not."""
+    """None when `path` matches the spec's size and digest (and remembers that), else the reason it does not."""
     size, expected = spec.get("size"), spec.get("sha256")
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         return f"size {actual_size} bytes, expected {size}"
-    if expected is None:
-        return None
-    if _stamped(path, expected):
+    if expected is None or _stamped(path, expected):
         return None
     digest = sha256_of(path)
     if digest != expected:
@@ -302,136 +277,14 @@ def check_file(path: Path, spec: Mapping) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- downloading
-
-class _Progress:
-    """A byte counter on stderr: tqdm's bar when tqdm is installed (it comes with transformers), else a line."""
-
-    def __init__(self, label: str, total: int | None, initial: int, enabled: bool):
-        self.label, self.total, self.done, self.bar, self.enabled = label, total, initial, None, enabled
-        self._last = 0.0
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                        file=sys.stderr, mininterval=0.5 if interactive else 10, leave=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self._last > 5:
-            self._last = time.monotonic()
-            total = f"/{self.total / 2**20:.0f}" if self.total else ""
-            print(f"{self.label}: {self.done / 2**20:.0f}{total} MiB", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _content_range_start(value: str | None) -> int | None:
-    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
-    return int(match.group(1)) if match else None
-
-
-def download(url: str, part: Path, size: int | None = None, *, attempts: int = 4, timeout: float = 60,
-             backoff: float = 2.0, progress: bool = True, label: str | None = None, token: str | None = None) -> None:
-    """Fetch `url` into `part`, resuming from the bytes already there (HTTP Range). Retries a dropped connection
-    or a 5xx answer `attempts` times in all, each resuming where the last one stopped. token: sent as a Bearer
-    token to `url`'s host only (not to the host it redirects to). Raises DownloadError."""
-    label = label or part.name.removesuffix(".part")
-    last: Exception | None = None
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(min(backoff * 2 ** (attempt - 1), 30))
-        have = part.stat().st_size if part.exists() else 0
-        if size is not None and have > size:  # not a prefix of this file: start again
-            part.unlink()
-            have = 0
-        if size is not None and have == size:
-            return  # complete (verified by the caller)
-        headers = {"User-Agent": "grounded-sam-weights/1", "Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        request = urllib.request.Request(url, headers=headers)
-        if token:
-            request.add_unredirected_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                mode = "wb"
-                if have and response.status == 206:
-                    start = _content_range_start(response.headers.get("Content-Range"))
-                    if start != have:
-                        raise DownloadError(f"{url}: asked for bytes from {have}, got Content-Range "
-                                            f"{response.headers.get('Content-Range')!r}")
-                    mode = "ab"
-                    logger.info("%s: resuming at %.1f MiB", label, have / 2**20)
-                elif response.status == 200:
-                    have = 0  # the server sends the whole file
-                else:
-                    raise DownloadError(f"{url}: unexpected HTTP {response.status}")
-                length = response.headers.get("Content-Length")
-                expected = int(length) if length and length.isdigit() else None
-                total = have + expected if expected is not None else size
-                bar = _Progress(label, total, have, progress)
-                received = 0
-                try:
-                    with open(part, mode) as out:
-                        while chunk := response.read(CHUNK):
-                            out.write(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-                finally:
-                    bar.close()
-                if expected is not None and received != expected:
-                    raise http.client.IncompleteRead(b"", expected - received)
-                if size is not None and part.stat().st_size < size:  # a close without Content-Length
-                    raise http.client.IncompleteRead(b"", size - part.stat().st_size)
-                return
-        except urllib.error.HTTPError as e:
-            e.close()  # the error is also the response: close its socket (else a ResourceWarning when collected)
-            if e.code == 416 and have:
-                return  # nothing after `have`: the part is whole (or not this file: the digest check says which)
-            if e.code not in RETRYABLE_HTTP:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-            last = e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, socket.gaierror):  # no such host (or no DNS at all): retrying won't help
-                raise DownloadError(f"{url}: {e.reason}") from e
-            last = e
-        except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-            last = e
-        got = part.stat().st_size if part.exists() else 0
-        logger.warning("%s: attempt %d of %d stopped at %.1f MiB: %s", label, attempt + 1, attempts,
-                       got / 2**20, last)
-    raise DownloadError(f"{url}: failed after {attempts} attempts: {last}")
-
+# ---------------------------------------------------------------------------------------------- the hub
 
 def hub_token() -> str | None:
     """The user's Hugging Face token, as huggingface_hub finds it: HF_TOKEN, else the file `hf auth login`
     writes. None when there is none."""
-    try:
-        from huggingface_hub import get_token
-    except ImportError:
-        return None
+    from huggingface_hub import get_token
+
     return get_token() or None
-
-
-def hub_only(url: str, spec: Mapping, token: str | None) -> str | None:
-    """`token` (a Hugging Face token) for the hub URL of a hub entry (gated, or verified by the hub's LFS digest: its
-    first URL, the one the digest is asked of), None for any other URL: another host never sees it."""
-    hub = spec.get("gated") or spec.get("sha256_from") == "hub-lfs"
-    return token if hub and url == spec["urls"][0] else None
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # the redirect itself is the answer (its headers name the LFS object)
 
 
 def gated_message(where: str, page: str, code: int | None) -> str:
@@ -446,104 +299,168 @@ def gated_message(where: str, page: str, code: int | None) -> str:
             "(Meta approves requests, which can take a while), then run this again")
 
 
-def hub_lfs_digest(url: str, token: str | None, *, timeout: float = 60, where: str = "", page: str = ""
-                   ) -> tuple[str, int]:
-    """(sha256, size) of a hub file from the hub itself: the LFS object id (X-Linked-Etag) and size
-    (X-Linked-Size) that a HEAD of its resolve URL answers with, before the redirect to the storage host.
-    Raises GatedError on 401/403, DownloadError when the hub does not say."""
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "grounded-sam-weights/1"})
-    if token:
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
-    opener = urllib.request.build_opener(_NoRedirect)
+def _http_status(error: BaseException | None) -> int | None:
+    """The HTTP status behind a huggingface_hub or requests error (it may be the cause of the one raised)."""
+    while error is not None:
+        response = getattr(error, "response", None)
+        if response is not None:
+            return response.status_code
+        error = error.__cause__
+    return None
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a hub call raises when the file can't be had: HTTP errors, no network, offline mode, a bad answer."""
+    import requests
+    from huggingface_hub.errors import FileMetadataError, LocalEntryNotFoundError
+
+    return requests.RequestException, LocalEntryNotFoundError, FileMetadataError, OSError, ValueError
+
+
+def _hub_error(error: BaseException, spec: Mapping, where: str) -> DownloadError:
+    code, page = _http_status(error), spec.get("gated")
+    if page and code in (401, 403):
+        return GatedError(gated_message(where, page, code))
+    hub = spec["hub"]
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DownloadError(f"hub {hub['repo']}@{hub['revision'][:12]} {hub['file']}: {first}")
+
+
+def hub_digest(spec: Mapping, token: str | None, where: str) -> tuple[str, int]:
+    """(sha256, size) of a hub file from the hub itself: its LFS object id and size at the pinned revision
+    (`get_hf_file_metadata`). Raises GatedError on 401/403 of a gated file, DownloadError otherwise."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    hub = spec["hub"]
     try:
-        response = opener.open(request, timeout=timeout)
-        headers = response.headers
-        response.close()
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code in (401, 403) and page:
-            raise GatedError(gated_message(where, page, e.code)) from None
-        if e.code not in (301, 302, 303, 307, 308):
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} when asking for its digest") from e
-        headers = e.headers
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DownloadError(f"{url}: could not ask for its digest: {getattr(e, 'reason', e)}") from e
-    digest = (headers.get("X-Linked-Etag") or "").strip().strip('"').removeprefix("W/").strip('"')
-    size = headers.get("X-Linked-Size") or ""
-    if not _SHA256.fullmatch(digest) or not size.isdigit():
-        raise DownloadError(f"{url}: the hub answered no LFS digest (X-Linked-Etag {digest!r}, X-Linked-Size "
-                            f"{size!r})")
-    return digest, int(size)
+        meta = get_hf_file_metadata(hf_hub_url(hub["repo"], hub["file"], revision=hub["revision"]),
+                                    token=token or False)
+    except _hub_errors() as e:
+        raise _hub_error(e, spec, where) from e
+    if not _SHA256.fullmatch(meta.etag or "") or meta.size is None:
+        raise DownloadError(f"hub {hub['repo']} {hub['file']}: the hub answered no LFS digest (etag "
+                            f"{meta.etag!r}), so the file can't be verified")
+    return meta.etag, meta.size
 
 
-def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | None = None, **options) -> Path:
-    """Make `directory/spec["path"]` the file the spec names: keep it when it is there and valid, else download,
-    verify and move it into place. Returns its path. Raises DownloadError / ChecksumError."""
-    path = Path(directory) / spec["path"]
-    where = f"{variable}={path}" if variable else str(path)
-    page, token = spec.get("gated"), hub_token()
-    if spec.get("sha256") is None and spec.get("sha256_from") == "hub-lfs":
-        stamp = _read_stamps(path.parent).get(path.name) if path.is_file() else None
-        if isinstance(stamp, dict) and _stamped(path, str(stamp.get("sha256"))):
+def _from_hub(spec: Mapping, path: Path, token: str | None, attempts: int) -> None:
+    """hf_hub_download into `path`'s directory (its .cache/huggingface keeps an interrupted download, which the next
+    attempt, in this run or another, resumes), then moved to `path` when the repository keeps it in a folder."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub = spec["hub"]
+    for attempt in range(attempts):
+        try:
+            got = hf_hub_download(hub["repo"], hub["file"], revision=hub["revision"], local_dir=path.parent,
+                                  token=token or False)
+            break
+        except _hub_errors() as e:
+            # The hub unreachable (huggingface_hub tried 5 times already, over 23 s) or a 4xx: not again.
+            if attempt == attempts - 1 or isinstance(e, LocalEntryNotFoundError) or 400 <= (_http_status(e) or 0) < 500:
+                raise
+            logger.warning("%s: attempt %d of %d stopped (%s); resuming", path.name, attempt + 1, attempts,
+                           str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if Path(got) != path:
+        os.replace(got, path)
+
+
+def _from_url(url: str, path: Path, digest: str | None, attempts: int, progress: bool) -> None:
+    """pooch: download `url` to a temporary file beside `path`, check its digest, move it into place; a dropped
+    connection or a corrupted download is tried again from the start, `attempts` times in all. Raises
+    ValueError (the digest differs every time) or requests' errors."""
+    import pooch
+
+    fetcher = pooch.create(path=path.parent, base_url="", retry_if_failed=attempts - 1,
+                           registry={path.name: f"sha256:{digest}" if digest else None}, urls={path.name: url})
+    fetcher.fetch(path.name, progressbar=progress)
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+def _present(path: Path, spec: Mapping, where: str, token: str | None) -> Path:
+    """A file already in place: verified (once), or ChecksumError; never replaced."""
+    if spec.get("sha256") is None and spec.get("hub"):
+        if _stamped(path):
             logger.info("%s: present, verified against the hub's digest before", path)  # no hub needed: offline
             return path
-        if page and token is None and path.is_file():
+        if spec.get("gated") and token is None:
             logger.warning("%s: present, NOT VERIFIED (its digest is asked of the hub, which needs HF_TOKEN)", path)
             return path
-        if page and token is None:
-            raise GatedError(gated_message(where, page, None))
-        hub = spec["urls"][0]
-        digest, size = hub_lfs_digest(hub, token, timeout=options.get("timeout", 60), where=where,
-                                      page=page or "")
+        digest, size = hub_digest(spec, token, where)
         spec = {**spec, "sha256": digest, "size": size}
-    elif page and token is None and not path.is_file():
-        raise GatedError(gated_message(where, page, None))
-    if path.is_file():
-        problem = check_file(path, spec)
-        if problem is None:
-            logger.info("%s: present and valid", path)
-            return path
+    problem = check_file(path, spec)
+    if problem is not None:
         raise ChecksumError(
             f"{where}: {problem}: this is not the published {path.name}. It was not downloaded by this run, so "
             f"it is left in place: delete it to download it again, or give your own checkpoint another file name "
             f"(and point the variable at it)")
+    logger.info("%s: present and valid", path)
+    return path
+
+
+def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | None = None, progress: bool = True,
+               attempts: int = 3) -> Path:
+    """Make `directory/spec["path"]` the file the spec names: keep it when it is there and valid, else fetch it
+    (the hub first, then each plain URL), verify it and leave it in place. Returns its path. Raises DownloadError
+    (GatedError, ChecksumError)."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    path = Path(directory) / spec["path"]
+    where = f"{variable}={path}" if variable else str(path)
+    token = hub_token() if spec.get("hub") else None
+    if path.is_file():
+        return _present(path, spec, where, token)
+    if spec.get("gated") and token is None:
+        raise GatedError(gated_message(where, spec["gated"], None))
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    errors = []
-    for url in spec["urls"]:
+    (enable_progress_bars if progress else disable_progress_bars)()
+    errors, source = [], None
+    if spec.get("hub"):
         try:
-            resumed = part.exists() and part.stat().st_size > 0
-            download(url, part, spec.get("size"), token=hub_only(url, spec, token), **options)
-            problem = check_file(part, spec)
-            if problem is not None and resumed:  # the bytes resumed from may belong to another file
-                logger.warning("%s: the resumed download has %s; downloading it again from the start", path, problem)
-                part.unlink()
-                download(url, part, spec.get("size"), token=hub_only(url, spec, token), **options)
-                problem = check_file(part, spec)
-        except DownloadError as e:
-            code = getattr(e.__cause__, "code", None)
-            if page and code in (401, 403):
-                raise GatedError(gated_message(where, page, code)) from None
-            errors.append(str(e))
-            continue  # next URL, keeping the part to resume from
-        if problem is not None:
-            part.unlink(missing_ok=True)
-            raise ChecksumError(f"{where}: the file downloaded from {url} has {problem}; it was deleted. The "
-                                "download was corrupted or the server sent another file: try again, or fetch it "
-                                "yourself and check its digest")
-        os.replace(part, path)
-        if spec.get("sha256") is None:
-            logger.warning("%s: NOT VERIFIED (the manifest has no digest for it); its sha256 is %s",
-                           path, sha256_of(path))
-        else:
-            _write_stamp(path, spec["sha256"])
-        logger.info("%s: downloaded and verified", path)
-        return path
-    hint = f", or set {variable} to a copy you have" if variable else ""
-    error = DownloadError(f"{where}: could not download it ({'; '.join(errors)}). Download it yourself to {path} "
-                          f"(sha256 {spec.get('sha256') or 'unknown'}){hint}")
-    error.cause = "; ".join(errors)
-    raise error
+            if spec.get("sha256") is None:
+                digest, size = hub_digest(spec, token, where)
+                spec = {**spec, "sha256": digest, "size": size}
+            _from_hub(spec, path, token, attempts)
+            source = f"the hub ({spec['hub']['repo']})"
+        except GatedError:
+            raise
+        except (DownloadError, *_hub_errors()) as e:
+            error = e if isinstance(e, DownloadError) else _hub_error(e, spec, where)
+            if isinstance(error, GatedError):
+                raise error from None
+            if spec.get("sha256") is None:  # nothing to verify a plain host's copy against
+                raise error from None
+            errors.append(str(error))
+    for url in spec.get("urls", []) if source is None else []:
+        try:
+            _from_url(url, path, spec.get("sha256"), attempts, progress)
+        except ValueError:  # pooch: the digest differed, every attempt; it deleted each download
+            raise ChecksumError(f"{where}: the file downloaded from {url} is not the published one (its sha256 is "
+                                f"not {spec['sha256']}, in {attempts} attempts); it was deleted. Try again later, or "
+                                "fetch it yourself and check its digest") from None
+        except (*_hub_errors(),) as e:  # requests' errors, a disk error
+            errors.append(f"{url}: {e}")
+            continue
+        source = url
+        break
+    if source is None:
+        hint = f", or set {variable} to a copy you have" if variable else ""
+        error = DownloadError(f"{where}: could not download it ({'; '.join(errors)}). Download it yourself to "
+                              f"{path} (sha256 {spec.get('sha256') or 'unknown'}){hint}")
+        error.cause = "; ".join(errors)
+        raise error
+    problem = check_file(path, spec)
+    if problem is not None:
+        path.unlink()
+        raise ChecksumError(f"{where}: the file downloaded from {source} has {problem}; it was deleted. The download "
+                            "was corrupted or the server sent another file: try again, or fetch it yourself and "
+                            "check its digest")
+    if spec.get("sha256") is None:
+        logger.warning("%s: NOT VERIFIED (the manifest has no digest for it); its sha256 is %s", path,
+                       sha256_of(path))
+    logger.info("%s: downloaded from %s and verified", path, source)
+    return path
 
 
 def fetch_entry(name: str, directory: str | os.PathLike, manifest: Mapping | None = None, *,
@@ -652,12 +569,12 @@ def _missing_report(problems: list, encoder: str | None, encoder_entry: Mapping 
 def _describe(manifest: Mapping) -> str:
     lines = []
     for name, entry in manifest.items():
-        size = sum(f.get("size") or 0 for f in entry["files"])
+        sizes = [f.get("size") for f in entry["files"]]
+        size = "       ? MiB" if None in sizes else f"{sum(sizes) / 2**20:8.0f} MiB"  # the hub says, when asked
         verified = all(f.get("sha256") for f in entry["files"])
-        hub = all(f.get("sha256") or f.get("sha256_from") == "hub-lfs" for f in entry["files"])
+        hub = all(f.get("sha256") or f.get("hub") for f in entry["files"])
         check = "sha256" if verified else "hub LFS" if hub else "NOT VERIFIED"
-        lines.append(f"{name:34} {size / 2**20:8.0f} MiB  {check:12}  "
-                     f"{entry.get('description', '')}")
+        lines.append(f"{name:34} {size}  {check:12}  {entry.get('description', '')}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
-"""weights.py against a loopback HTTP server serving small fake files through a fake manifest: digest match and
-mismatch, a connection dropped mid-body and resumed with HTTP Range (in one run and across runs), files already
-present, fallback URLs, the settings-driven mode and the command line. Nothing here leaves 127.0.0.1."""
+"""weights.py against loopback HTTP servers through fake manifests: a plain host (pooch: digest match and mismatch,
+retries, fallback URLs) and the Hugging Face hub's answers (huggingface_hub: pinned revisions, a download cut off and
+resumed with HTTP Range in one run and the next, gated repositories and tokens, the LFS digest, HF_ENDPOINT, offline),
+files already present, the settings-driven mode and the command line. Nothing here leaves 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import weights
 from config import SEGMENTERS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"progress": False, "backoff": 0, "timeout": 5}
+FAST = {"progress": False, "attempts": 2}
 
 # A socket left open (say, an HTTP error's response never closed) is an error here: Python's ResourceWarning when it
 # collects the socket fails the test during which that happens. collect_garbage makes that the test that leaked it
@@ -56,7 +55,7 @@ class FileServer(LoopbackServer):
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                server.requests.append((self.path, self.headers.get("Range")))
+                server.record(self)
                 if server.errors.get(self.path):
                     self.send_error(server.errors[self.path].pop(0))
                     return
@@ -92,6 +91,9 @@ class FileServer(LoopbackServer):
 
         super().__init__(Handler, poll_interval=0.05)
 
+    def record(self, request: BaseHTTPRequestHandler) -> None:
+        self.requests.append((request.path, request.headers.get("Range")))
+
 
 BIG = bytes(range(256)) * 4000  # 1,024,000 bytes: several read chunks
 SMALL = b"a small fake checkpoint\n" * 10
@@ -119,7 +121,7 @@ def test_downloads_verifies_and_moves_into_place(server, tmp_path):
     manifest = {"big.pth": entry(server, size=len(BIG))}
     [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
     assert path == tmp_path / "big.pth" and path.read_bytes() == BIG
-    assert not (tmp_path / "big.pth.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.pth", weights.STAMP])  # no temporary file left
     stamp = json.loads((tmp_path / weights.STAMP).read_text())
     assert stamp["big.pth"]["sha256"] == sha(BIG) and stamp["big.pth"]["size"] == len(BIG)
     assert server.requests == [("/big.pth", None)]
@@ -130,74 +132,30 @@ def test_digest_mismatch_deletes_the_download_and_says_why(server, tmp_path):
     with pytest.raises(weights.ChecksumError) as error:
         weights.fetch_entry("big.pth", tmp_path, manifest, variable="GROUNDINGDINO_CHECKPOINT", **FAST)
     message = str(error.value)
-    assert f"sha256 {sha(BIG)}, expected {'0' * 64}" in message
-    assert "GROUNDINGDINO_CHECKPOINT=" in message and "deleted" in message and server.url + "/big.pth" in message
-    assert list(tmp_path.iterdir()) == []  # neither the file nor its .part
+    assert f"is not the published one (its sha256 is not {'0' * 64}, in 2 attempts); it was deleted" in message
+    assert "GROUNDINGDINO_CHECKPOINT=" in message and server.url + "/big.pth" in message
+    assert list(tmp_path.iterdir()) == [] and len(server.requests) == 2  # tried again, then nothing kept
 
 
-def test_size_mismatch_is_refused_before_hashing(server, tmp_path, monkeypatch):
+def test_size_mismatch_is_refused_before_hashing_again(server, tmp_path, monkeypatch):
     manifest = {"small.pt": entry(server, "small.pt", "/small.pt", SMALL, size=len(SMALL) + 1)}
     monkeypatch.setattr(weights, "sha256_of", lambda path: pytest.fail("hashed a file of the wrong size"))
     with pytest.raises(weights.ChecksumError, match=f"size {len(SMALL)} bytes, expected {len(SMALL) + 1}"):
         weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
-    assert not (tmp_path / "small.pt").exists() and not (tmp_path / "small.pt.part").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("known_size", [True, False])
-def test_dropped_connection_is_resumed_with_range_in_the_same_run(server, tmp_path, known_size):
+def test_a_dropped_connection_is_tried_again(server, tmp_path):
     server.drops["/big.pth"] = 1
-    manifest = {"big.pth": entry(server, size=len(BIG) if known_size else None)}
-    [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
-    assert path.read_bytes() == BIG
-    half = len(BIG) // 2
-    assert server.requests == [("/big.pth", None), ("/big.pth", f"bytes={half}-")]
-
-
-def test_interrupted_run_leaves_a_part_that_the_next_run_resumes(server, tmp_path):
-    server.drops["/big.pth"] = 1
-    manifest = {"big.pth": entry(server, size=len(BIG))}
-    with pytest.raises(weights.DownloadError, match="failed after 1 attempts"):
-        weights.fetch_entry("big.pth", tmp_path, manifest, attempts=1, **FAST)
-    part = tmp_path / "big.pth.part"
-    assert part.read_bytes() == BIG[: len(BIG) // 2] and not (tmp_path / "big.pth").exists()
-
-    [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
-    assert path.read_bytes() == BIG and not part.exists()
-    assert server.requests[-1] == ("/big.pth", f"bytes={len(BIG) // 2}-")
-
-
-def test_twice_dropped_connection_resumes_twice(server, tmp_path):
-    server.drops["/big.pth"] = 2
     [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
     assert path.read_bytes() == BIG
-    ranges = [r for _, r in server.requests]
-    assert ranges[0] is None and ranges[1] == f"bytes={len(BIG) // 2}-"
-    assert ranges[2] == f"bytes={len(BIG) // 2 + len(BIG) // 4}-"
-
-
-def test_server_without_range_support_sends_it_all_again(server, tmp_path):
-    server.ranges = False
-    (tmp_path / "big.pth.part").write_bytes(BIG[:1000])
-    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
-    assert path.read_bytes() == BIG
-    assert server.requests == [("/big.pth", "bytes=1000-")]  # answered with 200 and the whole file
-
-
-def test_a_stale_part_of_another_file_is_fetched_again_from_the_start(server, tmp_path):
-    (tmp_path / "big.pth.part").write_bytes(b"x" * 1000)  # same length prefix, wrong bytes
-    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
-    assert path.read_bytes() == BIG
-    assert server.requests == [("/big.pth", "bytes=1000-"), ("/big.pth", None)]
-
-
-def test_a_complete_part_is_verified_without_downloading(server, tmp_path):
-    (tmp_path / "big.pth.part").write_bytes(BIG)
-    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server, size=len(BIG))}, **FAST)
-    assert path.read_bytes() == BIG and server.requests == []
-    (tmp_path / "big.pth").unlink()
-    (tmp_path / "big.pth.part").write_bytes(BIG)  # size unknown: the server answers 416 to the Range
-    [path] = weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, **FAST)
-    assert path.read_bytes() == BIG and server.requests == [("/big.pth", f"bytes={len(BIG)}-")]
+    assert server.requests == [("/big.pth", None), ("/big.pth", None)]  # pooch starts again: no Range
+    server.drops["/small.pt"] = 2
+    with pytest.raises(weights.DownloadError, match="could not download it"):
+        weights.fetch_entry("small.pt", tmp_path, {"small.pt": entry(server, "small.pt", "/small.pt", SMALL)},
+                            **FAST)
+    assert not (tmp_path / "small.pt").exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "big.pth", weights.STAMP])
 
 
 def test_present_and_valid_files_are_skipped_and_remembered(server, tmp_path, monkeypatch):
@@ -238,22 +196,23 @@ def test_unverified_entries_download_with_a_warning(server, tmp_path, caplog):
 def test_falls_back_to_the_next_url(server, tmp_path):
     manifest = {"small.pt": entry(server, "small.pt", data=SMALL,
                                   urls=[server.url + "/missing.pt", server.url + "/small.pt"])}
-    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, attempts=1, progress=False)
     assert path.read_bytes() == SMALL
     assert [p for p, _ in server.requests] == ["/missing.pt", "/small.pt"]
 
 
-def test_server_errors_are_retried_and_missing_files_are_not(server, tmp_path):
+def test_server_errors_are_retried_and_every_url_is_named(server, tmp_path):
     server.errors["/small.pt"] = [503, 502]
     manifest = {"small.pt": entry(server, "small.pt", "/small.pt", SMALL)}
-    weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
+    weights.fetch_entry("small.pt", tmp_path, manifest, attempts=3, progress=False)
     assert len(server.requests) == 3
-    server.requests.clear()
-    manifest = {"gone.pt": entry(server, "gone.pt", "/gone.pt", SMALL)}
+    manifest = {"gone.pt": entry(server, "gone.pt", "/gone.pt", SMALL, urls=[server.url + "/gone.pt",
+                                                                             server.url + "/also-gone.pt"])}
     with pytest.raises(weights.DownloadError) as error:
-        weights.fetch_entry("gone.pt", tmp_path, manifest, variable="MOBILESAM_CHECKPOINT", **FAST)
-    assert len(server.requests) == 1
-    assert "HTTP 404" in str(error.value) and "set MOBILESAM_CHECKPOINT" in str(error.value)
+        weights.fetch_entry("gone.pt", tmp_path, manifest, variable="MOBILESAM_CHECKPOINT", attempts=1,
+                            progress=False)
+    assert "404" in str(error.value) and "/gone.pt" in str(error.value) and "/also-gone.pt" in str(error.value)
+    assert "set MOBILESAM_CHECKPOINT" in str(error.value)
 
 
 def open_sockets_to(server) -> list[socket.socket]:
@@ -271,29 +230,12 @@ def open_sockets_to(server) -> list[socket.socket]:
 
 
 def test_error_responses_are_closed(server, tmp_path):
-    server.errors["/small.pt"] = [503, 502]
-    weights.download(server.url + "/small.pt", tmp_path / "small.pt.part", **FAST)  # two errors, then the file
-    with pytest.raises(weights.DownloadError, match="HTTP 404"):
-        weights.download(server.url + "/gone.pt", tmp_path / "gone.pt.part", **FAST)
+    server.errors["/small.pt"] = [503]
+    weights.fetch_entry("small.pt", tmp_path, {"small.pt": entry(server, "small.pt", "/small.pt", SMALL)}, **FAST)
+    with pytest.raises(weights.DownloadError, match="404"):
+        weights.fetch_entry("gone.pt", tmp_path, {"gone.pt": entry(server, "gone.pt", "/gone.pt", SMALL)}, **FAST)
     assert len(server.requests) == 4
     assert open_sockets_to(server) == []
-
-
-def test_an_unknown_host_is_not_retried(server, tmp_path, monkeypatch):
-    calls = []
-
-    def unresolvable(request, timeout):
-        calls.append(request.full_url)
-        if "unknown-host" in request.full_url:
-            raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
-        return real_urlopen(request, timeout=timeout)
-
-    real_urlopen = urllib.request.urlopen
-    monkeypatch.setattr(urllib.request, "urlopen", unresolvable)
-    manifest = {"small.pt": entry(server, "small.pt", data=SMALL,
-                                  urls=["http://unknown-host.example/small.pt", server.url + "/small.pt"])}
-    [path] = weights.fetch_entry("small.pt", tmp_path, manifest, **FAST)
-    assert path.read_bytes() == SMALL and calls == manifest["small.pt"]["files"][0]["urls"]
 
 
 def test_a_directory_entry_fetches_each_file(server, tmp_path):
@@ -309,14 +251,15 @@ def test_a_directory_entry_fetches_each_file(server, tmp_path):
 
 
 def test_progress_goes_to_stderr(server, tmp_path, capfd):
-    weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, backoff=0, progress=True)
+    weights.fetch_entry("big.pth", tmp_path, {"big.pth": entry(server)}, progress=True)
     out, err = capfd.readouterr()
-    assert out == "" and "big.pth" in err
+    assert out == "" and "100%" in err  # pooch's progress bar
 
 
 def test_unknown_names_and_bad_manifests_are_refused(tmp_path):
     with pytest.raises(weights.DownloadError, match="unknown name 'nope'"):
         weights.fetch_entry("nope", tmp_path, {"a": {"files": [{"path": "a", "urls": ["http://x/a"]}]}})
+    hub = {"repo": "org/repo", "revision": "0" * 40, "file": "a"}
     bad = [
         {},
         {"a": {"files": []}},
@@ -325,10 +268,14 @@ def test_unknown_names_and_bad_manifests_are_refused(tmp_path):
         {"a": {"files": [{"path": "a", "urls": []}]}},
         {"a": {"files": [{"path": "a", "urls": ["http://x/a"], "sha256": "ABC"}]}},
         {"a": {"files": [{"path": "a", "urls": ["http://x/a"], "size": -1}]}},
+        {"a": {"files": [{"path": "a", "hub": {**hub, "revision": ""}}]}},
+        {"a": {"files": [{"path": "a", "urls": ["http://x/a"], "gated": "https://huggingface.co/org/repo"}]}},
+        {"a": {"files": [{"path": "a", "hub": hub, "gated": "http://huggingface.co/org/repo"}]}},
     ]
     for manifest in bad:
         with pytest.raises(weights.DownloadError, match="manifest"):
             weights.validate_manifest(manifest)
+    assert weights.validate_manifest({"a": {"files": [{"path": "a", "hub": hub}]}})
 
 
 # ---------------------------------------------------------------------------------------------- settings mode
@@ -410,7 +357,7 @@ def test_command_line_named_entries_and_errors(server, tmp_path):
     manifest.write_text(json.dumps(data))
     (target / "mobile_sam.pt").unlink()
     bad = run_cli("--manifest", str(manifest), "--dir", str(target), "--quiet", "mobile_sam.pt")
-    assert bad.returncode == 1 and "error:" in bad.stderr and "expected " + "f" * 64 in bad.stderr
+    assert bad.returncode == 1 and "error:" in bad.stderr and "its sha256 is not " + "f" * 64 in bad.stderr
     assert not (target / "mobile_sam.pt").exists()
 
 
@@ -431,19 +378,21 @@ def test_the_real_manifest_is_pinned_and_verified():
     manifest = weights.load_manifest()
     for name, item in manifest.items():
         for spec in item["files"]:
-            if spec.get("sha256_from") == "hub-lfs" and name in weights.UNPINNED:  # the hub's digest of "main"
-                assert spec["urls"][0].startswith("https://huggingface.co/facebook/sam2.1-hiera-")
-                assert all(url.startswith("https://") for url in spec["urls"]) and spec["sha256"] is None
-                continue
-            if spec.get("sha256_from") == "hub-lfs":  # a gated file: the hub's digest at a pinned revision
-                assert spec["gated"].startswith("https://huggingface.co/") and spec["sha256"] is None
-                assert all(re.search(r"/resolve/[0-9a-f]{40}/", url) for url in spec["urls"]), spec["urls"]
-                continue
-            assert spec["sha256"], f"{name}: {spec['path']} has no digest"
-            assert spec["size"], f"{name}: {spec['path']} has no size"
-            for url in spec["urls"]:
+            hub = spec.get("hub")
+            if hub:
+                assert Path(hub["file"]).name == Path(spec["path"]).name
+                if name in weights.UNPINNED:  # the hub's digest of "main"
+                    assert hub["repo"].startswith("facebook/sam2.1-hiera-") and hub["revision"] == "main"
+                else:
+                    assert re.fullmatch("[0-9a-f]{40}", hub["revision"]), f"{name}: {hub} is not pinned"
+            if spec["sha256"] is None:  # only a hub file, verified by the hub's LFS digest
+                assert hub and spec["size"] is None, name
+            else:
+                assert spec["size"], f"{name}: {spec['path']} has no size"
+            for url in spec.get("urls", []):
                 assert url.startswith("https://"), url
                 assert not re.search(r"/(main|master|latest)/", url), f"{url} is not pinned"
+    assert manifest["sam3.pt"]["files"][0]["gated"] == weights.SAM3_LICENSE_PAGE
     assert set(weights.UNPINNED) == set(SEGMENTERS["sam2"].files.values())  # nothing else goes unpinned
     for file_name in (*SEGMENTERS["sam"].files.values(), *SEGMENTERS["sam2"].files.values(),
                       "groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam3.pt", "bpe_simple_vocab_16e6.txt.gz"):
@@ -454,7 +403,7 @@ def test_the_real_manifest_is_pinned_and_verified():
     bert = [spec["path"] for spec in manifest["bert-base-uncased"]["files"]]
     assert {"bert-base-uncased/config.json", "bert-base-uncased/vocab.txt"} <= set(bert)
     assert any(p.endswith(("model.safetensors", "pytorch_model.bin")) for p in bert)
-    assert all(weights.BERT_REVISION in spec["urls"][0] for spec in manifest["bert-base-uncased"]["files"])
+    assert all(spec["hub"]["revision"] == weights.BERT_REVISION for spec in manifest["bert-base-uncased"]["files"])
 
 
 def test_ensure_reports_every_missing_file_at_once(server, tmp_path):
@@ -490,60 +439,160 @@ def test_the_sam3_tokenizer_entry_is_the_file_open_clip_ships():
     assert packaged.stat().st_size == spec["size"] and sha(packaged.read_bytes()) == spec["sha256"]
 
 
-# ---------------------------------------------------------------------------------------------- a gated hub file
+# ---------------------------------------------------------------------------------------------- the hub
 
-SAM3_BYTES = b"pretend sam3 weights\n" * 500
+SAM3_BYTES = b"pretend sam3 weights\n" * 50_000  # 1,050,000 bytes: several of the hub client's read chunks
+COMMIT = "c" * 40
 
 
 class HubServer(LoopbackServer):
-    """The hub's answers for a gated LFS file: /org/repo/resolve/REV/sam3.pt needs "Bearer good" (no token: 401,
-    "Bearer pending": 403) and redirects to /storage/sam3.pt with X-Linked-Etag / X-Linked-Size (the LFS object's
-    sha256 and size, `lfs_digest` to lie); the storage host serves the bytes. Records (method, path, Authorization)."""
+    """The Hugging Face hub's answers, as huggingface_hub reads them: HEAD /REPO/resolve/REV/FILE answers 302 with
+    X-Repo-Commit, X-Linked-Etag / X-Linked-Size (the LFS object's sha256 and size: `lfs_digest` to lie) and a
+    Location on a second loopback server (`storage`, another host as the hub's CDN is: it serves the bytes, with
+    Range, and `drops` answers cut halfway). A gated repository (`gated`) needs "Bearer good": no token 401,
+    "Bearer pending" 403 GatedRepo. Records (method, path, Authorization, Range)
+    of both."""
 
-    def __init__(self, lfs_digest: str | None = None, public: bool = False):
-        self.requests, self.lfs_digest = [], lfs_digest or sha(SAM3_BYTES)
+    def __init__(self, files: dict[tuple[str, str], bytes], gated: tuple[str, ...] = (),
+                 lfs_digest: str | None = None):
+        self.files, self.gated, self.lfs_digest, self.requests = files, gated, lfs_digest, []
+        self.storage = FileServer({f"/blobs/{sha(data)}": data for data in files.values()})
+        self.storage.record = lambda request: self.requests.append(
+            ("GET", request.path, request.headers.get("Authorization"), request.headers.get("Range")))
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def answer(self, with_body: bool):
+            def do_HEAD(self):
                 auth = self.headers.get("Authorization")
-                server.requests.append((self.command, self.path, auth))
-                if self.path == "/storage/sam3.pt":
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(SAM3_BYTES)))
+                server.requests.append(("HEAD", self.path, auth, None))
+                match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", self.path)
+                repo, revision, name = match.groups() if match else ("", "", "")
+                if repo in server.gated and auth != "Bearer good":
+                    self.send_response(403 if auth == "Bearer pending" else 401)
+                    self.send_header("X-Error-Code", "GatedRepo" if auth == "Bearer pending" else "RepoNotFound")
                     self.end_headers()
-                    if with_body:
-                        self.wfile.write(SAM3_BYTES)
                     return
-                if self.path.startswith("/meta/"):  # a plain host (Meta's), no redirect
-                    self.send_error(404)
-                    return
-                if auth != "Bearer good" and not public:
-                    self.send_error(403 if auth == "Bearer pending" else 401)
+                data = server.files.get((repo, name))
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.end_headers()
                     return
                 self.send_response(302)
-                self.send_header("Location", f"{server.url}/storage/sam3.pt")
-                self.send_header("X-Linked-Etag", f'"{server.lfs_digest}"')
-                self.send_header("X-Linked-Size", str(len(SAM3_BYTES)))
+                self.send_header("Location", f"{server.storage.url}/blobs/{sha(data)}")
+                self.send_header("X-Repo-Commit", revision if re.fullmatch("[0-9a-f]{40}", revision) else COMMIT)
+                self.send_header("X-Linked-Etag", f'"{server.lfs_digest or sha(data)}"')
+                self.send_header("X-Linked-Size", str(len(data)))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-
-            def do_GET(self):
-                self.answer(True)
-
-            def do_HEAD(self):
-                self.answer(False)
 
             def log_message(self, *args):
                 pass
 
         super().__init__(Handler, poll_interval=0.05)
 
+    def start(self):
+        self.storage.start()
+        return super().start()
 
-def gated_manifest(server) -> dict:
-    return {"sam3.pt": {"files": [{"path": "sam3.pt", "urls": [f"{server.url}/org/repo/resolve/{'0' * 40}/sam3.pt"],
-                                   "size": None, "sha256": None, "sha256_from": "hub-lfs",
-                                   "gated": "https://huggingface.co/org/repo"}]}}
+    def close(self) -> None:
+        super().close()
+        self.storage.close()
+
+
+def hub_offline(monkeypatch, offline: bool) -> None:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import; its HTTP sessions, made with it, are made again."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    reset_sessions()
+
+
+@pytest.fixture
+def hub_at(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a HubServer (as HF_ENDPOINT does at its import), online, with an empty cache and
+    no token but the one a test gives `weights.hub_token`. Offline again afterwards, as the rest of the tests are."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hub_offline(monkeypatch, False)
+    monkeypatch.setattr(weights, "hub_token", lambda: None)
+
+    def point(server: HubServer) -> HubServer:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        return server
+    yield point
+    monkeypatch.undo()
+    reset_sessions()
+
+
+def hub_spec(path: str, repo: str = "org/repo", revision: str = "0" * 40, data: bytes | None = SAM3_BYTES,
+             **more) -> dict:
+    """A hub file spec: verified by `data`'s digest (None: by the hub's LFS digest)."""
+    return {"path": path, "hub": {"repo": repo, "revision": revision, "file": Path(path).name},
+            "size": None if data is None else len(data), "sha256": None if data is None else sha(data), **more}
+
+
+def test_a_hub_file_comes_through_hf_hub_download_at_its_revision(hub_at, tmp_path):
+    with hub_at(HubServer({("org/repo", "big.pth"): BIG})) as hub:
+        [path] = weights.fetch_entry("big", tmp_path, {"big": {"files": [hub_spec("big.pth", data=BIG)]}}, **FAST)
+    assert path == tmp_path / "big.pth" and path.read_bytes() == BIG
+    assert json.loads((tmp_path / weights.STAMP).read_text())["big.pth"]["sha256"] == sha(BIG)
+    assert [(m, p) for m, p, _, _ in hub.requests] == [("HEAD", f"/org/repo/resolve/{'0' * 40}/big.pth"),
+                                                    ("GET", f"/blobs/{sha(BIG)}")]
+
+
+def test_a_hub_download_cut_off_resumes_where_it_stopped_in_this_run_and_the_next(hub_at, tmp_path):
+    """huggingface_hub writes what it received in 10 MiB blocks to an .incomplete file and resumes from there."""
+    data = bytes(range(256)) * (21 * 4096)  # 21 MiB, cut off halfway: one whole block kept
+    manifest = {"big.pth": {"files": [hub_spec("big.pth", data=data)]}}
+    resumed = f"bytes={10 * 2**20}-"
+    with hub_at(HubServer({("org/repo", "big.pth"): data})) as hub:
+        hub.storage.drops[f"/blobs/{sha(data)}"] = 1
+        [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)
+        assert path.read_bytes() == data
+        assert [r for m, *_, r in hub.requests if m == "GET"] == [None, resumed]
+
+        path.unlink()
+        (tmp_path / weights.STAMP).unlink()
+        hub.requests.clear()
+        hub.storage.drops[f"/blobs/{sha(data)}"] = 1
+        with pytest.raises(weights.DownloadError, match="could not download it"):
+            weights.fetch_entry("big.pth", tmp_path, manifest, attempts=1, progress=False)
+        assert not path.exists()
+        [path] = weights.fetch_entry("big.pth", tmp_path, manifest, **FAST)  # the next run
+    assert path.read_bytes() == data
+    assert [r for m, *_, r in hub.requests if m == "GET"] == [None, resumed]
+
+
+def test_a_hub_without_the_file_falls_back_to_the_plain_url_with_the_same_digest(hub_at, server, tmp_path):
+    """A mirror (HF_ENDPOINT) that lacks the file answers 404: the plain host's copy, checked against the same digest.
+    (A hub that can't be reached at all is the same, after huggingface_hub's own 5 tries over 23 s.)"""
+    spec = hub_spec("big.pth", data=BIG, urls=[server.url + "/big.pth"])
+    with hub_at(HubServer({})) as hub:
+        [path] = weights.fetch_entry("big", tmp_path, {"big": {"files": [spec]}}, **FAST)
+    assert path.read_bytes() == BIG and server.requests == [("/big.pth", None)]
+    assert [(m, p) for m, p, *_ in hub.requests] == [("HEAD", f"/org/repo/resolve/{'0' * 40}/big.pth")]
+
+
+def test_offline_a_verified_file_is_used_and_a_missing_one_is_named(hub_at, tmp_path, monkeypatch):
+    manifest = {"sam3.pt": {"files": [hub_spec("sam3.pt", data=None)]}}  # verified by the hub's digest
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES})):
+        [path] = weights.fetch_entry("sam3.pt", tmp_path, manifest, **FAST)
+    hub_offline(monkeypatch, True)  # HF_HUB_OFFLINE=1, the server gone
+    assert weights.fetch_entry("sam3.pt", tmp_path, manifest, **FAST) == [path]
+    with pytest.raises(weights.DownloadError, match="offline mode is enabled"):
+        weights.fetch_entry("sam3.pt", tmp_path / "elsewhere", manifest, **FAST)
+
+
+def gated_manifest(**more) -> dict:
+    return {"sam3.pt": {"files": [hub_spec("sam3.pt", data=None, gated="https://huggingface.co/org/repo", **more)]}}
 
 
 @pytest.mark.parametrize("token, message", [
@@ -553,15 +602,16 @@ def gated_manifest(server) -> dict:
     ("pending", "HTTP 403: the token's account has no access to https://huggingface.co/org/repo (yet): accept the "
                 "license there"),
 ])
-def test_a_gated_file_without_access_says_in_one_line_what_to_do(tmp_path, monkeypatch, token, message):
+def test_a_gated_file_without_access_says_in_one_line_what_to_do(hub_at, tmp_path, monkeypatch, token, message):
     monkeypatch.setattr(weights, "hub_token", lambda: token)
-    with HubServer() as server, pytest.raises(weights.GatedError) as error:
-        weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), variable="SAM3_CHECKPOINT", **FAST)
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}, gated=("org/repo",))):
+        with pytest.raises(weights.GatedError) as error:
+            weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(), variable="SAM3_CHECKPOINT", **FAST)
+        assert weights.main(["--dir", str(tmp_path), "sam3.pt", "--quiet", "--manifest", str(
+            _write(tmp_path / "m.json", gated_manifest()))]) == 1  # the command line: `error: ...`, no traceback
     text = str(error.value)
     assert text.startswith(f"SAM3_CHECKPOINT={tmp_path / 'sam3.pt'}: ") and message in text and "\n" not in text
     assert not (tmp_path / "sam3.pt").exists()
-    assert weights.main(["--dir", str(tmp_path), "sam3.pt", "--quiet", "--manifest", str(
-        _write(tmp_path / "m.json", gated_manifest(server)))]) == 1  # the command line: `error: ...`, no traceback
 
 
 def _write(path: Path, manifest: dict) -> Path:
@@ -569,71 +619,64 @@ def _write(path: Path, manifest: dict) -> Path:
     return path
 
 
-def test_a_gated_file_is_verified_against_the_hubs_lfs_digest(tmp_path, monkeypatch):
+def test_a_gated_file_is_verified_against_the_hubs_lfs_digest_and_the_token_stays_on_the_hub(hub_at, tmp_path,
+                                                                                               monkeypatch):
     monkeypatch.setattr(weights, "hub_token", lambda: "good")
-    with HubServer() as server:
-        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}, gated=("org/repo",))) as hub:
+        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(), **FAST)
     assert path.read_bytes() == SAM3_BYTES
     assert json.loads((tmp_path / weights.STAMP).read_text())["sam3.pt"]["sha256"] == sha(SAM3_BYTES)
     # The token goes to the hub only, never to the storage host it redirects to.
-    assert [(m, p.split("/")[-2] if "resolve" in p else p, a) for m, p, a in server.requests] == [
-        ("HEAD", "0" * 40, "Bearer good"), ("GET", "0" * 40, "Bearer good"), ("GET", "/storage/sam3.pt", None)]
+    assert [(m, a) for m, _, a, _ in hub.requests] == [("HEAD", "Bearer good"), ("HEAD", "Bearer good"),
+                                                    ("GET", None)]
 
 
-def test_a_gated_file_that_differs_from_the_hubs_digest_is_deleted(tmp_path, monkeypatch):
+def test_a_gated_file_that_differs_from_the_hubs_digest_is_deleted(hub_at, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "hub_token", lambda: "good")
-    with HubServer(lfs_digest="1" * 64) as server, pytest.raises(weights.ChecksumError, match="sha256 .*expected 1111"):
-        weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
-    assert not (tmp_path / "sam3.pt").exists() and not (tmp_path / "sam3.pt.part").exists()
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}, gated=("org/repo",), lfs_digest="1" * 64)):
+        with pytest.raises(weights.ChecksumError, match="sha256 .*expected 1111.*it was deleted"):
+            weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(), **FAST)
+    assert not (tmp_path / "sam3.pt").exists()
 
 
-def test_a_present_gated_file_is_used_unverified_without_a_token(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(weights, "hub_token", lambda: None)
+def test_a_present_gated_file_is_used_unverified_without_a_token(hub_at, tmp_path, caplog):
     (tmp_path / "sam3.pt").write_bytes(SAM3_BYTES)
-    with HubServer() as server:
-        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(server), **FAST)
-        assert server.requests == []
-    assert path == tmp_path / "sam3.pt" and "NOT VERIFIED" in caplog.text
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}, gated=("org/repo",))) as hub:
+        [path] = weights.fetch_entry("sam3.pt", tmp_path, gated_manifest(), **FAST)
+    assert hub.requests == [] and path == tmp_path / "sam3.pt" and "NOT VERIFIED" in caplog.text
 
 
-def sam2_manifest(server) -> dict:
-    """A public hub file verified by the hub's LFS digest (SAM 2.1's entries), Meta's host as the second URL."""
-    name = "sam2.1_hiera_tiny.pt"
-    return {name: {"files": [{"path": name, "urls": [f"{server.url}/facebook/sam2.1-hiera-tiny/resolve/main/{name}",
-                                                     f"{server.url}/meta/{name}"],
-                              "size": None, "sha256": None, "sha256_from": "hub-lfs"}]}}
-
-
-@pytest.mark.parametrize("token", [None, "good"])
-def test_a_public_hub_file_is_verified_by_the_hub_then_offline_from_its_stamp(tmp_path, monkeypatch, caplog, token):
-    monkeypatch.setattr(weights, "hub_token", lambda: token)
+def test_a_public_hub_file_is_verified_by_the_hub_then_offline_from_its_stamp(hub_at, tmp_path, caplog):
     caplog.set_level("INFO", logger="weights")
-    with HubServer(public=True) as server:
-        [path] = weights.fetch_entry("sam2.1_hiera_tiny.pt", tmp_path, sam2_manifest(server), **FAST)
-        assert [(m, a) for m, _, a in server.requests] == [("HEAD", token and "Bearer good"),
-                                                           ("GET", token and "Bearer good"), ("GET", None)]
-        manifest = sam2_manifest(server)
-    assert path.read_bytes() == SAM3_BYTES and "downloaded and verified" in caplog.text
+    name = "sam2.1_hiera_tiny.pt"
+    manifest = {name: {"files": [hub_spec(name, "facebook/sam2.1-hiera-tiny", "main", data=None)]}}
+    with hub_at(HubServer({("facebook/sam2.1-hiera-tiny", name): SAM3_BYTES})) as hub:
+        [path] = weights.fetch_entry(name, tmp_path, manifest, **FAST)
+        assert [m for m, *_ in hub.requests] == ["HEAD", "HEAD", "GET"]
+    assert path.read_bytes() == SAM3_BYTES and "downloaded from the hub" in caplog.text
     # The server is gone (offline): the file verified once is used as it is.
-    assert weights.fetch_entry("sam2.1_hiera_tiny.pt", tmp_path, manifest, **FAST) == [path]
+    assert weights.fetch_entry(name, tmp_path, manifest, **FAST) == [path]
     assert "verified against the hub's digest before" in caplog.text
 
 
-def test_the_token_never_goes_to_a_hub_entrys_other_hosts(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "hub_token", lambda: "good")
-    with HubServer(public=True) as server:
-        spec = sam2_manifest(server)["sam2.1_hiera_tiny.pt"]["files"][0]
-        assert weights.hub_only(spec["urls"][0], spec, "good") == "good"
-        assert weights.hub_only(spec["urls"][1], spec, "good") is None
-        plain = {"path": "x", "urls": [spec["urls"][0]], "size": 1, "sha256": "0" * 64}
-        assert weights.hub_only(plain["urls"][0], plain, "good") is None  # not a hub entry
+def test_hf_endpoint_points_the_command_line_at_a_mirror(server, tmp_path):
+    """HF_ENDPOINT, read by huggingface_hub itself: `weights.py --dir` fetches a hub file from the mirror."""
+    manifest = _write(tmp_path / "m.json", {"sam3.pt": {"files": [hub_spec("sam3.pt", data=None)]}})
+    with HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}) as hub:
+        done = subprocess.run([sys.executable, str(ROOT / "weights.py"), "--manifest", str(manifest), "--dir",
+                               str(tmp_path / "models"), "--quiet", "sam3.pt"], capture_output=True, text=True,
+                              timeout=60, env={"PATH": "/usr/bin:/bin", "HF_ENDPOINT": hub.url,
+                                               "HF_HOME": str(tmp_path / "hf-home")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "models" / "sam3.pt").read_bytes() == SAM3_BYTES
+    assert [m for m, *_ in hub.requests] == ["HEAD", "HEAD", "GET"]
 
 
-def test_ensure_with_the_sam3_engine_fetches_its_checkpoint_and_checks_the_tokenizer(tmp_path, monkeypatch):
+def test_ensure_with_the_sam3_engine_fetches_its_checkpoint_and_checks_the_tokenizer(hub_at, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "hub_token", lambda: "good")
-    manifest = {**weights.load_manifest(), **{}}
-    with HubServer() as server:
-        manifest["sam3.pt"] = gated_manifest(server)["sam3.pt"]
+    manifest = weights.load_manifest()
+    manifest["sam3.pt"] = gated_manifest()["sam3.pt"]
+    with hub_at(HubServer({("org/repo", "sam3.pt"): SAM3_BYTES}, gated=("org/repo",))):
         done = weights.ensure(Settings.from_env({"ENGINE": "sam3", "MODEL_DIR": str(tmp_path),
                                                  "USE_MOBILE_SAM": "false"}), manifest, **FAST)
     assert done == [tmp_path / "sam3.pt", Path(Settings.from_env({}).sam3_tokenizer)]
