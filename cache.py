@@ -2,8 +2,10 @@
 
 Shared by the text and click paths of a worker. Keys name the image (a digest of its pixels) and
 the model, so entries of different images or models never mix. Least-recently-used entries go
-first when the count or the byte total is over its bound. Concurrent requests for one key compute
-it once: the others wait for that result.
+first when the count or the byte total is over its bound, except those a person is working on: an entry
+read with `keep=True` (a click's embedding) goes after every other one while the kept entries hold at most
+half of either bound, so a stream of images seen once (fresh prompts, a bulk job) can't push the images being
+clicked out. Concurrent requests for one key compute it once: the others wait for that result.
 """
 
 from __future__ import annotations
@@ -45,23 +47,29 @@ def nbytes(value: Any) -> int:
     return 0
 
 
+KEPT_SHARE = 0.5  # of each bound, at most, for the entries read with keep=True before they go in LRU order too
+
+
 class EmbeddingCache:
-    """LRU cache bounded by `max_entries` and `max_bytes`; `get` computes missing values once."""
+    """LRU cache bounded by `max_entries` and `max_bytes`, kept entries last (see above); `get` computes missing
+    values once."""
 
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[Hashable, tuple[Any, int, float]] = OrderedDict()  # value, bytes, created
         self._pending: dict[Hashable, Future] = {}
+        self._kept: dict[Hashable, int] = {}  # key -> bytes, of the entries read with keep=True
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.computed: dict[str, int] = {}  # values computed (a miss) or put, by the first item of a tuple key
         self._here = threading.local()  # the same, by the calling thread alone (computed_here)
 
-    def get(self, key: Hashable, compute: Callable[[], Any], max_age: float | None = None) -> Any:
+    def get(self, key: Hashable, compute: Callable[[], Any], max_age: float | None = None, keep: bool = False) -> Any:
         """The value cached under `key`, or `compute()`'s result, cached if it fits.
 
-        max_age: seconds after which a cached value is computed afresh (None: never)."""
+        max_age: seconds after which a cached value is computed afresh (None: never). keep: someone is working on
+        this image (a click): the entry goes after the others when room is needed."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and max_age is not None and time.monotonic() - entry[2] > max_age:
@@ -69,6 +77,8 @@ class EmbeddingCache:
                 entry = None
             if entry is not None:
                 self._entries.move_to_end(key)
+                if keep:
+                    self._kept[key] = entry[1]
                 self.hits += 1
                 return entry[0]
             pending = self._pending.get(key)
@@ -91,7 +101,7 @@ class EmbeddingCache:
             raise
         with self._lock:
             del self._pending[key]
-            self._insert(key, value)
+            self._insert(key, value, keep)
         pending.set_result(value)
         return value
 
@@ -117,18 +127,28 @@ class EmbeddingCache:
         threads (a bulk job) compute meanwhile."""
         return dict(self._here.__dict__.get("counts", {}))
 
-    def _insert(self, key: Hashable, value: Any) -> None:
+    def _insert(self, key: Hashable, value: Any, keep: bool = False) -> None:
         size = nbytes(value)
         if self.max_entries < 1 or size > self.max_bytes:
             return  # too big to keep: returned, not cached
         self._entries[key] = (value, size, time.monotonic())
         self.bytes += size
+        if keep:
+            self._kept[key] = size
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            self._remove(next(iter(self._entries)))
+            self._remove(self._victim(key))
             self.evictions += 1
+
+    def _victim(self, newest: Hashable) -> Hashable:
+        """The entry to evict: the least recently used of those not kept (but the one just inserted); of the kept
+        ones when they hold more than their share of either bound, or are all there is."""
+        over = len(self._kept) > KEPT_SHARE * self.max_entries or sum(self._kept.values()) > KEPT_SHARE * self.max_bytes
+        victim = next((k for k in self._entries if (k in self._kept) == over and k != newest), None)
+        return next(iter(self._entries)) if victim is None else victim
 
     def _remove(self, key: Hashable) -> None:
         _, size, _ = self._entries.pop(key)
+        self._kept.pop(key, None)
         self.bytes -= size
 
     def __len__(self) -> int:
@@ -139,6 +159,7 @@ class EmbeddingCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._entries), "mb": round(self.bytes / 2**20, 1), "bytes": self.bytes,
+            return {"entries": len(self._entries), "kept": len(self._kept), "mb": round(self.bytes / 2**20, 1),
+                    "bytes": self.bytes,
                     "max_bytes": self.max_bytes, "hits": self.hits,
                     "misses": self.misses, "evictions": self.evictions, "computed": dict(self.computed)}

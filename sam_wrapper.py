@@ -108,11 +108,12 @@ class PromptSegmenter:
             for (_, image_id), embedding in zip(todo, self._embed([image for image, _ in todo]), strict=True):
                 self.cache.put(self._key(image_id), embedding)
 
-    def embedding_for(self, image: np.ndarray, image_id: str | None = None):
-        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given."""
+    def embedding_for(self, image: np.ndarray, image_id: str | None = None, keep: bool = False):
+        """The image's embedding, from the cache when `image_id` (cache.image_digest) is given. keep: a person is
+        clicking on this image: its embedding stays cached after those of images seen once."""
         if self.cache is None or image_id is None:
             return self.embed(image)
-        return self.cache.get(self._key(image_id), lambda: self.embed(image))
+        return self.cache.get(self._key(image_id), lambda: self.embed(image), keep=keep)
 
     def _key(self, image_id: str) -> tuple:
         """The cache key of an image's embedding."""
@@ -144,7 +145,7 @@ class PromptSegmenter:
         """
         if len(points) == 0 and box is None:
             raise ValueError("a SAM prompt needs at least one point or a box")
-        embedding = self.embedding_for(image, image_id)
+        embedding = self.embedding_for(image, image_id, keep=True)
         low_res, iou = self.decode(
             embedding,
             boxes=None if box is None else np.asarray(box)[None],

@@ -28,8 +28,8 @@ def test_hit_returns_the_cached_object():
     first = cache.get("a", compute)
     assert cache.get("a", compute) is first
     assert compute.calls == 1
-    assert cache.stats() == {"entries": 1, "mb": 0.0, "bytes": 100, "max_bytes": 10_000, "hits": 1, "misses": 1,
-                             "evictions": 0, "computed": {"other": 1}}
+    assert cache.stats() == {"entries": 1, "kept": 0, "mb": 0.0, "bytes": 100, "max_bytes": 10_000, "hits": 1,
+                             "misses": 1, "evictions": 0, "computed": {"other": 1}}
 
 
 def test_computed_counts_misses_and_puts_by_kind():
@@ -62,6 +62,33 @@ def test_eviction_by_bytes():
     assert len(cache) == 2 and "a" not in cache and cache.bytes == 200
     cache.get("big", Counting(240))
     assert list(cache._entries) == ["big"] and cache.bytes == 240
+
+
+def test_entries_read_with_keep_outlast_a_stream_of_images_seen_once():
+    """A labeler clicking on two images while fresh prompts and a bulk job stream through: the clicked embeddings
+    stay (plain LRU would have evicted them after 8 new entries), up to half of the bound."""
+    cache = EmbeddingCache(8, 10_000)
+    cache.get("clicked-1", Counting(), keep=True)  # the first click computes it: kept from then on
+    cache.get("clicked-2", Counting())
+    cache.get("clicked-2", Counting(), keep=True)  # a later click on a cached entry keeps it too
+    for n in range(40):
+        cache.get(f"fresh-{n}", Counting())
+    assert "clicked-1" in cache and "clicked-2" in cache and "fresh-39" in cache and len(cache) == 8
+    assert cache.stats()["kept"] == 2 and cache.evictions == 34
+    for n in range(6):  # more kept entries than half the bound: the oldest of them go in LRU order
+        cache.get(f"clicked-more-{n}", Counting(), keep=True)
+    assert cache.stats()["kept"] <= 5 and "clicked-1" not in cache and "clicked-more-5" in cache
+
+
+def test_kept_entries_count_against_the_byte_bound_too():
+    cache = EmbeddingCache(100, 1000)
+    cache.get("clicked", Counting(400), keep=True)
+    for n in range(5):
+        cache.get(f"fresh-{n}", Counting(300))
+    assert "clicked" in cache and cache.bytes <= 1000
+    cache.get("clicked-big", Counting(300), keep=True)  # 700 kept bytes: over half of 1000
+    cache.get("fresh-last", Counting(300))
+    assert "clicked" not in cache and cache.bytes <= 1000 and "fresh-last" in cache
 
 
 def test_value_larger_than_the_bound_is_returned_not_cached():

@@ -94,6 +94,10 @@ def test_cached_embedding_gives_the_uncached_masks(tiny):
     assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 1
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(again, expected)
+    assert cache.stats()["kept"] == 0  # boxes (a prompt, a job) don't keep the embedding; a click does:
+    mask, _ = cached.segment_prompt(image, np.array([[50.0, 40.0]]), np.array([1]), image_id=image_id)
+    assert cache.stats()["kept"] == 1 and cache.stats()["misses"] == 1
+    np.testing.assert_array_equal(mask, plain.segment_prompt(image, np.array([[50.0, 40.0]]), np.array([1]))[0])
 
 
 def test_no_box_skips_the_image_encoder(tiny):
