@@ -58,7 +58,7 @@ from logs import silence_third_party_warnings  # noqa: E402
 
 LOCUST_VENV = ROOT / ".venv-locust"
 LOCUST_REQUIREMENTS = ROOT / "benchmarks" / "locust-requirements.txt"
-KINDS = ("click", "prompt", "batch", "bad input", "health")
+KINDS = ("click", "first click", "prompt", "batch", "bad input", "health")
 CLICK_IMAGES = 3
 JOB_TASKS = 100_000  # more than any run gets through: the job runs for the whole run
 IMAGE_URL = "/data/upload/1/img-{}.png"
@@ -294,7 +294,7 @@ def main() -> None:
         results["idle_click_s"] = idle
         print("idle click, s: " + ", ".join(f"{code} {s:.3f}" for code, s in idle.items()), flush=True)
 
-        for users in [int(u) for u in args.users.split(",")]:
+        for users in [int(u) for u in args.users.split(",") if u]:
             for code in sources:
                 service = serve(code, f"{code}-{users}")
                 try:
@@ -351,6 +351,7 @@ def main() -> None:
                       + ", ".join(f"{t // 60:.0f}m {r / 2**20:.0f}" for t, r in rss[::4])
                       + f"; after 5 min min {min(warm) / 2**20:.0f}, max {max(warm) / 2**20:.0f} "
                       f"({100 * (max(warm) / min(warm) - 1):.1f} % above)", flush=True)
+                print_row(6, "soak", {"rss_peak_mb": max(r for _, r in rss) / 2**20, **results["soak"]["kinds"]})
             finally:
                 service.stop()
 
@@ -359,7 +360,7 @@ def print_row(users: int, code: str, row: dict) -> None:
     print(f"{users} users, {code} (peak RSS {row['rss_peak_mb']:.0f} MB):", flush=True)
     for kind in KINDS:
         k = row[kind]
-        print(f"  {kind:10} answered {k['answered']:4}  p50 {ms(k['p50']):>7}  p95 {ms(k['p95']):>7}  "
+        print(f"  {kind:11} answered {k['answered']:4}  p50 {ms(k['p50']):>7}  p95 {ms(k['p95']):>7}  "
               f"refused {k['refused']:3}  gave up {k['gave_up']:3}  other {k['other']:2}  {k['per_s']:.2f}/s",
               flush=True)
 

@@ -3,7 +3,8 @@
 Each simulated labeler, between pauses of 0.5-2 s, does what a team member does in Label Studio:
 
     prompt      the prompt box (Auto-Annotation) on a task it has not opened before: a fresh image
-    click       a smart keypoint on one of a few images it keeps working on (SAM's decoder on a cached embedding)
+    click       a smart keypoint on the image it is working on, one of a few (SAM's decoder on a cached embedding);
+                about one click in four moves to another of them: "first click" (its embedding may need computing)
     batch       Retrieve Predictions over 4 fresh tasks (no context)
     bad input   a malformed request body (answered 400)
     health      GET /health, as Label Studio and the image's HEALTHCHECK poll it
@@ -79,6 +80,7 @@ class Labeler(HttpUser):
 
     def on_start(self):
         self.clicks = random.Random(id(self))
+        self.image = None  # the one it clicks on now
 
     def _predict(self, name: str, payload: dict):
         with self.client.post("/predict", json=payload, name=name, timeout=GIVE_UP_S,
@@ -94,8 +96,11 @@ class Labeler(HttpUser):
 
     @task(4)
     def click(self):
-        image = self.clicks.randrange(CLICK_IMAGES)
-        self._predict("click", body([image], keypoint(self.clicks.uniform(10, 90), self.clicks.uniform(10, 90))))
+        name = "click"
+        if self.image is None or self.clicks.random() < 0.25:
+            others = [n for n in range(CLICK_IMAGES) if n != self.image]
+            self.image, name = self.clicks.choice(others), "first click"
+        self._predict(name, body([self.image], keypoint(self.clicks.uniform(10, 90), self.clicks.uniform(10, 90))))
 
     @task(1)
     def batch(self):
