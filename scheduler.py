@@ -10,8 +10,9 @@
     deadline  every foreground request has one (REQUEST_DEADLINE after it arrived, under Label Studio's 100 s).
               A request that can't be served by then, judged from the work admitted ahead of it and the model time
               its kind took lately, is refused at once (Busy: HTTP 503 with Retry-After); so is one arriving while
-              QUEUE_LIMIT requests wait. One whose deadline passed, or whose client hung up, while it waited is
-              dropped before its next pass (Dropped). Background jobs have none and are never refused.
+              QUEUE_LIMIT requests wait. One whose client hung up while it waited, or whose deadline passed or
+              would before its next pass ended (a pass of its kind lately), is dropped before that pass (Dropped).
+              Background jobs have none and are never refused.
 
 A Ticket is one request's place: `with scheduler.ticket("prompt", deadline, connected) as ticket:` admits it (or
 raises Busy), and `with ticket.model_pass():` wraps each pass. Passes of one ticket don't nest (a nested one runs
@@ -48,7 +49,8 @@ class Busy(ServiceError):
 
 
 class Dropped(Busy):
-    """The request's deadline passed, or its client hung up, while it waited: dropped before its next pass."""
+    """The request's deadline passed (or would during its next pass), or its client hung up, while it waited:
+    dropped before its next pass."""
 
 
 def peer_connected(sock: socket.socket | None) -> bool:
@@ -260,10 +262,11 @@ class Scheduler:
         return now - waited_from
 
     def _check(self, ticket: Ticket) -> None:
-        """Raise Dropped when the ticket's deadline has passed or its client is gone."""
-        if ticket.deadline is not None and self.clock() > ticket.deadline:
-            self._refuse("deadline passed", f"busy: this {ticket.kind} request waited past its deadline "
-                         f"({ticket.deadline - ticket.admitted:.0f} s)", 0, Dropped)
+        """Raise Dropped when the ticket's client is gone, or its deadline has passed or would before its next pass
+        ends (a pass of its kind lately: the answer would come after the client gave up, so nobody would read it)."""
+        if ticket.deadline is not None and self.clock() + self.pass_seconds.get(ticket.kind, 0.0) > ticket.deadline:
+            self._refuse("deadline passed", f"busy: this {ticket.kind} request could not be answered before its "
+                         f"deadline ({ticket.deadline - ticket.admitted:.0f} s)", 0, Dropped)
         if not ticket.connected():
             self._refuse("client gone", f"the client of this {ticket.kind} request hung up while it waited", 0,
                          Dropped)

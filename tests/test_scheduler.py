@@ -189,6 +189,27 @@ def test_a_waiting_request_is_dropped_when_its_client_hangs_up_or_its_deadline_p
     assert issubclass(Dropped, Busy)
 
 
+def test_a_pass_that_would_end_past_the_deadline_is_not_started():
+    """A batch admitted in time, then kept waiting by more urgent work: once its next pass (as long as the kind's
+    passes lately) would end past its deadline, it is dropped before that pass, not answered after the client left."""
+    now = [0.0]
+    scheduler = Scheduler(clock=lambda: now[0])
+    scheduler.pass_seconds["batch"] = 10.0
+    order = []
+    holder, release = hold(scheduler, "prompt", order)
+    wait_for(lambda: scheduler.snapshot()["running"] == 1)
+    waiting = start_waiting(scheduler, "batch", order, deadline=30.0)
+    wait_for(lambda: scheduler.snapshot()["waiting"]["batch"] == 1)
+    now[0] = 19.0  # a pass of 10 s would end at 29 s: still in time
+    time.sleep(0.5)
+    assert order == [] and scheduler.snapshot()["waiting"]["batch"] == 1
+    now[0] = 21.0  # it would end at 31 s, past the deadline at 30 s
+    waiting.join(5)
+    assert order == ["Dropped"] and scheduler.snapshot()["refused"] == {"deadline passed": 1}
+    release.set()
+    holder.join(5)
+
+
 def test_a_nested_pass_runs_in_the_outer_ones_slot_and_time_is_learnt_per_kind():
     clock = Clock()
     scheduler = Scheduler(clock=clock)
