@@ -160,6 +160,5 @@ class EmbeddingCache:
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "kept": len(self._kept), "mb": round(self.bytes / 2**20, 1),
-                    "bytes": self.bytes,
-                    "max_bytes": self.max_bytes, "hits": self.hits,
-                    "misses": self.misses, "evictions": self.evictions, "computed": dict(self.computed)}
+                    "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
+                    "evictions": self.evictions, "computed": dict(self.computed)}

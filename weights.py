@@ -322,8 +322,12 @@ def _hub_error(error: BaseException, spec: Mapping, where: str) -> DownloadError
     if page and code in (401, 403):
         return GatedError(gated_message(where, page, code))
     hub = spec["hub"]
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return DownloadError(f"hub {hub['repo']}@{hub['revision'][:12]} {hub['file']}: {first}")
+    return DownloadError(f"hub {hub['repo']}@{hub['revision'][:12]} {hub['file']}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def hub_digest(spec: Mapping, token: str | None, where: str) -> tuple[str, int]:
@@ -360,7 +364,7 @@ def _from_hub(spec: Mapping, path: Path, token: str | None, attempts: int) -> No
             if attempt == attempts - 1 or isinstance(e, LocalEntryNotFoundError) or 400 <= (_http_status(e) or 0) < 500:
                 raise
             logger.warning("%s: attempt %d of %d stopped (%s); resuming", path.name, attempt + 1, attempts,
-                           str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                           _first_line(e))
     if Path(got) != path:
         os.replace(got, path)
 
@@ -423,13 +427,9 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
                 spec = {**spec, "sha256": digest, "size": size}
             _from_hub(spec, path, token, attempts)
             source = f"the hub ({spec['hub']['repo']})"
-        except GatedError:
-            raise
         except (DownloadError, *_hub_errors()) as e:
             error = e if isinstance(e, DownloadError) else _hub_error(e, spec, where)
-            if isinstance(error, GatedError):
-                raise error from None
-            if spec.get("sha256") is None:  # nothing to verify a plain host's copy against
+            if isinstance(error, GatedError) or spec.get("sha256") is None:  # no plain host's copy can be verified
                 raise error from None
             errors.append(str(error))
     for url in spec.get("urls", []) if source is None else []:
@@ -439,7 +439,7 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
             raise ChecksumError(f"{where}: the file downloaded from {url} is not the published one (its sha256 is "
                                 f"not {spec['sha256']}, in {attempts} attempts); it was deleted. Try again later, or "
                                 "fetch it yourself and check its digest") from None
-        except (*_hub_errors(),) as e:  # requests' errors, a disk error
+        except _hub_errors() as e:  # requests' errors, a disk error
             errors.append(f"{url}: {e}")
             continue
         source = url
