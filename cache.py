@@ -58,7 +58,7 @@ class EmbeddingCache:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[Hashable, tuple[Any, int, float]] = OrderedDict()  # value, bytes, created
         self._pending: dict[Hashable, Future] = {}
-        self._kept: dict[Hashable, int] = {}  # key -> bytes, of the entries read with keep=True
+        self._kept: set[Hashable] = set()  # the entries read with keep=True
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -78,7 +78,7 @@ class EmbeddingCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 if keep:
-                    self._kept[key] = entry[1]
+                    self._kept.add(key)
                 self.hits += 1
                 return entry[0]
             pending = self._pending.get(key)
@@ -134,7 +134,7 @@ class EmbeddingCache:
         self._entries[key] = (value, size, time.monotonic())
         self.bytes += size
         if keep:
-            self._kept[key] = size
+            self._kept.add(key)
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             self._remove(self._victim(key))
             self.evictions += 1
@@ -142,13 +142,14 @@ class EmbeddingCache:
     def _victim(self, newest: Hashable) -> Hashable:
         """The entry to evict: the least recently used of those not kept (but the one just inserted); of the kept
         ones when they hold more than their share of either bound, or are all there is."""
-        over = len(self._kept) > KEPT_SHARE * self.max_entries or sum(self._kept.values()) > KEPT_SHARE * self.max_bytes
+        kept_bytes = sum(self._entries[k][1] for k in self._kept)
+        over = len(self._kept) > KEPT_SHARE * self.max_entries or kept_bytes > KEPT_SHARE * self.max_bytes
         victim = next((k for k in self._entries if (k in self._kept) == over and k != newest), None)
         return next(iter(self._entries)) if victim is None else victim
 
     def _remove(self, key: Hashable) -> None:
         _, size, _ = self._entries.pop(key)
-        self._kept.pop(key, None)
+        self._kept.discard(key)
         self.bytes -= size
 
     def __len__(self) -> int:

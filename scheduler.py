@@ -11,7 +11,8 @@
               A request that can't be served by then, judged from the work admitted ahead of it and the model time
               its kind took lately, is refused at once (Busy: HTTP 503 with Retry-After); so is one arriving while
               QUEUE_LIMIT requests wait. One whose client hung up while it waited, or whose deadline passed or
-              would before its next pass ended (a pass of its kind lately), is dropped before that pass (Dropped).
+              would before its next pass ended (that model's pass for its kind lately), is dropped before that pass
+              (Dropped).
               Background jobs have none and are never refused.
 
 A Ticket is one request's place: `with scheduler.ticket("prompt", deadline, connected) as ticket:` admits it (or
@@ -117,7 +118,7 @@ class Ticket:
             finally:
                 self._depth -= 1
             return
-        waited = self.scheduler._acquire(self)
+        waited = self.scheduler._acquire(self, model)
         self._depth, started = 1, self.scheduler.clock()
         try:
             yield
@@ -159,6 +160,7 @@ class Scheduler:
         self._order = itertools.count()
         self.expected: dict[str, float] = {}  # kind -> model seconds of a request per task, lately (EWMA)
         self.pass_seconds: dict[str, float] = {}  # kind -> seconds of one pass, lately (EWMA)
+        self.model_seconds: dict[tuple[str, str], float] = {}  # (kind, model) -> the same, by model
         self.refused: dict[str, int] = {}  # reason -> count
         self.served: dict[str, int] = {}  # kind -> requests answered
         # Told of every pass: (model, kind, seconds waited for the slot, seconds of the pass).
@@ -239,7 +241,7 @@ class Scheduler:
             return "lane"
         return None
 
-    def _acquire(self, ticket: Ticket) -> float:
+    def _acquire(self, ticket: Ticket, model: str = "") -> float:
         """Wait for a slot, the most urgent and oldest waiter first; returns the seconds waited."""
         entry = (ticket.priority, next(self._order), ticket)
         waited_from = self.clock()
@@ -248,8 +250,8 @@ class Scheduler:
             try:
                 while self._waiting[0] is not entry or (slot := self._slot_for(ticket)) is None:
                     self._cond.wait(CHECK_EVERY_S)
-                    self._check(ticket)
-                self._check(ticket)
+                    self._check(ticket, model)
+                self._check(ticket, model)
             except Dropped:
                 self._waiting.remove(entry)
                 heapq.heapify(self._waiting)
@@ -261,10 +263,12 @@ class Scheduler:
             self._cond.notify_all()  # the next waiter may take another free slot
         return now - waited_from
 
-    def _check(self, ticket: Ticket) -> None:
+    def _check(self, ticket: Ticket, model: str = "") -> None:
         """Raise Dropped when the ticket's client is gone, or its deadline has passed or would before its next pass
-        ends (a pass of its kind lately: the answer would come after the client gave up, so nobody would read it)."""
-        if ticket.deadline is not None and self.clock() + self.pass_seconds.get(ticket.kind, 0.0) > ticket.deadline:
+        ends (a pass of `model` for its kind lately: a batch's Grounding DINO pass takes far longer than its SAM
+        pass; the answer would come after the client gave up, so nobody would read it)."""
+        expected = self.model_seconds.get((ticket.kind, model), self.pass_seconds.get(ticket.kind, 0.0))
+        if ticket.deadline is not None and self.clock() + expected > ticket.deadline:
             self._refuse("deadline passed", f"busy: this {ticket.kind} request could not be answered before its "
                          f"deadline ({ticket.deadline - ticket.admitted:.0f} s)", 0, Dropped)
         if not ticket.connected():
@@ -276,6 +280,7 @@ class Scheduler:
             self._running.pop(ticket, None)
             ticket.used += seconds
             self.pass_seconds[ticket.kind] = _ewma(self.pass_seconds.get(ticket.kind), seconds)
+            self.model_seconds[ticket.kind, model] = _ewma(self.model_seconds.get((ticket.kind, model)), seconds)
             self._cond.notify_all()
         self.on_pass(model, ticket.kind, waited, seconds)
 

@@ -190,20 +190,31 @@ def test_a_waiting_request_is_dropped_when_its_client_hangs_up_or_its_deadline_p
 
 
 def test_a_pass_that_would_end_past_the_deadline_is_not_started():
-    """A batch admitted in time, then kept waiting by more urgent work: once its next pass (as long as the kind's
-    passes lately) would end past its deadline, it is dropped before that pass, not answered after the client left."""
+    """A batch admitted in time, then kept waiting by more urgent work: once its next pass (as long as that model's
+    passes of its kind lately, not the kind's mean over short SAM and long Grounding DINO passes) would end past its
+    deadline, it is dropped before that pass, not answered after the client left."""
     now = [0.0]
     scheduler = Scheduler(clock=lambda: now[0])
-    scheduler.pass_seconds["batch"] = 10.0
+    scheduler.pass_seconds["batch"] = 5.5  # the mean of the two below
+    scheduler.model_seconds.update({("batch", "detector"): 10.0, ("batch", "segmenter"): 1.0})
     order = []
+
+    def detector_pass():
+        try:
+            with scheduler.ticket("batch", deadline=30.0) as ticket, ticket.model_pass("detector"):
+                order.append("batch")
+        except Busy as e:
+            order.append(type(e).__name__)
+
     holder, release = hold(scheduler, "prompt", order)
     wait_for(lambda: scheduler.snapshot()["running"] == 1)
-    waiting = start_waiting(scheduler, "batch", order, deadline=30.0)
+    waiting = threading.Thread(target=detector_pass)
+    waiting.start()
     wait_for(lambda: scheduler.snapshot()["waiting"]["batch"] == 1)
-    now[0] = 19.0  # a pass of 10 s would end at 29 s: still in time
+    now[0] = 19.0  # a detector pass of 10 s would end at 29 s: still in time
     time.sleep(0.5)
     assert order == [] and scheduler.snapshot()["waiting"]["batch"] == 1
-    now[0] = 21.0  # it would end at 31 s, past the deadline at 30 s
+    now[0] = 21.0  # it would end at 31 s, past the deadline at 30 s (the kind's mean, 5.5 s, would still fit)
     waiting.join(5)
     assert order == ["Dropped"] and scheduler.snapshot()["refused"] == {"deadline passed": 1}
     release.set()
