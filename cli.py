@@ -2,7 +2,8 @@
 
     python cli.py predict IMAGE_OR_URL | --project 3 --task 17 --prompt "brown cat_cats. house" [--config label.xml]
                   [--box-threshold 0.3] [--text-threshold 0.25] [--max-detections 50]
-                  [--sam3-score-threshold 0.5] [--out prediction.json] [--overlay overlay.png]
+                  [--sam3-score-threshold 0.5] [--label-thresholds '{"house": {"box_threshold": 0.4}}']
+                  [--out prediction.json] [--overlay overlay.png]
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
                   [--redo] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
     python cli.py annotate --resume JOB_ID
@@ -134,9 +135,11 @@ def predict(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CommandError(f"{args.config}: {e.strerror}") from None
     xml = xml or default_label_config(prompt_labels(args.prompt))
+    params = _detection_params(args, settings)
     try:
         config = parse_label_config(xml)
         plan = require_phrases(args.prompt, config.labels, config.predicted_values)
+        params.check_labels(config.labels, "--label-thresholds: ")
     except ServiceError as e:
         raise CommandError(str(e)) from None
     for phrase, reason in plan.skipped:
@@ -156,7 +159,7 @@ def predict(args: argparse.Namespace) -> int:
     from pipeline import Pipeline, TextQuery
     from regions import prediction
 
-    query = TextQuery(plan.phrases, _detection_params(args, settings))
+    query = TextQuery(plan.phrases, params)
     try:
         # groundingdino prints while it builds its model: stdout is for the prediction alone.
         with contextlib.redirect_stdout(sys.stderr):
@@ -315,12 +318,32 @@ def annotate(args: argparse.Namespace) -> int:
 
 
 def _detection_params(args: argparse.Namespace, settings: Settings):
-    """The command line's thresholds over the environment's (the options are range-checked by argparse)."""
+    """The command line's thresholds over the environment's (the options are range-checked by argparse,
+    --label-thresholds here)."""
     from pipeline import detection_params
 
     given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections",
-                                           "sam3_score_threshold")}
-    return detection_params({k: v for k, v in given.items() if v is not None}, settings)
+                                           "sam3_score_threshold", "label_thresholds")}
+    try:
+        return detection_params({k: v for k, v in given.items() if v is not None}, settings, "--label-thresholds: ")
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given inline or as the path of a file that holds one (e.g. what `evaluate` wrote)."""
+    try:
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        value = json.loads(text)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _write(path: str, write) -> None:
@@ -369,6 +392,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
     p.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     p.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
+    p.add_argument("--label-thresholds", type=_json_object, metavar="JSON_OR_FILE",
+                   help='thresholds per label over the others, e.g. \'{"cats": {"box_threshold": 0.2}}\' '
+                        "(default: none)")
     p.add_argument("--out", help="write the prediction JSON here instead of printing it")
     p.add_argument("--overlay", help="also write the image with the boxes, masks and labels drawn (PNG, JPEG)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -394,6 +420,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--text-threshold", type=_unit_float, help="default: TEXT_THRESHOLD")
     a.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: SAM3_SCORE_THRESHOLD")
     a.add_argument("--max-detections", type=_detections, help="default: MAX_DETECTIONS")
+    a.add_argument("--label-thresholds", type=_json_object, metavar="JSON_OR_FILE",
+                   help='thresholds per label over the others, e.g. \'{"cats": {"box_threshold": 0.2}}\' '
+                        "(default: none)")
     a.add_argument("--chunk-size", type=_detections,
                    help="predictions a chunk holds before it is imported without waiting JOB_IMPORT_WAIT (default: "
                         "JOB_CHUNK_SIZE, 50)")

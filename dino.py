@@ -313,8 +313,8 @@ class GroundingDino:
         self,
         image: np.ndarray,
         phrases: Sequence[Phrase],
-        box_threshold: float,
-        text_threshold: float,
+        box_threshold: float | Sequence[float],
+        text_threshold: float | Sequence[float],
         max_detections: int = 50,
         nms_iou: float = 0.7,
         image_id: str | None = None,
@@ -325,7 +325,8 @@ class GroundingDino:
         image_id: the image's identity (cache.image_digest) for the cache; None: no caching.
         A query becomes a detection when its best token score over the whole caption exceeds
         `box_threshold` (its score, as in groundingdino's `predict`); it goes to the phrase whose
-        tokens score highest, and is kept if that phrase's best token exceeds `text_threshold`.
+        tokens score highest, and is kept if that phrase's best token exceeds `text_threshold`. Either threshold
+        is one for all phrases, or one per phrase (the detection is gated by its phrase's).
         Then per-label NMS at `nms_iou` and the `max_detections` best scores.
         """
         if not phrases:
@@ -407,13 +408,15 @@ class GroundingDino:
         scores = logits.max(dim=1).values
         phrase_scores = torch.stack([logits[:, spans[i]].max(dim=1).values for i in usable], dim=1)
         best_score, best = phrase_scores.max(dim=1)
-        keep = (scores > box_threshold) & (best_score > text_threshold)
+        phrase_index = torch.tensor(usable)[best]
+        gate = lambda t: torch.tensor(np.broadcast_to(t, len(phrases)), dtype=scores.dtype)[phrase_index]  # noqa: E731
+        keep = (scores > gate(box_threshold)) & (best_score > gate(text_threshold))
         if not keep.any():
             return Detections.empty()
         xyxy = box_convert(boxes[keep] * torch.tensor([width, height, width, height]), "cxcywh", "xyxy")
         xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
         xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
-        scores, phrase_index = scores[keep], torch.tensor(usable)[best[keep]]
+        scores, phrase_index = scores[keep], phrase_index[keep]
         labels = [phrases[i].label for i in phrase_index.tolist()]
         label_ids = torch.tensor([sorted(set(labels)).index(label) for label in labels])
         order = batched_nms(xyxy, scores, label_ids, nms_iou)[:max_detections]  # sorted by score

@@ -50,7 +50,7 @@ from ls_client import (
     normalise_base,
 )
 from masks import CleanupParams
-from pipeline import DetectionParams, TaskOutcome, TextQuery, detection_params
+from pipeline import DETECTION_KEYS, DetectionParams, TaskOutcome, TextQuery, detection_params
 from prompts import require_phrases
 from store import FINAL, JobStore
 
@@ -98,7 +98,7 @@ class JobParams:
     def from_json(cls, data: dict) -> JobParams:
         data = dict(data)
         data.pop("only_missing", None)  # jobs stored before skipping became the default
-        data["detection"] = DetectionParams(**data["detection"])
+        data["detection"] = DetectionParams(**data["detection"])  # label_thresholds: a dict, as written
         selection = data.get("selection") or {}
         data["selection"] = Selection(tuple(selection.get("task_ids") or ()), selection.get("view"))
         data["cleanup"] = CleanupParams(**data["cleanup"]) if data.get("cleanup") else None
@@ -110,6 +110,7 @@ class JobParams:
         when they can't be served)."""
         config = parse_label_config(self.label_config)
         plan = require_phrases(self.prompt, config.labels, config.predicted_values)
+        self.detection.check_labels(config.labels)
         return config, TextQuery(plan.phrases, self.detection, self.cleanup, self.everything)
 
 
@@ -475,13 +476,18 @@ class JobService:
     def create(self, body: dict, key: str) -> dict:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "redo", "only_missing" (the
         default: accepted, changes nothing), "box_threshold", "text_threshold", "max_detections",
-        "sam3_score_threshold", "label_studio_url"}. Checks the project and the key with Label Studio before
+        "sam3_score_threshold", "label_thresholds" (each over the project's extra params, then the environment's),
+        "label_studio_url"}. Checks the project and the key with Label Studio before
         anything is queued."""
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, int) or project < 1:
             raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
         selection = self._selection(body)
-        detection = self._detection(body)
+        # The project's extra params (as /setup last sent them) under the body's: a job predicts as Retrieve
+        # Predictions would.
+        extra = self.store.get(str(project), "extra_params") or {}
+        detection = detection_params({**{k: v for k, v in extra.items() if k in DETECTION_KEYS},
+                                      **{k: v for k, v in body.items() if k in DETECTION_KEYS}}, self.settings)
         flags = {name: body.get(name, False) for name in ("redo", "only_missing")}
         for name, value in flags.items():
             if not isinstance(value, bool):
@@ -498,11 +504,11 @@ class JobService:
         config = parse_label_config(label_config)
         prompt = body.get("prompt")
         if prompt is None:
-            extra = self.store.get(str(project), "extra_params") or {}
             prompt = extra.get("prompt") or self.settings.default_prompt or ". ".join(config.labels)
         if not isinstance(prompt, str):
             raise ParamsError(f"'prompt' must be a string, got {type(prompt).__name__}")
         require_phrases(prompt, config.labels, config.predicted_values)
+        detection.check_labels(config.labels)
         if selection.view is not None and next(iter(label_project.tasks(selection)), None) is None:
             raise ParamsError(f"view {selection.view} of project {project} holds no task")
         params = JobParams(project, prompt, detection, selection, flags["redo"], self.model_version, label_config,
@@ -535,9 +541,6 @@ class JobService:
         if body.get("all") is not True:
             raise ParamsError(f"'all' must be true, got {body.get('all')!r}")
         return Selection()
-
-    def _detection(self, body: dict) -> DetectionParams:
-        return detection_params(body, self.settings)
 
     def status(self, job_id: str) -> dict:
         status = job_status(self.store, job_id)

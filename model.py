@@ -43,9 +43,10 @@ class ProjectParams:
 
 def project_params(extra: dict, settings: Settings) -> ProjectParams:
     """Validate a project's extra params ({"prompt", "box_threshold", "text_threshold", "max_detections",
-    "sam3_score_threshold", "mask_min_area", "mask_smooth", "everything": {SamAutomaticMaskGenerator arguments}})."""
+    "sam3_score_threshold", "label_thresholds": {label: {gate: value}}, "mask_min_area", "mask_smooth",
+    "everything": {SamAutomaticMaskGenerator arguments}})."""
     allowed = {"prompt", "box_threshold", "text_threshold", "max_detections", "sam3_score_threshold",
-               "mask_min_area", "mask_smooth", "everything"}
+               "label_thresholds", "mask_min_area", "mask_smooth", "everything"}
     unknown = sorted(set(extra) - allowed)
     if unknown:
         raise ParamsError(f"extra_params: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -178,8 +179,8 @@ class GroundedSAM(LabelStudioMLBase):
         return project_params(self.extra_params, self.settings)
 
     def setup(self) -> None:
-        self.config  # noqa: B018 - validates the labeling config (422 if unusable)
-        self.params  # noqa: B018 - validates extra_params (400 if malformed)
+        config = self.config  # validates the labeling config (422 if unusable)
+        self.params.detection.check_labels(config.labels, "extra_params.")  # and extra_params (400 if malformed)
 
     def query(self, context: dict | None) -> Query | None:
         """What to ask the pipeline: the context's smart-tool clicks and boxes (SAM alone), else a text prompt.
@@ -206,6 +207,7 @@ class GroundedSAM(LabelStudioMLBase):
         plan = require_phrases(prompt, config.labels, config.predicted_values)
         for phrase, reason in plan.skipped:
             logger.warning("prompt phrase %r ignored: %s", phrase, reason)
+        self.params.detection.check_labels(config.labels, "extra_params.")
         return TextQuery(plan.phrases, self.params.detection, self.params.cleanup, self.params.everything)
 
     def predict(self, tasks: list[dict], context: dict | None = None, caller: Caller | None = None,

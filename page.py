@@ -10,7 +10,8 @@ POST /try, the image (exactly one of):
     "url" (fetched as a task's image URL is, under the same URL policy), "task" + "project" (a Label Studio task,
     read with the caller's key: 'Authorization: Token <key>' or 'X-Label-Studio-Key'), or "image_id" (an image this
     worker already holds: what an earlier /try answered).
-and the query: "prompt" (the prompt box's syntax) with "box_threshold", "text_threshold", "max_detections", or
+and the query: "prompt" (the prompt box's syntax) with "box_threshold", "text_threshold", "max_detections",
+"label_thresholds" ({label: {gate: value}}, as in a project's extra params), or
 "clicks": [{"x", "y", "positive"}] in image pixels with an optional "label". "masks": false skips the segmenter.
 
 The detector's outputs for an (image, prompt) are cached (dino.py), so the same image and prompt with other
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Flask, g, jsonify, request, send_from_directory
 
+from api import json_object
 from cache import image_digest
 from config import Settings
 from errors import NotFound, ParamsError, Unauthorized
@@ -168,7 +170,7 @@ class TryService:
             p = query.params
             answer.update(mode="prompt", phrases=[{"text": ph.text, "label": ph.label} for ph in query.phrases],
                           params={"box_threshold": p.box_threshold, "text_threshold": p.text_threshold,
-                                  "max_detections": p.max_detections})
+                                  "max_detections": p.max_detections, "label_thresholds": p.label_thresholds})
         else:
             answer.update(mode="clicks")
         return answer
@@ -182,8 +184,13 @@ class TryService:
                               "(or send 'clicks')")
         values = {name: _number(body, name, int if name == "max_detections" else float)
                   for name in ("box_threshold", "text_threshold", "max_detections")}
+        values["label_thresholds"] = body.get("label_thresholds") or None
+        if isinstance(values["label_thresholds"], str):  # a form field
+            values["label_thresholds"] = json_object(values["label_thresholds"], "label_thresholds")
         params = detection_params({k: v for k, v in values.items() if v is not None}, self.settings)
-        plan = require_phrases(prompt, prompt_labels(prompt) or ("object",))
+        labels = prompt_labels(prompt) or ("object",)
+        plan = require_phrases(prompt, labels)
+        params.check_labels(labels, source="the prompt")
         phrases = tuple(ph for ph in plan.phrases if ph.text != EVERYTHING) or plan.phrases
         return TextQuery(phrases, params)
 

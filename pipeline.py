@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,23 +41,41 @@ from scheduler import UNSCHEDULED, Ticket, Unscheduled
 logger = logging.getLogger(__name__)
 
 
+GATES = ("box_threshold", "text_threshold", "sam3_score_threshold")  # what `label_thresholds` may override
+DETECTION_KEYS = (*GATES, "max_detections", "label_thresholds")  # what detection_params reads
+
+
 @dataclass(frozen=True)
 class DetectionParams:
     """The detector's gates, from the environment or a project's extra params: Grounding DINO's two thresholds,
-    or SAM 3's score threshold (ENGINE=sam3), and the cap on detections either keeps."""
+    or SAM 3's score threshold (ENGINE=sam3), and the cap on detections either keeps. label_thresholds: label ->
+    {gate: value} for the labels whose detections are gated otherwise (a rare, small class wants a lower box
+    threshold than a large, common one)."""
 
     box_threshold: float
     text_threshold: float
     max_detections: int
     sam3_score_threshold: float = 0.5
+    label_thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def gate(self, name: str, label: str) -> float:
+        """The gate `name` (one of GATES) for detections labeled `label`."""
+        return self.label_thresholds.get(label, {}).get(name, getattr(self, name))
+
+    def check_labels(self, labels: Sequence[str], prefix: str = "", source: str = "the labeling config") -> None:
+        """ParamsError naming the labels of `label_thresholds` that are not among `labels` (`source`'s)."""
+        unknown = [label for label in self.label_thresholds if label not in labels]
+        if unknown:
+            raise ParamsError(f"{prefix}label_thresholds names label(s) {source} lacks: "
+                              f"{', '.join(map(repr, unknown))}; its labels: {', '.join(labels) or 'none'}")
 
 
 def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> DetectionParams:
     """DetectionParams from `values` ({"box_threshold", "text_threshold", "max_detections",
-    "sam3_score_threshold"}, each optional) over the settings' defaults; ParamsError names the key (after
-    `prefix`) and the range."""
+    "sam3_score_threshold", "label_thresholds": {label: {gate: value}}}, each optional) over the settings'
+    defaults; ParamsError names the key (after `prefix`) and the range."""
 
-    def number(key, default, kind, lo, hi):
+    def number(values, key, default, kind, lo, hi, prefix=prefix):
         value = values.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
             raise ParamsError(f"{prefix}{key} must be a number between {lo} and {hi}, got {value!r}")
@@ -65,11 +83,22 @@ def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> D
             raise ParamsError(f"{prefix}{key} must be a whole number, got {value!r}")
         return kind(value)
 
+    per_label = values.get("label_thresholds") or {}
+    if not isinstance(per_label, Mapping):
+        raise ParamsError(f"{prefix}label_thresholds must be an object of label -> {{gate: value}}, "
+                          f"got {type(per_label).__name__}")
+    label_thresholds = {}
+    for label, gates in per_label.items():
+        where = f"{prefix}label_thresholds.{label}."
+        if not isinstance(gates, Mapping) or not gates or set(gates) - set(GATES):
+            raise ParamsError(f"{where[:-1]} must be an object of one or more of {', '.join(GATES)}, got {gates!r}")
+        label_thresholds[label] = {name: number(gates, name, None, float, 0.0, 1.0, where) for name in gates}
     return DetectionParams(
-        box_threshold=number("box_threshold", settings.box_threshold, float, 0.0, 1.0),
-        text_threshold=number("text_threshold", settings.text_threshold, float, 0.0, 1.0),
-        max_detections=number("max_detections", settings.max_detections, int, 1, 900),
-        sam3_score_threshold=number("sam3_score_threshold", settings.sam3_score_threshold, float, 0.0, 1.0),
+        box_threshold=number(values, "box_threshold", settings.box_threshold, float, 0.0, 1.0),
+        text_threshold=number(values, "text_threshold", settings.text_threshold, float, 0.0, 1.0),
+        max_detections=number(values, "max_detections", settings.max_detections, int, 1, 900),
+        sam3_score_threshold=number(values, "sam3_score_threshold", settings.sam3_score_threshold, float, 0.0, 1.0),
+        label_thresholds=label_thresholds,
     )
 
 
@@ -204,8 +233,10 @@ class Pipeline:
         return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
 
     def _find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:
-        """The detector's detections of the phrases: through Grounding DINO's two thresholds, or SAM 3's one."""
-        gates = (p.sam3_score_threshold,) if self.models.engine == "sam3" else (p.box_threshold, p.text_threshold)
+        """The detector's detections of the phrases: through Grounding DINO's two thresholds, or SAM 3's one, each
+        phrase's those of its label."""
+        names = ("sam3_score_threshold",) if self.models.engine == "sam3" else ("box_threshold", "text_threshold")
+        gates = [[p.gate(name, ph.label) for ph in phrases] for name in names]
         return self.models.detector.detect(image, phrases, *gates, p.max_detections, self.settings.nms_iou,
                                            image_id=image_id)
 

@@ -236,20 +236,23 @@ class Sam3Engine:
             self.device)[None, :]
         return xyxy, scores[keep], masks[keep]
 
-    def detect(self, image: np.ndarray, phrases: Sequence[Phrase], score_threshold: float,
+    def detect(self, image: np.ndarray, phrases: Sequence[Phrase], score_threshold: float | Sequence[float],
                max_detections: int = 50, nms_iou: float = 0.7, image_id: str | None = None) -> Detections:
         """Find the phrases in one image: one SAM 3 text query per phrase, each detection labeled with its
         phrase's label.
 
         image: (H, W, 3) uint8 RGB, displayed orientation; image_id: its identity (cache.image_digest) for the
-        cache, None: no caching. A query is a detection when its score exceeds `score_threshold`. Then per-label
-        NMS at `nms_iou` (1.0: none; SAM 3 itself does none, and its queries rarely duplicate), and the
-        `max_detections` best scores. Returns Detections with xyxy (N, 4) float32 image pixels (not clamped, as
-        Sam3Processor gives them), scores (N,) and masks (N, H, W) bool (a lazy Sam3Masks), sorted by score."""
+        cache, None: no caching. A query is a detection when its score exceeds `score_threshold` (one for all
+        phrases, or one per phrase). Then per-label NMS at `nms_iou` (1.0: none; SAM 3 itself does none, and its
+        queries rarely duplicate), and the `max_detections` best scores. Returns Detections with xyxy (N, 4)
+        float32 image pixels (not clamped, as Sam3Processor gives them), scores (N,) and masks (N, H, W) bool (a lazy
+        Sam3Masks), sorted by score."""
         if not phrases:
             return Detections.empty()
         features = self.features_for(image, image_id)
-        found = [(phrase, *self.query(features, phrase.text, score_threshold, image_id)) for phrase in phrases]
+        gates = np.broadcast_to(score_threshold, len(phrases)).tolist()
+        found = [(phrase, *self.query(features, phrase.text, gate, image_id))
+                 for phrase, gate in zip(phrases, gates, strict=True)]
         boxes = torch.cat([f[1] for f in found]).float().cpu()
         scores = torch.cat([f[2] for f in found]).float().cpu()
         masks = torch.cat([f[3] for f in found])

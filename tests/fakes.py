@@ -11,15 +11,17 @@ from loader import Models
 
 
 class FakeDetector:
-    """Phrase i -> one box at a fixed place, score 0.9 - 0.1 * i."""
+    """Phrase i -> one box at a fixed place, score 0.9 - 0.1 * i, kept above its phrase's box threshold. Records
+    each call's phrases and per-phrase box thresholds."""
 
     def __init__(self):
         self.calls = []
 
     def detect(self, image, phrases, box_threshold, text_threshold, max_detections=50, nms_iou=0.7, image_id=None):
-        self.calls.append(([p.text for p in phrases], box_threshold))
+        gates = np.broadcast_to(box_threshold, len(phrases)).tolist()
+        self.calls.append(([p.text for p in phrases], gates))
         h, w = image.shape[:2]
-        rows = [(i, 0.9 - 0.1 * i) for i in range(len(phrases)) if 0.9 - 0.1 * i > box_threshold]
+        rows = [(i, 0.9 - 0.1 * i) for i in range(len(phrases)) if 0.9 - 0.1 * i > gates[i]]
         rows = rows[:max_detections]
         xyxy = [(w * 0.1 * (i + 1), h * 0.1, w * 0.1 * (i + 1) + w * 0.2, h * 0.6) for i, _ in rows]
         return Detections(np.array(xyxy, np.float32).reshape(-1, 4), [s for _, s in rows],

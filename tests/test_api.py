@@ -109,6 +109,15 @@ def test_setup_accepts_object_and_string_extra_params(client, extra):
         ({"sam3_score_threshold": "high"}, 400,
          "extra_params.sam3_score_threshold must be a number between 0.0 and 1.0, got 'high'"),
         ({"prompt": 3}, 400, "extra_params.prompt must be a string"),
+        ({"label_thresholds": {"dogs": {"box_threshold": 0.2}}}, 400,
+         "extra_params.label_thresholds names label(s) the labeling config lacks: 'dogs'; its labels: cats, house"),
+        ({"label_thresholds": {"house": {"box_threshold": 1.5}}}, 400,
+         "extra_params.label_thresholds.house.box_threshold must be a number between 0.0 and 1.0, got 1.5"),
+        ({"label_thresholds": {"house": {"box_treshold": 0.5}}}, 400,
+         "extra_params.label_thresholds.house must be an object of one or more of box_threshold, text_threshold, "
+         "sam3_score_threshold"),
+        ({"label_thresholds": {"house": 0.5}}, 400, "extra_params.label_thresholds.house must be an object"),
+        ({"label_thresholds": [0.5]}, 400, "extra_params.label_thresholds must be an object of label"),
     ],
 )
 def test_setup_rejects_bad_extra_params(client, extra, status, message):
@@ -173,7 +182,18 @@ def test_context_null_uses_project_prompt_then_label_names(client):
     assert len(response.json["results"][0]["result"]) == 4
     client.post("/setup", json=setup_payload({"prompt": "round thing_cats", "box_threshold": 0.5}))
     client.post("/predict", json=predict_payload([task()], None))
-    assert client.loader.models.detector.calls[-1] == (["round thing"], 0.5)
+    assert client.loader.models.detector.calls[-1] == (["round thing"], [0.5])
+
+
+def test_label_thresholds_gate_their_labels_detections(client):
+    """A label's own box threshold over the project's: each phrase is gated by its label's."""
+    client.post("/setup", json=setup_payload({"prompt": "round thing_cats. house", "box_threshold": 0.5,
+                                              "label_thresholds": {"house": {"box_threshold": 0.85}}}))
+    response = client.post("/predict", json=predict_payload([task()], None))
+    assert client.loader.models.detector.calls[-1] == (["round thing", "house"], [0.5, 0.85])
+    labels = {r["value"].get("rectanglelabels", r["value"].get("brushlabels", [None]))[0]
+              for r in response.json["results"][0]["result"]}
+    assert labels == {"cats"}  # house scored 0.8: under its 0.85, over the project's 0.5
 
 
 def test_textarea_context_wins_over_project_prompt(client):

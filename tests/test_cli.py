@@ -91,6 +91,10 @@ def test_predict_with_a_config_and_out_file(env, picture, tmp_path, monkeypatch,
         (["predict", "{picture}", "--prompt", " . ; "], "gives nothing to detect: it has no phrase"),
         (["predict", "{picture}", "--prompt", "cats", "--config", "{missing}"], "No such file or directory"),
         (["predict", "{picture}", "--prompt", "cats", "--config", "{garbage}"], "not valid XML"),
+        (["predict", "{picture}", "--prompt", "cats", "--label-thresholds", '{{"cats": {{"box_threshold": 2}}}}'],
+         "label_thresholds.cats.box_threshold must be a number between 0.0 and 1.0"),
+        (["predict", "{picture}", "--prompt", "cats", "--config", "{config}",
+          "--label-thresholds", '{{"dogs": {{"box_threshold": 0.5}}}}'], "dogs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_1(picture, tmp_path, capsys, args, message):
@@ -114,7 +118,8 @@ def test_missing_checkpoint_is_one_line(env, picture, tmp_path):
 
 @pytest.mark.parametrize("args", [["{picture}", "--box-threshold", "2"], ["{picture}", "--max-detections", "0"],
                                   ["{picture}"], ["--task", "3"], ["--project", "1", "--task", "0"],
-                                  ["{picture}", "--project", "1", "--task", "3"], []])
+                                  ["{picture}", "--project", "1", "--task", "3"], [],
+                                  ["{picture}", "--label-thresholds", "{{"]])
 def test_malformed_options_exit_2(picture, args, capsys):
     args = ["predict", *(a.format(picture=picture) for a in args)] + (["--prompt", "cats"] if args != [
         "{picture}"] else [])

@@ -89,6 +89,20 @@ def test_thresholds_cap_and_nms(detector, image):
         assert float(iou.max(initial=0)) <= 0.3 + 1e-6
 
 
+def test_per_phrase_thresholds_gate_each_label_as_its_own_threshold_would(detector, image):
+    """Thresholds per phrase (a project's label_thresholds): each label's detections are exactly those that
+    threshold gives it for every phrase (NMS is per label), the other label's those of its own."""
+    gates = {"cats": (0.25, 0.2), "house": (0.15, 0.3)}
+    mixed = detector.detect(image, PHRASES, [gates[p.label][0] for p in PHRASES],
+                            [gates[p.label][1] for p in PHRASES], max_detections=900, nms_iou=0.5)
+    for label, (box_threshold, text_threshold) in gates.items():
+        alone = detector.detect(image, PHRASES, box_threshold, text_threshold, max_detections=900, nms_iou=0.5)
+        mine, theirs = np.array(mixed.labels) == label, np.array(alone.labels) == label
+        assert 0 < mine.sum() < len(mixed)
+        np.testing.assert_array_equal(mixed.scores[mine], alone.scores[theirs])
+        np.testing.assert_array_equal(mixed.xyxy[mine], alone.xyxy[theirs])
+
+
 def box_iou_upper(boxes: torch.Tensor) -> np.ndarray:
     from torchvision.ops import box_iou
 

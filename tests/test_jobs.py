@@ -357,6 +357,20 @@ def test_post_jobs_runs_a_job_with_the_callers_key(service):
     assert metrics["grounded_sam_job_tasks{status=done}"] == 12
 
 
+def test_a_job_gates_as_the_projects_extra_params_say_and_the_body_overrides_them(service):
+    from test_api import setup_payload
+
+    auth = {"Authorization": f"Token {service.ls.token}"}
+    extra = {"box_threshold": 0.4, "label_thresholds": {"cats": {"box_threshold": 0.6}}}
+    service.post("/setup", json=setup_payload(extra))
+    calls = service.loader.models.detector.calls
+    for body, gates in [({}, [0.6]), ({"box_threshold": 0.2}, [0.6]),
+                        ({"label_thresholds": {"cats": {"box_threshold": 0.3}}}, [0.3])]:
+        job = service.post("/jobs", json={"project": 1, "prompt": "cats", "tasks": "1", "redo": True, **body},
+                           headers=auth).json
+        assert wait_job(service, job["id"])["state"] == "done" and calls[-1] == (["cats"], gates), body
+
+
 @pytest.mark.parametrize(
     "body, headers, status, message",
     [
@@ -371,6 +385,10 @@ def test_post_jobs_runs_a_job_with_the_callers_key(service):
         ({"project": 1, "prompt": "cats", "all": True, "box_threshold": 3}, None, 400,
          "box_threshold must be a number between 0.0 and 1.0"),
         ({"project": 1, "prompt": "tree", "all": True}, None, 422, "gives nothing to detect"),
+        ({"project": 1, "prompt": "cats", "all": True, "label_thresholds": {"cats": {"box": 0.5}}}, None, 400,
+         "label_thresholds.cats"),
+        ({"project": 1, "prompt": "cats", "all": True, "label_thresholds": {"dogs": {"box_threshold": 0.5}}}, None,
+         400, "dogs"),
         ({"project": 1, "prompt": "cats", "all": True, "redo": "yes"}, None, 400, "'redo' must be true or false"),
         ({"project": 1, "prompt": "cats", "all": True, "only_missing": 1}, None, 400,
          "'only_missing' must be true or false"),

@@ -118,6 +118,13 @@ def test_try_upload_then_refilter_runs_no_detector_or_encoder_pass(client):
     assert passes(again.json) == before  # the cached outputs re-filtered: no detector, backbone or SAM encoder pass
     assert first.json["ran"]["groundingdino-outputs"] == 1  # a new prompt: one detector pass
     assert again.json["ran"] == {}  # what this request computed: nothing
+    no_house = client.post("/try", json={"image_id": answer["image_id"], "prompt": "shape_cats. round thing_house",
+                                         "box_threshold": 0, "text_threshold": 0,
+                                         "label_thresholds": {"house": {"box_threshold": 1.0}}})
+    kept = no_house.json["detections"]  # a label's own threshold: house gone, its places in MAX_DETECTIONS to cats
+    assert {d["label"] for d in kept} == {"cats"} and all(d in kept for d in found if d["label"] == "cats")
+    assert any(d["label"] == "house" for d in found)
+    assert no_house.json["ran"] == {}
     assert client.get("/status").json["cache"]["computed"]["groundingdino-outputs"] == before[0]
     image = client.get(f"/try/image/{answer['image_id']}")
     assert image.mimetype == "image/png" and Image.open(io.BytesIO(image.data)).size == (96, 64)
@@ -159,6 +166,9 @@ def test_try_url_and_task(client, images, label_studio, caplog):
     ({"image_id": "0" * 32, "prompt": "cats", "box_threshold": 2}, 400, "box_threshold must be a number between"),
     ({"image_id": "0" * 32, "prompt": "cats", "box_threshold": "high"}, 400, "'box_threshold' must be a number"),
     ({"image_id": "0" * 32, "clicks": [{"x": "a"}]}, 400, "'clicks[0]'"),
+    ({"image_id": "0" * 32, "prompt": "cats", "label_thresholds": {"dogs": {"box_threshold": 0.1}}}, 400,
+     "label_thresholds names label(s) the prompt lacks: 'dogs'; its labels: cats"),
+    ({"image_id": "0" * 32, "prompt": "cats", "label_thresholds": "{"}, 400, "label_thresholds is not valid JSON"),
     ({"task": "seven", "project": 1, "prompt": "cats"}, 400, "'task' must be"),
     ({"url": "file:///etc/passwd", "prompt": "cats"}, 400, "'url'"),
 ])

@@ -121,6 +121,9 @@ def test_each_phrase_is_one_query_with_its_label_then_the_best_are_kept(model, e
     for label, expected in per_phrase.items():
         mine = np.array([lab == label for lab in found.labels])
         assert np.array_equal(found.scores[mine], expected["scores"])
+    per_gate = engine.detect(IMAGE, phrases, [0.4, 0.99], max_detections=900, nms_iou=1.0)  # one per phrase
+    assert list(per_gate.labels) == ["cats"] * len(per_phrase["cats"]["scores"])
+    assert np.array_equal(per_gate.scores, per_phrase["cats"]["scores"])
     capped = engine.detect(IMAGE, phrases, 0.4, max_detections=3, nms_iou=1.0)
     assert len(capped) == 3 and np.array_equal(capped.scores, found.scores[:3])
     assert np.array_equal(np.asarray(capped.masks), np.asarray(found.masks)[:3])
