@@ -25,7 +25,7 @@ from mlbase import LabelStudioMLBase
 from pipeline import ClickQuery, DetectionParams, Pipeline, Query, TextQuery, detection_params, everything_defaults
 from prompts import match_label, require_phrases
 from regions import prediction
-from scheduler import Caller, Scheduler
+from scheduler import Caller, Dropped, Scheduler
 from store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -249,22 +249,28 @@ class GroundedSAM(LabelStudioMLBase):
             # many as fit in what is left of the budget at the mean time per task so far (at most BATCH_SIZE).
             # When not even one task fits, the others get []: Label Studio stores nothing for them, rather than
             # losing every task's prediction when its ML_TIMEOUT_PREDICT cuts the answer off. A bulk job then
-            # predicts and imports them.
+            # predicts and imports them. So do the tasks of a later batch dropped at its deadline (scheduler).
             now, size = time.perf_counter(), pipeline.batch_size
             if budget:
                 left = budget - (now - self._started)
                 size = min(size, int(left / max((now - loop_started) / done, 1e-9))) if done else 1
-            if size < 1:
+            chunk, outcomes = todo[done : done + size], None
+            why = f"the next would end past PREDICT_TIME_BUDGET={budget:g} s"
+            if size >= 1:
+                try:
+                    outcomes = pipeline.predict_tasks([tasks[i] for i in chunk], self.config, query, hostname, token)
+                except Dropped as e:  # a later chunk: what is predicted is answered (a 503 would lose it)
+                    if not done:
+                        raise
+                    why = str(e)
+            if outcomes is None:
                 rest = [tasks[i] for i in todo[done:]]
                 handed = batch and self._hand_off(rest, query)
-                logger.warning("%d of %d task(s) predicted in %.1f s; the next would end past PREDICT_TIME_BUDGET="
-                               "%g s, so the other %d get no prediction in this answer (%s)", done, len(tasks),
-                               now - self._started, budget, len(rest),
+                logger.warning("%d of %d task(s) predicted in %.1f s; %s, so the other %d get no prediction in this "
+                               "answer (%s)", done, len(tasks), time.perf_counter() - self._started, why, len(rest),
                                f"bulk job {handed} predicts and imports them" if handed
                                else "Retrieve Predictions again continues with them")
                 break
-            chunk = todo[done : done + size]
-            outcomes = pipeline.predict_tasks([tasks[i] for i in chunk], self.config, query, hostname, token)
             for i, outcome in zip(chunk, outcomes, strict=True):
                 if outcome.failure is not None:
                     logger.warning("task %s: no prediction (%s): %s", outcome.task_id, outcome.failure.kind,

@@ -127,9 +127,10 @@ class Ticket:
             self.scheduler._release(self, model, waited, self.scheduler.clock() - started)
 
     def defer(self) -> None:
-        """Wait while a request more urgent than this one is admitted (a bulk job's host work leaves the CPU to
-        labelers)."""
-        self.scheduler._defer(self)
+        """A bulk job's: wait while a labeler's request is admitted (its host work leaves the CPU to labelers). A
+        foreground request's host work is part of an answer due by its deadline: it never waits."""
+        if self.kind == "job":
+            self.scheduler._defer(self)
 
 
 class Unscheduled:

@@ -290,6 +290,20 @@ def test_predict_time_budget_leaves_the_last_tasks_without_prediction(make_clien
     assert len(client.loader.models.detector.calls) == predicted
 
 
+def test_a_batch_dropped_at_its_deadline_answers_the_tasks_it_predicted(make_client):
+    """Retrieve Predictions over 4 tasks of 0.2 s each, within a budget of 60 s but a REQUEST_DEADLINE of 0.5 s: a
+    pass that would end past the deadline is dropped, yet the predictions made before it are answered."""
+    client = make_client(REQUEST_DEADLINE="0.5", PREDICT_TIME_BUDGET="60", BACKGROUND_PREDICTIONS="false")
+    client.loader.models = Models(SlowDetector(), FakeSegmenter(), EmbeddingCache(4, 2**20))
+    response = client.post("/predict", json=predict_payload([task(i) for i in range(1, 5)], None))
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    predicted = [r for r in results if r]
+    assert results[0]["result"] and results[-1] == [] and predicted == results[: len(predicted)]
+    assert len(client.loader.models.detector.calls) == len(predicted)  # the dropped pass never ran
+    assert client.get("/status").json["queue"]["refused"] == {"deadline passed": 1}
+
+
 def test_one_bad_task_does_not_lose_the_others(client, images):
     tasks = [task(1), {"id": 2, "data": {"text": "no image"}}, task(3, "/data/upload/1/missing.png"),
              task(4, "s3://bucket/x.png"), task(5, images.url + "/plain/house.png")]

@@ -237,11 +237,13 @@ def test_a_nested_pass_runs_in_the_outer_ones_slot_and_time_is_learnt_per_kind()
     assert scheduler.snapshot()["expected_seconds"] == {"prompt": 8}  # 0.7 * 5 + 0.3 * 15
 
 
-def test_a_jobs_host_work_defers_to_admitted_labelers():
+def test_a_jobs_host_work_defers_to_admitted_labelers_and_only_a_jobs():
     scheduler = Scheduler()
     done = threading.Event()
     with scheduler.ticket("job") as job:
         with scheduler.ticket("click"):
+            with scheduler.ticket("batch", deadline=time.monotonic() + 90) as batch:
+                batch.defer()  # a Retrieve Predictions' host work is part of its answer: at once, click or not
             waiter = threading.Thread(target=lambda: (job.defer(), done.set()))
             waiter.start()
             assert not done.wait(0.3)
