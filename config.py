@@ -350,6 +350,10 @@ class ServerSettings:
     threads: int = 32  # most wait for the scheduler; the rest answer /health, bad input, the page at once
     timeout: int = 300
     log_level: str = "info"
+    # glibc's heap in each worker (heap.py): malloc arenas (0: glibc's default, 8 per core) and how often freed
+    # memory is handed back to the system (0: never).
+    malloc_arena_max: int = 2
+    malloc_trim_interval: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -361,6 +365,8 @@ class ServerSettings:
             threads=_number(env, "THREADS", cls.threads, int, 1, 256),
             timeout=_number(env, "TIMEOUT", cls.timeout, int, 1),
             log_level=_log_level(env),
+            malloc_arena_max=_number(env, "MALLOC_ARENA_MAX", cls.malloc_arena_max, int, 0, 1024),
+            malloc_trim_interval=_number(env, "MALLOC_TRIM_INTERVAL", cls.malloc_trim_interval, float, 0.0),
         )
 
 

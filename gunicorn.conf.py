@@ -16,6 +16,13 @@ preload_app = False  # never: CUDA can't be used in a forked child once initiali
 control_socket_disable = True
 
 
+def post_fork(server, worker):
+    # Before the worker's request threads: glibc's arenas capped, freed memory handed back (heap.py).
+    from heap import manage_heap
+
+    manage_heap(_server.malloc_arena_max, _server.malloc_trim_interval)
+
+
 def post_worker_init(worker):
     # Each worker loads its own models in the background as soon as it starts.
     worker.wsgi.extensions["model_loader"].start()

@@ -1,0 +1,51 @@
+"""The worker's heap under glibc: few malloc arenas, and freed memory handed back to the system.
+
+A request frees most of what it allocated (images, masks, regions), but glibc keeps freed memory in its arenas for
+reuse, and under 32 request threads it makes up to 8 arenas per core: the worker's RSS then settles well above what
+it uses and creeps up as fragments pile (a 30-minute soak measured 1.3 GB in use in a 3.4 GB RSS). So each worker
+caps the arenas (MALLOC_ARENA_MAX) before its request threads start, and a daemon thread calls malloc_trim(0)
+every MALLOC_TRIM_INTERVAL s, which returns free pages from inside the arenas too. Elsewhere (musl, macOS) nothing
+is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def manage_heap(arena_max: int, trim_interval: float) -> threading.Thread | None:
+    """Cap glibc's malloc arenas at `arena_max` (0: glibc's default) and start the thread that trims the heap every
+    `trim_interval` seconds (0: none); the thread, or None. Call once per process, before its request threads."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    if arena_max and not libc.mallopt(M_ARENA_MAX, arena_max):
+        logger.warning("mallopt(M_ARENA_MAX, %d) failed: glibc's default arenas", arena_max)
+    if not trim_interval:
+        return None
+
+    def trim_forever() -> None:
+        while True:
+            time.sleep(trim_interval)
+            libc.malloc_trim(0)
+
+    thread = threading.Thread(target=trim_forever, name="malloc-trim", daemon=True)
+    thread.start()
+    return thread

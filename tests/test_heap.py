@@ -1,0 +1,52 @@
+"""heap.py: under glibc, the trimming thread hands freed heap memory back to the system."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import heap
+
+pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="glibc only")
+
+FRAGMENTED = textwrap.dedent("""
+    import ctypes, time
+    from heap import _glibc, manage_heap
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    libc = _glibc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunks = [libc.malloc(4000) for _ in range(100_000)]  # ~400 MB under the mmap threshold: in the heap
+    for p in chunks:
+        libc.memset(ctypes.c_void_p(p), 1, 4000)
+    for p in chunks[:-1]:
+        libc.free(ctypes.c_void_p(p))  # freed, but the last chunk keeps the heap's top where it is
+    before = rss_mb()
+    thread = manage_heap({arena_max}, {interval})
+    time.sleep(0.5)
+    print(before, rss_mb(), thread is not None and thread.daemon and thread.is_alive())
+""")
+
+
+def run(arena_max: int, interval: float) -> tuple[float, float, bool]:
+    """RSS (MB) of a process with ~400 MB freed in its heap, before and 0.5 s after manage_heap; its thread's life."""
+    code = FRAGMENTED.format(arena_max=arena_max, interval=interval)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1]), out[2] == "True"
+
+
+def test_freed_memory_goes_back_to_the_system_within_an_interval():
+    before, after, running = run(arena_max=2, interval=0.05)
+    assert running and before > 350 and after < before - 300, (before, after)
+
+
+def test_without_the_interval_nothing_is_trimmed():
+    before, after, running = run(arena_max=0, interval=0)
+    assert not running and after > before - 50, (before, after)
