@@ -7,6 +7,8 @@
     python cli.py annotate --project 3 --prompt "brown cat_cats. house" [--tasks 1,5-9 | --view 12 | --all]
                   [--redo] [--box-threshold ...] [--chunk-size 50] [--url http://localhost:8080]
     python cli.py annotate --resume JOB_ID
+    python cli.py evaluate --project 3 [--tasks 1,5-9 | --view 12 | --all] [--prompt ...] [--model-version V]
+                  [--target-precision 0.9] [--out report.json] [--report report.html] [--apply]
 
 `predict` loads the models the environment names (the same variables as the service, README "Environment
 variables"), runs the pipeline once and prints the Label Studio prediction JSON (or writes it to --out).
@@ -20,6 +22,13 @@ progress bar and a summary. Tasks that hold a prediction of this model version a
 It acts with LABEL_STUDIO_API_KEY at LABEL_STUDIO_URL (or --url); the job's state is kept under DATA_DIR, so
 Ctrl-C (after the task in flight and the import of what was predicted) or a killed process resumes with
 `--resume JOB_ID`.
+
+`evaluate` measures the pre-annotations on the project's annotated tasks (each one's latest annotation that was
+not cancelled): it predicts them with the project's settings (its model connection's extra params under the
+options), or reads the predictions of `--model-version` already stored, and prints per label COCO AP / AP50 for
+boxes and masks, precision / recall / F1 at the thresholds in force, the mean IoU of matched masks and the counts.
+When it predicts, every threshold pair of a grid is scored from the detector's kept outputs (no more model
+passes) and each label's best pair printed; `--apply` writes them to the model connection's extra params.
 
 Errors are one line on stderr and exit status 1 (2 for a malformed command line).
 """
@@ -317,6 +326,108 @@ def annotate(args: argparse.Namespace) -> int:
     return 130 if report.state == "stopped" else 1
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    import evaluate as ev
+    from api import parse_extra_params
+    from jobs import parse_task_ranges
+    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
+    from pipeline import DETECTION_KEYS, TextQuery, detection_params
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    url = normalise_base(args.url or settings.label_studio_url)
+    if not url or not settings.label_studio_api_key:
+        raise CommandError("set LABEL_STUDIO_URL (or --url) and LABEL_STUDIO_API_KEY: evaluate reads the project's "
+                           "tasks and annotations with that key")
+    connection = Connection(url, settings.label_studio_api_key)
+    try:
+        selection = Selection(task_ids=parse_task_ranges(args.tasks)) if args.tasks else Selection(view=args.view)
+        project = LabelStudioProject(LabelStudioClient(settings).sdk(connection), args.project)
+        config = parse_label_config(project.label_config())
+        ml = project.ml_connection()
+        extra = parse_extra_params(ml[1]) if ml else {}
+        given = {k: getattr(args, k) for k in DETECTION_KEYS if getattr(args, k, None) is not None}
+        params = detection_params({**{k: v for k, v in extra.items() if k in DETECTION_KEYS}, **given}, settings,
+                                  "--label-thresholds: " if "label_thresholds" in given else "extra_params.")
+        prompt = args.prompt or extra.get("prompt") or settings.default_prompt or ". ".join(config.labels)
+        plan = require_phrases(prompt, config.labels, config.predicted_values)
+        params.check_labels(config.labels)
+        total = project.total(selection)
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+    if args.apply and (args.model_version or ml is None):
+        raise CommandError("--apply writes the chosen thresholds to the project's model connection: it needs one, "
+                           "and thresholds chosen by predicting (not --model-version)")
+    query = TextQuery(plan.phrases, params)
+    if args.model_version:
+        predictions = f"stored, model version {args.model_version}"
+
+        def predict(task, truth):
+            return ev.stored_sample(task, truth, config, args.model_version)
+
+        grid = None
+    else:
+        from images import ImageLoader
+        from loader import build_models
+        from pipeline import Pipeline
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # groundingdino prints while it builds its model
+                pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
+        except ServiceError as e:
+            raise CommandError(str(e)) from None
+        grid = ev.sweep_grid(pipeline.models.engine)
+        predictions = f"predicted now, model {pipeline.model_version}, prompt {prompt!r}"
+
+        def predict(task, truth):
+            return ev.predict_sample(pipeline, task, truth, config, query, grid, connection.url, connection.key)
+
+    print(f"project {args.project}, {selection.describe()}{f' ({total} tasks)' if total is not None else ''}: "
+          f"{predictions}", file=sys.stderr)
+    progress = _Progress(total)
+    try:
+        samples, notes = ev.collect(project.tasks(selection), config, predict, progress)
+    except ServiceError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        progress.close()
+    for failure in notes["failed"]:
+        print(f"  task {failure['task']} not evaluated: {failure['reason']}", file=sys.stderr)
+    if not samples:
+        raise CommandError(f"project {args.project}: no annotated task to evaluate in {selection.describe()} "
+                           f"({notes['unannotated']} without annotation, {len(notes['failed'])} failed, "
+                           f"{notes['no_prediction']} without a prediction of that model version)")
+    report = {"project": args.project, "predictions": predictions, **ev.evaluate(samples, config, config.labels),
+              "notes": notes}
+    if grid:
+        gates = list(grid)
+        report["thresholds"] = ev.choose_thresholds(samples, config, [p.label for p in plan.phrases
+                                                                      if p.text != "*"], gates,
+                                                    args.target_precision)
+        report["extra_params"] = ev.extra_params_snippet(report["thresholds"])
+    print(ev.table(report))
+    if notes["ignored"] or notes["unknown_labels"] or notes["unannotated"]:
+        print(f"not scored: {notes['unannotated']} task(s) without annotation; regions of other tools "
+              f"{notes['ignored']}; labels the config lacks {notes['unknown_labels']}", file=sys.stderr)
+    if "extra_params" in report:
+        print(f"extra_params: {json.dumps(report['extra_params'])}")
+    if args.out:
+        _write(args.out, lambda path: Path(path).write_text(json.dumps(report, indent=1, default=str)))
+    if args.report:
+        _write(args.report, lambda path: Path(path).write_text(ev.html_report(report), encoding="utf-8"))
+    if args.apply:
+        merged = {**extra, "label_thresholds": {**params.label_thresholds,
+                                                **report["extra_params"]["label_thresholds"]}}
+        try:
+            project.set_extra_params(ml[0], merged)
+        except ServiceError as e:
+            raise CommandError(str(e)) from None
+        print(f"model connection {ml[0]}: extra params written", file=sys.stderr)
+    return 0
+
+
 def _detection_params(args: argparse.Namespace, settings: Settings):
     """The command line's thresholds over the environment's (the options are range-checked by argparse,
     --label-thresholds here)."""
@@ -331,7 +442,7 @@ def _detection_params(args: argparse.Namespace, settings: Settings):
 
 
 def _json_object(text: str) -> dict:
-    """A JSON object given inline or as the path of a file that holds one (e.g. what `evaluate` wrote)."""
+    """A JSON object given inline or as the path of a file that holds one."""
     try:
         if not text.lstrip().startswith("{"):
             with open(text, encoding="utf-8") as f:
@@ -438,6 +549,37 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="with --resume: run a done or cancelled job again")
     a.add_argument("-v", "--verbose", action="store_true", help="log each chunk to stderr")
     a.set_defaults(run=annotate)
+
+    e = commands.add_parser("evaluate", help="measure the pre-annotations on a project's annotated tasks, and "
+                                             "choose thresholds per label",
+                            description="Score predictions against the project's annotations (COCO AP, precision, "
+                                        "recall, F1 per label) and choose each label's thresholds from the data. "
+                                        "Uses LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
+    e.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--tasks", help="task ids, e.g. 1,5-9")
+    which.add_argument("--view", type=int, help="a Data Manager view (tab) id: its filtered tasks")
+    which.add_argument("--all", action="store_true", help="every task of the project (the default)")
+    e.add_argument("--prompt", help="default: the model connection's extra_params prompt, else DEFAULT_PROMPT, else "
+                                    "the config's labels")
+    e.add_argument("--model-version", help="score the predictions of this model version already stored, "
+                                           "instead of predicting (no threshold sweep)")
+    e.add_argument("--box-threshold", type=_unit_float, help="default: the project's, else BOX_THRESHOLD")
+    e.add_argument("--text-threshold", type=_unit_float, help="default: the project's, else TEXT_THRESHOLD")
+    e.add_argument("--sam3-score-threshold", type=_unit_float, help="ENGINE=sam3; default: the project's, else "
+                                                                    "SAM3_SCORE_THRESHOLD")
+    e.add_argument("--max-detections", type=_detections, help="default: the project's, else MAX_DETECTIONS")
+    e.add_argument("--label-thresholds", type=_json_object, metavar="JSON_OR_FILE",
+                   help="thresholds per label (default: the project's)")
+    e.add_argument("--target-precision", type=_unit_float,
+                   help="choose each label's thresholds for the best recall at this precision (default: best F1)")
+    e.add_argument("--out", help="write the report as JSON here")
+    e.add_argument("--report", help="write the report as an HTML page (tables, precision-recall points) here")
+    e.add_argument("--apply", action="store_true", help="write the chosen thresholds to the project's model "
+                                                        "connection (extra_params.label_thresholds)")
+    e.add_argument("--url", help="Label Studio's URL (default: LABEL_STUDIO_URL)")
+    e.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    e.set_defaults(run=evaluate)
     return main
 
 

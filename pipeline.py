@@ -207,7 +207,7 @@ class Pipeline:
         detections = Detections.empty()
         if phrases:
             with self.ticket.model_pass("detector"):
-                detections = self._find(image, image_id, phrases, p)
+                detections = self.find(image, image_id, phrases, p)
             if not wants_masks:
                 detections = detections.with_masks(None)
         if star is None or segmenter is None:
@@ -232,9 +232,10 @@ class Pipeline:
                                     found.masks.select(keep), box_from_mask=np.ones(len(keep), bool))
         return everything.with_masks(cleaned(everything.masks, self._cleanup(query)))
 
-    def _find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:
+    def find(self, image: np.ndarray, image_id: str, phrases: tuple[Phrase, ...], p: DetectionParams) -> Detections:
         """The detector's detections of the phrases: through Grounding DINO's two thresholds, or SAM 3's one, each
-        phrase's those of its label."""
+        phrase's those of its label. Masks: SAM 3's, or none. With the image's outputs cached (`image_id`), new
+        thresholds cost no model pass."""
         names = ("sam3_score_threshold",) if self.models.engine == "sam3" else ("box_threshold", "text_threshold")
         gates = [[p.gate(name, ph.label) for ph in phrases] for name in names]
         return self.models.detector.detect(image, phrases, *gates, p.max_detections, self.settings.nms_iou,
@@ -394,7 +395,7 @@ class Pipeline:
             if segmenter is None:
                 continue
             wanted = [(image, i) for image, i in chunk
-                      if star or (dino and len(self._find(image, i, phrases, query.params)))]
+                      if star or (dino and len(self.find(image, i, phrases, query.params)))]
             if len(wanted) > 1:
                 with self.ticket.model_pass("segmenter"):
                     segmenter.embed_batch([image for image, _ in wanted], [i for _, i in wanted])

@@ -24,6 +24,8 @@ class FakeLabelStudio(LoopbackServer):
         self.tasks = tasks or {}
         self.task_source = task_source
         self.predictions: list[dict] = []  # those a test adds itself take ids below 1000
+        self.annotations: dict[int, list[dict]] = {}  # task id -> its annotations, as a test writes them
+        self.ml_backends: list[dict] = []  # the project's model connections ({"id", "extra_params"})
         self.next_id = 1000
         self.requests: list[tuple[str, str]] = []
         self.fail_next = 0
@@ -65,6 +67,8 @@ class FakeLabelStudio(LoopbackServer):
                     self._send(404, {"detail": "Not found."})
                 elif url.path == "/api/tasks/":
                     self._send(*server.page(query))
+                elif url.path == "/api/ml/":
+                    self._send(200, [{"project": 1, "url": "http://127.0.0.1:9", **b} for b in server.ml_backends])
                 elif url.path == "/api/predictions/":
                     task = int(query["task"])
                     self._send(200, [p for p in server.predictions if p["task"] == task])
@@ -84,6 +88,18 @@ class FakeLabelStudio(LoopbackServer):
                     self._send(201, {"created": len(body)})
                 else:
                     self._send(404, {"detail": "Not found."})
+
+            def do_PATCH(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+                if not self._guard():
+                    return
+                parts = self.path.strip("/").split("/")
+                found = [b for b in server.ml_backends if parts[:2] == ["api", "ml"] and str(b["id"]) == parts[-1]]
+                if not found:
+                    self._send(404, {"detail": "Not found."})
+                    return
+                found[0].update(body)
+                self._send(200, {"project": 1, "url": "http://127.0.0.1:9", **found[0]})
 
             def do_DELETE(self):
                 if not self._guard():
@@ -105,7 +121,8 @@ class FakeLabelStudio(LoopbackServer):
 
     def task_json(self, task_id: int, data: dict) -> dict:
         predictions = [p for p in self.predictions if p["task"] == task_id]
-        return {"id": task_id, "data": data, "project": 1, "annotations": [], "predictions": predictions,
+        return {"id": task_id, "data": data, "project": 1, "annotations": self.annotations.get(task_id, []),
+                "predictions": predictions,
                 "predictions_model_versions": ",".join(dict.fromkeys(p["model_version"] for p in predictions))}
 
     def page(self, query: dict) -> tuple[int, dict]:

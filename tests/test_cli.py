@@ -253,3 +253,51 @@ def test_annotate_errors_are_one_line(env, project, tmp_path, monkeypatch, capsy
     assert cli.main(["annotate", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_scores_the_annotated_tasks_and_applies_the_chosen_thresholds(env, project, tmp_path,
+                                                                               monkeypatch, capsys):
+    """Tasks 1-3 annotated (a cats box; 4's only annotation cancelled, 5's image broken); the model connection's
+    extra params kept by --apply, its label_thresholds the chosen ones."""
+    box = {"type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": 120,
+           "original_height": 80, "value": {"x": 10, "y": 10, "width": 50, "height": 50, "rectanglelabels": ["cats"]}}
+    for task in (1, 2, 3, 5):
+        project.annotations[task] = [{"id": task, "result": [box], "updated_at": "2026-12-07T10:00:00Z"}]
+    project.annotations[4] = [{"id": 4, "result": [box], "was_cancelled": True}]
+    project.ml_backends.append({"id": 7, "extra_params": '{"prompt": "shape_cats", "mask_smooth": 1}'})
+    out, report = tmp_path / "report.json", tmp_path / "report.html"
+    result = run_here(monkeypatch, capsys, annotate_env(env, project, tmp_path), "evaluate", "--project", "1",
+                      "--tasks", "1-6", "--out", str(out), "--report", str(report), "--apply")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["tasks"] == 3 and data["notes"]["unannotated"] == 2  # tasks 4 (cancelled) and 6
+    assert [f["task"] for f in data["notes"]["failed"]] == [5] and "task 5 not evaluated" in result.stderr
+    assert data["predictions"].endswith("prompt 'shape_cats'")  # the model connection's prompt
+    cats = data["boxes"]["labels"]["cats"]
+    assert cats["annotated"] == 3 and cats["predicted"] >= cats["matched"] >= 0
+    assert data["masks"]["labels"]["cats"]["annotated"] == 0  # box annotations only: nothing to score masks on
+    assert "cats" in result.stdout and "(all)" in result.stdout and "extra_params: {" in result.stdout
+    assert report.read_text().count("<svg") == 1
+    chosen = data["extra_params"]["label_thresholds"]
+    assert project.ml_backends[0]["extra_params"] == {"prompt": "shape_cats", "mask_smooth": 1,
+                                                      "label_thresholds": chosen}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "6"], "no annotated task to evaluate"),
+        (["--model-version", "nope"], "no annotated task to evaluate"),
+        (["--model-version", "v1", "--apply"], "--apply writes the chosen thresholds"),
+        (["--label-thresholds", '{"dogs": {"box_threshold": 0.2}}'], "'dogs'"),
+    ],
+)
+def test_evaluate_errors_are_one_line(env, project, tmp_path, monkeypatch, capsys, args, message):
+    project.annotations[1] = [{"id": 1, "result": []}]
+    project.ml_backends.append({"id": 7, "extra_params": None})
+    result = run_here(monkeypatch, capsys, annotate_env(env, project, tmp_path), "evaluate", "--project", "1", *args)
+    last = result.stderr.splitlines()[-1]  # after the progress lines
+    assert result.returncode == 1 and last.startswith("error: ") and message in last, result.stderr
