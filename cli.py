@@ -227,18 +227,10 @@ class _Progress:
 
 def annotate(args: argparse.Namespace) -> int:
     from jobs import BulkJob, JobParams, in_batches, job_chunking, parse_task_ranges
-    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
+    from ls_client import LabelStudioClient, LabelStudioProject, Selection
     from store import JobStore
 
-    try:
-        settings = Settings.from_env()
-    except ConfigError as e:
-        raise CommandError(str(e)) from None
-    url = normalise_base(args.url or settings.label_studio_url)
-    if not url or not settings.label_studio_api_key:
-        raise CommandError("set LABEL_STUDIO_URL (or --url) and LABEL_STUDIO_API_KEY: the job reads the project's "
-                           "tasks and imports their predictions with that key")
-    connection = Connection(url, settings.label_studio_api_key)
+    settings, connection = _label_studio(args, "the job reads the project's tasks and imports their predictions")
     store = JobStore(settings.data_dir)
     try:
         client = LabelStudioClient(settings).sdk(connection)
@@ -326,12 +318,9 @@ def annotate(args: argparse.Namespace) -> int:
     return 130 if report.state == "stopped" else 1
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    import evaluate as ev
-    from api import parse_extra_params
-    from jobs import parse_task_ranges
-    from ls_client import Connection, LabelStudioClient, LabelStudioProject, Selection, normalise_base
-    from pipeline import DETECTION_KEYS, TextQuery, detection_params
+def _label_studio(args: argparse.Namespace, why: str):
+    """The settings, and the connection to Label Studio (--url or LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)."""
+    from ls_client import Connection, normalise_base
 
     try:
         settings = Settings.from_env()
@@ -339,9 +328,18 @@ def evaluate(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     url = normalise_base(args.url or settings.label_studio_url)
     if not url or not settings.label_studio_api_key:
-        raise CommandError("set LABEL_STUDIO_URL (or --url) and LABEL_STUDIO_API_KEY: evaluate reads the project's "
-                           "tasks and annotations with that key")
-    connection = Connection(url, settings.label_studio_api_key)
+        raise CommandError(f"set LABEL_STUDIO_URL (or --url) and LABEL_STUDIO_API_KEY: {why} with that key")
+    return settings, Connection(url, settings.label_studio_api_key)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import evaluate as ev
+    from api import parse_extra_params
+    from jobs import parse_task_ranges
+    from ls_client import LabelStudioClient, LabelStudioProject, Selection
+    from pipeline import DETECTION_KEYS, TextQuery, detection_params
+
+    settings, connection = _label_studio(args, "evaluate reads the project's tasks and annotations")
     try:
         selection = Selection(task_ids=parse_task_ranges(args.tasks)) if args.tasks else Selection(view=args.view)
         project = LabelStudioProject(LabelStudioClient(settings).sdk(connection), args.project)
