@@ -244,3 +244,16 @@ def test_the_sweep_costs_one_detector_pass_per_task_and_its_point_in_force_is_th
             assert swept.label == sent.label and swept.score == pytest.approx(sent.score, abs=1e-4)
             assert swept.box == pytest.approx(sent.box, abs=1e-3)  # through Label Studio's percent and back
         assert len(sample.sweep[(0.8, 0.6)]) <= len(in_force) <= len(sample.sweep[(0.1, 0.1)])
+
+
+def test_bench_evaluate_runs_and_both_ways_agree():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_evaluate.py"), "--quick", "--tasks", "1",
+                           "--points", "1", "--size", "160x120"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 detector passes" in done.stdout and "165 detector passes" in done.stdout
+    assert "same boxes at the timed points: yes" in done.stdout
