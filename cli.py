@@ -345,7 +345,7 @@ def evaluate(args: argparse.Namespace) -> int:
         project = LabelStudioProject(LabelStudioClient(settings).sdk(connection), args.project)
         config = parse_label_config(project.label_config())
         ml = project.ml_connection()
-        extra = parse_extra_params(ml[1]) if ml else {}
+        extra = parse_extra_params(ml.extra_params) if ml else {}
         given = {k: getattr(args, k) for k in DETECTION_KEYS if getattr(args, k, None) is not None}
         params = detection_params({**{k: v for k, v in extra.items() if k in DETECTION_KEYS}, **given}, settings,
                                   "--label-thresholds: " if "label_thresholds" in given else "extra_params.")
@@ -419,10 +419,10 @@ def evaluate(args: argparse.Namespace) -> int:
         merged = {**extra, "label_thresholds": {**params.label_thresholds,
                                                 **report["extra_params"]["label_thresholds"]}}
         try:
-            project.set_extra_params(ml[0], merged)
+            project.set_extra_params(ml, merged)
         except ServiceError as e:
             raise CommandError(str(e)) from None
-        print(f"model connection {ml[0]}: extra params written", file=sys.stderr)
+        print(f"model connection {ml.id}: extra params written", file=sys.stderr)
     return 0
 
 

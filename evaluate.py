@@ -260,7 +260,9 @@ def choose_thresholds(samples: list[Sample], config: LabelingConfig, labels: Seq
     chosen = {}
     for label, curve in curves.items():
         n = len(gates)
-        usable = [p for p in curve if p[n + 2] is not None and p[n] is not None]
+        # A point counts where something was predicted and something annotated: a label nobody annotated has
+        # nothing to choose from.
+        usable = [p for p in curve if p[n] is not None and p[n + 1] is not None]
         if target_precision is not None:
             usable = [p for p in usable if p[n] >= target_precision]
             best = max(usable, key=lambda p: (p[n + 1] or 0, p[n], p[:n]), default=None)

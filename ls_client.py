@@ -387,16 +387,18 @@ class LabelStudioProject:
                 deleted += 1
         return deleted
 
-    def ml_connection(self) -> tuple[int, object] | None:
-        """The project's first model connection (Settings -> Model): its id and extra params as stored (an object,
-        a JSON string typed in the UI, or None); None when it has none."""
+    def ml_connection(self):
+        """The project's first model connection (Settings -> Model; .id, .url, .extra_params as stored: an object,
+        a JSON string typed in the UI, or None), or None when it has none."""
         backends = self._call(f"project {self.project}: model connections",
                               lambda: self.client.ml.list(project=self.project))
-        return (backends[0].id, backends[0].extra_params) if backends else None
+        return backends[0] if backends else None
 
-    def set_extra_params(self, ml_id: int, extra_params: dict) -> None:
-        self._call(f"model connection {ml_id}: extra params",
-                   lambda: self.client.ml.update(id=ml_id, extra_params=extra_params))
+    def set_extra_params(self, ml, extra_params: dict) -> None:
+        # With the connection's url and project, as the UI's form sends them: Label Studio 1.23.2 answers 500 to
+        # a PATCH without them (its health check and /setup call then lack those arguments).
+        self._call(f"model connection {ml.id}: extra params", lambda: self.client.ml.update(
+            id=ml.id, url=ml.url, project=self.project, extra_params=extra_params))
 
     def import_predictions(self, predictions: list[dict]) -> int:
         """predictions: {"task", "result", "score", "model_version"} each; returns how many Label Studio created."""

@@ -1,0 +1,123 @@
+"""`cli.py evaluate` against the real Label Studio 1.23.2 of the e2e suite: annotations made through its API
+(rectangles, a brush, a polygon, a label the prompt never predicts, a task without annotation, one whose only
+annotation is cancelled, one whose image is broken), the figures on predictions of the fixture models, `--apply`
+writing the chosen thresholds to the model connection, and the next Retrieve Predictions gated by them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_harness import LS_TOKEN, MODEL_VERSION, LabelStudio, StaticServer
+from label_studio_sdk.converter.brush import mask2rle
+from model_factory import make_image, service_env
+from test_e2e_gunicorn import encode
+
+pytest_plugins = ["label_studio_harness"]
+pytestmark = pytest.mark.label_studio
+
+ROOT = Path(__file__).resolve().parent.parent
+W, H = 96, 64
+LABELS = '<Label value="cats"/><Label value="house"/><Label value="dog"/>'
+CONFIG = (f'<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">{LABELS}'
+          f'</RectangleLabels><BrushLabels name="brush" toName="image">{LABELS}</BrushLabels>'
+          f'<PolygonLabels name="poly" toName="image">{LABELS}</PolygonLabels></View>')
+PROMPT = "round thing_cats. box_house"  # no phrase for dog: annotated, never predicted
+
+
+def region(kind: str, label: str, value: dict) -> dict:
+    name = {"rectanglelabels": "box", "brushlabels": "brush", "polygonlabels": "poly"}[kind]
+    return {"type": kind, "from_name": name, "to_name": "image", "original_width": W, "original_height": H,
+            "image_rotation": 0, "value": {**value, kind: [label]}}
+
+
+def rect(label, x, y, w, h):
+    return region("rectanglelabels", label, {"x": x, "y": y, "width": w, "height": h, "rotation": 0})
+
+
+def brush(label, y0, y1, x0, x1):
+    mask = np.zeros((H, W), np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    return region("brushlabels", label, {"format": "rle", "rle": mask2rle(mask)})
+
+
+def polygon(label, points):
+    return region("polygonlabels", label, {"points": points, "closed": True})
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    files = {f"/eval/{i}.png": encode(make_image(W, H, seed=300 + i), "PNG") for i in range(4)}
+    files["/eval/broken.png"] = b"this is not a picture"
+    server = StaticServer(files)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def evaluate(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "evaluate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_evaluate_a_real_project_apply_and_the_next_retrieve_predictions_follows(
+        label_studio: LabelStudio, backend, pictures, groundingdino_files, mobile_sam_checkpoint, tmp_path):
+    ls = label_studio
+    pid = ls.create_project("evaluate", CONFIG)
+    ls.import_urls(pid, [f"{pictures.url}/eval/{name}.png" for name in ("0", "1", "2", "3", "broken")])
+    t0, t1, t2, t3, broken = (t["id"] for t in ls.tasks(pid))
+    ml = ls.connect_backend(pid, backend.url, {"prompt": PROMPT, "mask_smooth": 0})
+    annotations = {
+        t0: [rect("cats", 10, 10, 40, 50), polygon("house", [[50, 20], [90, 20], [90, 90], [50, 90]])],
+        t1: [brush("cats", 5, 40, 10, 60), rect("dog", 60, 10, 30, 30)],
+        broken: [rect("cats", 10, 10, 20, 20)],
+    }
+    for task, result in annotations.items():
+        ls.json("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
+    ls.json("POST", f"/api/tasks/{t2}/annotations/", json={"result": [], "was_cancelled": True})
+    env = {**service_env(groundingdino_files, mobile_sam_checkpoint), "MAX_DETECTIONS": "5",
+           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LS_TOKEN, "DATA_DIR": str(tmp_path / "data")}
+
+    out = tmp_path / "report.json"
+    done = evaluate(env, "--project", str(pid), "--out", str(out), "--report", str(tmp_path / "report.html"),
+                    "--apply")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tasks"] == 2 and report["notes"]["unannotated"] == 2  # t2 (cancelled) and t3
+    assert [f["task"] for f in report["notes"]["failed"]] == [broken]
+    assert f"prompt {PROMPT!r}" in report["predictions"]  # the model connection's prompt
+    boxes, masks = report["boxes"]["labels"], report["masks"]["labels"]
+    assert (boxes["cats"]["annotated"], boxes["house"]["annotated"], boxes["dog"]["annotated"]) == (1, 0, 1)
+    assert (masks["cats"]["annotated"], masks["house"]["annotated"]) == (1, 1)  # the brush, the polygon
+    assert boxes["dog"]["predicted"] == 0 and boxes["dog"]["recall"] == 0.0 and boxes["dog"]["ap"] == 0.0
+    assert boxes["house"]["recall"] is None and boxes["house"]["ap"] is None  # nothing annotated
+    assert boxes["cats"]["predicted"] > 0
+    chosen = report["extra_params"]["label_thresholds"]
+    assert set(chosen) <= {"cats", "house"} and "cats" in chosen  # one annotated cat box: some point finds it
+
+    stored = ls.json("GET", f"/api/ml/{ml['id']}")["extra_params"]
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert stored == {"prompt": PROMPT, "mask_smooth": 0, "label_thresholds": chosen}
+
+    ls.retrieve_predictions(pid)
+    for task in (t0, t1, t2, t3):
+        (prediction,) = [p for p in ls.predictions(task) if p["model_version"] == MODEL_VERSION]
+        for r in prediction["result"]:
+            label = r["value"][r["type"]][0]
+            gate = chosen.get(label, {}).get("box_threshold")
+            assert gate is None or r["score"] > gate, (label, r["score"], gate)
+
+    again = evaluate(env, "--project", str(pid), "--model-version", MODEL_VERSION, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored_report = json.loads(out.read_text())
+    # t0, t1 and the broken one now hold a prediction (the broken one's empty: its image could not be read)
+    assert stored_report["tasks"] == 3 and "thresholds" not in stored_report
+    rectangles = sum(1 for task in (t0, t1, broken) for p in ls.predictions(task)
+                     if p["model_version"] == MODEL_VERSION for r in p["result"] if r["type"] == "rectanglelabels")
+    assert stored_report["boxes"]["overall"]["predicted"] == rectangles
