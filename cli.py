@@ -401,9 +401,8 @@ def evaluate(args: argparse.Namespace) -> int:
               "notes": notes}
     if grid:
         gates = list(grid)
-        report["thresholds"] = ev.choose_thresholds(samples, config, [p.label for p in plan.phrases
-                                                                      if p.text != "*"], gates,
-                                                    args.target_precision)
+        labels = list(dict.fromkeys(p.label for p in plan.phrases if p.text != "*"))  # two phrases may share one
+        report["thresholds"] = ev.choose_thresholds(samples, config, labels, gates, args.target_precision)
         report["extra_params"] = ev.extra_params_snippet(report["thresholds"])
     print(ev.table(report))
     if notes["ignored"] or notes["unknown_labels"] or notes["unannotated"]:
