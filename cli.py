@@ -337,7 +337,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from api import parse_extra_params
     from jobs import parse_task_ranges
     from ls_client import LabelStudioClient, LabelStudioProject, Selection
-    from pipeline import DETECTION_KEYS, TextQuery, detection_params
+    from pipeline import TextQuery
 
     settings, connection = _label_studio(args, "evaluate reads the project's tasks and annotations")
     try:
@@ -346,9 +346,7 @@ def evaluate(args: argparse.Namespace) -> int:
         config = parse_label_config(project.label_config())
         ml = project.ml_connection()
         extra = parse_extra_params(ml.extra_params) if ml else {}
-        given = {k: getattr(args, k) for k in DETECTION_KEYS if getattr(args, k, None) is not None}
-        params = detection_params({**{k: v for k, v in extra.items() if k in DETECTION_KEYS}, **given}, settings,
-                                  "--label-thresholds: " if "label_thresholds" in given else "extra_params.")
+        params = _detection_params(args, settings, extra)
         prompt = args.prompt or extra.get("prompt") or settings.default_prompt or ". ".join(config.labels)
         plan = require_phrases(prompt, config.labels, config.predicted_values)
         params.check_labels(config.labels)
@@ -425,15 +423,15 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detection_params(args: argparse.Namespace, settings: Settings):
-    """The command line's thresholds over the environment's (the options are range-checked by argparse,
-    --label-thresholds here)."""
-    from pipeline import detection_params
+def _detection_params(args: argparse.Namespace, settings: Settings, project: dict | None = None):
+    """The command line's thresholds over the project's extra params (`project`), over the environment's (the
+    options are range-checked by argparse, --label-thresholds and the project's here)."""
+    from pipeline import DETECTION_KEYS, detection_params, detection_values
 
-    given = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections",
-                                           "sam3_score_threshold", "label_thresholds")}
+    given = {k: getattr(args, k) for k in DETECTION_KEYS if getattr(args, k) is not None}
+    where = "--label-thresholds: " if project is None or "label_thresholds" in given else "extra_params."
     try:
-        return detection_params({k: v for k, v in given.items() if v is not None}, settings, "--label-thresholds: ")
+        return detection_params(detection_values(project or {}, given), settings, where)
     except ServiceError as e:
         raise CommandError(str(e)) from None
 

@@ -18,10 +18,8 @@ pixels and masks pycocotools' RLE of the (H, W) image.
 from __future__ import annotations
 
 import contextlib
-import copy
 import html
 import io
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,8 +34,6 @@ from errors import ServiceError
 from labeling import LabelingConfig
 from pipeline import Pipeline, TextQuery
 from regions import percent_to_box
-
-logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5  # precision, recall, F1 and the sweep: a prediction matches an annotated region at this IoU
 GROUNDING_DINO_GRID = {"box_threshold": np.round(np.arange(0.1, 0.81, 0.05), 2).tolist(),
@@ -141,7 +137,7 @@ def _coco_eval(images: list[tuple[int, int, int]], truth: dict[int, list[Region]
         entry = {"id": i, "image_id": image_id, "category_id": labels.index(region.label) + 1,
                  "bbox": list(region.box), "iscrowd": 0, "area": float(region.box[2] * region.box[3])}
         if iou_type == "segm":
-                    entry.update(segmentation=region.mask, area=float(mask_utils.area(region.mask)))
+            entry.update(segmentation=region.mask, area=float(mask_utils.area(region.mask)))
         if score:
             entry["score"] = region.score
         return entry
@@ -153,7 +149,7 @@ def _coco_eval(images: list[tuple[int, int, int]], truth: dict[int, list[Region]
                       ((i, r) for i, regions in truth.items() for r in regions if r.label in labels), 1)]}
     gt.createIndex()
     dt = COCO()
-    dt.dataset = {"images": copy.deepcopy(gt.dataset["images"]), "categories": gt.dataset["categories"],
+    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
                   "annotations": [annotation(n, i, r, True) for n, (i, r) in enumerate(
                       ((i, r) for i, regions in found.items() for r in regions if r.label in labels), 1)]}
     dt.createIndex()
@@ -314,18 +310,17 @@ def predict_sample(pipeline: Pipeline, task: dict, truth: list[Region], config: 
 
 
 def stored_sample(task: dict, truth: list[Region], config: LabelingConfig, model_version: str) -> Sample | None:
-    """One annotated task with the prediction `model_version` stored for it (the newest), None without one."""
+    """One annotated task with the prediction `model_version` stored for it (the newest: the highest id, as
+    LabelStudioProject.keep_newest takes it), None without one. Its image size: what its regions say."""
     mine = [p for p in task.get("predictions") or [] if p.get("model_version") == model_version]
     if not mine:
         return None
-    newest = max(mine, key=lambda p: (str(p.get("updated_at") or p.get("created_at") or ""), p.get("id") or 0))
-    predicted, _ = regions_of(newest.get("result") or [], config)
-    size = next(((r.get("original_width"), r.get("original_height")) for r in newest.get("result") or []
-                 if r.get("original_width")), None)
-    size = size or next(((r.get("original_width"), r.get("original_height"))
-                         for r in (latest_annotation(task) or {}).get("result") or [] if r.get("original_width")),
-                        (1, 1))
-    return Sample(task.get("id"), int(size[0]), int(size[1]), truth, predicted)
+    results = max(mine, key=lambda p: p.get("id") or 0).get("result") or []
+    predicted, _ = regions_of(results, config)
+    sized = [*results, *((latest_annotation(task) or {}).get("result") or [])]
+    width, height = next(((r["original_width"], r["original_height"]) for r in sized if r.get("original_width")),
+                         (1, 1))
+    return Sample(task.get("id"), int(width), int(height), truth, predicted)
 
 
 def collect(tasks: Iterable[dict], config: LabelingConfig, predict: Callable[[dict, list[Region]], Sample | None],

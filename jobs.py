@@ -50,7 +50,7 @@ from ls_client import (
     normalise_base,
 )
 from masks import CleanupParams
-from pipeline import DETECTION_KEYS, DetectionParams, TaskOutcome, TextQuery, detection_params
+from pipeline import DetectionParams, TaskOutcome, TextQuery, detection_params, detection_values
 from prompts import require_phrases
 from store import FINAL, JobStore
 
@@ -486,8 +486,7 @@ class JobService:
         # The project's extra params (as /setup last sent them) under the body's: a job predicts as Retrieve
         # Predictions would.
         extra = self.store.get(str(project), "extra_params") or {}
-        detection = detection_params({**{k: v for k, v in extra.items() if k in DETECTION_KEYS},
-                                      **{k: v for k, v in body.items() if k in DETECTION_KEYS}}, self.settings)
+        detection = detection_params(detection_values(extra, body), self.settings)
         flags = {name: body.get(name, False) for name in ("redo", "only_missing")}
         for name, value in flags.items():
             if not isinstance(value, bool):

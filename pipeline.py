@@ -70,6 +70,12 @@ class DetectionParams:
                               f"{', '.join(map(repr, unknown))}; its labels: {', '.join(labels) or 'none'}")
 
 
+def detection_values(*layers: Mapping) -> dict:
+    """The DETECTION_KEYS of each mapping, each layer's over those before it (a project's extra params, then a
+    request's)."""
+    return {k: v for layer in layers for k, v in layer.items() if k in DETECTION_KEYS}
+
+
 def detection_params(values: Mapping, settings: Settings, prefix: str = "") -> DetectionParams:
     """DetectionParams from `values` ({"box_threshold", "text_threshold", "max_detections",
     "sam3_score_threshold", "label_thresholds": {label: {gate: value}}}, each optional) over the settings'
