@@ -72,8 +72,9 @@ def _mask_region(label: str, rle: dict, score: float, tool: str) -> Region:
 
 def polygon_rle(points: Sequence[Sequence[float]], width: int, height: int) -> dict:
     """Label Studio polygon points ([[x, y], ...] in percent of the image) -> the pycocotools RLE of the (H, W)
-    mask, rasterised as COCO rasterises a polygon segmentation (what the SDK's COCO export writes)."""
-    flat = [float(v) * scale for x, y in points for v, scale in ((x, width / 100.0), (y, height / 100.0))]
+    mask: the vertices rounded to whole pixels as Label Studio's COCO export writes them (the SDK's converter),
+    rasterised as COCO rasterises a polygon segmentation, so figures here equal COCOeval's on that export."""
+    flat = [round(float(v) * scale) for x, y in points for v, scale in ((x, width / 100.0), (y, height / 100.0))]
     if len(flat) < 6:
         return mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
     return mask_utils.merge(mask_utils.frPyObjects([flat], height, width))

@@ -66,6 +66,20 @@ def test_regions_of_reads_each_tool_in_pixels_and_counts_the_others():
     assert mask_utils.area(drawn.mask) == 40 * 40
 
 
+def test_polygons_rasterise_as_label_studios_coco_export_writes_them():
+    # The SDK's converter (Label Studio's COCO export) rounds the vertices to pixels; COCO rasterises what it wrote.
+    from label_studio_sdk.converter.exports.brush_to_coco import generate_contour_from_polygon
+
+    rng = np.random.default_rng(5)
+    for n in range(20):
+        width, height = (int(v) for v in rng.integers(20, 300, 2))
+        points = rng.uniform(0, 100, (int(rng.integers(3, 9)), 2)).tolist()
+        (exported,), _, _ = generate_contour_from_polygon(points, width, height)
+        expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([exported], height, width)))
+        ours = mask_utils.decode(ev.polygon_rle(points, width, height))
+        assert ours.shape == (height, width) and np.array_equal(ours, expected), n
+
+
 def test_the_latest_annotation_not_cancelled_is_the_truth():
     task = {"annotations": [{"id": 1, "updated_at": "2026-12-01T10:00:00Z", "result": [1]},
                             {"id": 2, "updated_at": "2026-12-03T10:00:00Z", "result": [2], "was_cancelled": True},
