@@ -17,8 +17,14 @@ import threading
 import time
 
 logger = logging.getLogger(__name__)
+trims = 0  # malloc_trim calls by this process's trimming thread (shown in /metrics)
 
 M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -42,10 +48,23 @@ def manage_heap(arena_max: int, trim_interval: float) -> threading.Thread | None
         return None
 
     def trim_forever() -> None:
+        global trims
         while True:
             time.sleep(trim_interval)
             libc.malloc_trim(0)
+            trims += 1
 
     thread = threading.Thread(target=trim_forever, name="malloc-trim", daemon=True)
     thread.start()
     return thread
+
+
+def heap_stats() -> dict | None:
+    """glibc's own count over all arenas: {"in_use": bytes allocated (mmapped blocks included), "free": bytes freed
+    but kept in the arenas}; None without glibc >= 2.33. RSS well above in_use is the allocator keeping, not a leak."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}

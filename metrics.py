@@ -12,6 +12,7 @@ Read at each scrape (the scheduler's, the cache's and the jobs' own state):
     grounded_sam_cache_{hits,misses,evictions}_total, grounded_sam_cache_{bytes,max_bytes,entries}
     grounded_sam_job_tasks{status}, grounded_sam_jobs{state}
     grounded_sam_gpu_memory_{allocated,reserved}_bytes   on CUDA
+    grounded_sam_heap_{in_use,free}_bytes, _trims_total  glibc's malloc: allocated, freed but kept, trims (heap.py)
     process_resident_memory_bytes, process_cpu_seconds_total, ...   (prometheus_client's process collector)
 
 Each gunicorn worker has its own: with WORKERS > 1 a scrape sees one worker's (docs/team.md).
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+import heap
 from scheduler import FOREGROUND, KINDS, Scheduler
 
 # Seconds: from a cached click (milliseconds) to a Retrieve Predictions near Label Studio's 100 s.
@@ -106,6 +108,13 @@ class _StateCollector:
                 jobs.add_metric([key.removeprefix("jobs_")], n)
         yield from (jobs, tasks)
         yield from _gpu_memory()
+        counts = heap.heap_stats()
+        if counts is not None:
+            yield GaugeMetricFamily("grounded_sam_heap_in_use_bytes", "malloc'd and not freed (glibc mallinfo2)",
+                                    counts["in_use"])
+            yield GaugeMetricFamily("grounded_sam_heap_free_bytes", "Freed, kept in malloc's arenas", counts["free"])
+            yield CounterMetricFamily("grounded_sam_heap_trims", "malloc_trim calls (MALLOC_TRIM_INTERVAL)",
+                                      heap.trims)
 
 
 def _gpu_memory():

@@ -12,7 +12,7 @@ answers per second, and the worker's peak RSS.
     --flood N     also: N users for 90 s, then how long after the last of them left a click is answered at idle
                   speed again, and the longest request
     --soak-minutes M   also (the current code only): 6 users and a job for M minutes over fresh images, the
-                  worker's RSS every 30 s
+                  worker's RSS, glibc's heap and the embedding cache every 30 s, and 5-minute means after warm-up
 
 Locust (pinned in benchmarks/locust-requirements.txt) lives in a virtualenv of its own, .venv-locust, built on the
 first run: its gevent stays out of the service's. Nothing leaves 127.0.0.1.
@@ -215,24 +215,47 @@ def summarise(records: Path, seconds: float) -> dict:
 
 
 class RssSampler:
-    """The service's worker RSS every `every` s on a thread, until stopped."""
+    """Every `every` s on a thread, until stopped: the worker's RSS and, from its /metrics, glibc's bytes in use and
+    freed-but-kept and the embedding cache's bytes (0 where a figure is missing)."""
+
+    GAUGES = {"in_use": "grounded_sam_heap_in_use_bytes", "free": "grounded_sam_heap_free_bytes",
+              "cache": "grounded_sam_cache_bytes"}
 
     def __init__(self, service: Service, every: float = 2.0):
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[dict] = []
         self._stop = threading.Event()
         started = time.monotonic()
 
         def run():
             while not self._stop.wait(every):
-                self.samples.append((time.monotonic() - started, service.rss()))
+                sample = {"t": time.monotonic() - started, "rss": service.rss()}
+                try:
+                    text = requests.get(service.url + "/metrics", timeout=5).text
+                except requests.RequestException:
+                    text = ""
+                values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+                sample.update({key: float(values.get(name, 0)) for key, name in self.GAUGES.items()})
+                self.samples.append(sample)
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
-    def stop(self) -> list[tuple[float, int]]:
+    def stop(self) -> list[dict]:
         self._stop.set()
         self._thread.join()
         return self.samples
+
+
+def windows(samples: list[dict], key: str, after: float, width: float = 300) -> list[float]:
+    """Means of samples[key] over consecutive `width`-second windows from `after` s on (whole windows only)."""
+    out = []
+    start = after
+    while True:
+        inside = [s[key] for s in samples if start <= s["t"] < start + width]
+        if not inside or start + width > samples[-1]["t"] + 1:
+            return out
+        out.append(statistics.fmean(inside))
+        start += width
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -305,7 +328,7 @@ def main() -> None:
                     run_locust(locust, service.url, users, args.seconds, records)
                     rss = sampler.stop()
                     row = summarise(records, args.seconds)
-                    row["rss_peak_mb"] = max((r for _, r in rss), default=0) / 2**20
+                    row["rss_peak_mb"] = max((r["rss"] for r in rss), default=0) / 2**20
                     row["wall_s"] = time.monotonic() - started
                     results["users"].setdefault(str(users), {})[code] = row
                     save()
@@ -343,15 +366,21 @@ def main() -> None:
                 sampler = RssSampler(service, every=30)
                 run_locust(locust, service.url, 6, args.soak_minutes * 60, tmp / "soak.jsonl", stop_timeout=10)
                 rss = sampler.stop()
-                results["soak"] = {"rss_mb": [(round(t), round(r / 2**20)) for t, r in rss],
+                results["soak"] = {"memory_mb": [{k: round(v / 2**20) if k != "t" else round(v) for k, v in r.items()}
+                                                  for r in rss],
                                    "kinds": summarise(tmp / "soak.jsonl", args.soak_minutes * 60)}
                 save()
-                warm = [r for t, r in rss if t >= 300] or [r for _, r in rss]
-                print(f"soak, 6 users and a job, {args.soak_minutes:g} min: RSS MB "
-                      + ", ".join(f"{t // 60:.0f}m {r / 2**20:.0f}" for t, r in rss[::4])
-                      + f"; after 5 min min {min(warm) / 2**20:.0f}, max {max(warm) / 2**20:.0f} "
-                      f"({100 * (max(warm) / min(warm) - 1):.1f} % above)", flush=True)
-                print_row(6, "soak", {"rss_peak_mb": max(r for _, r in rss) / 2**20, **results["soak"]["kinds"]})
+                print(f"soak, 6 users and a job, {args.soak_minutes:g} min, every 2 min: MB RSS / heap in use / "
+                      "heap freed and kept / embedding cache: "
+                      + ", ".join(f"{r['t'] // 60:.0f}m {r['rss'] / 2**20:.0f}/{r['in_use'] / 2**20:.0f}/"
+                                  f"{r['free'] / 2**20:.0f}/{r['cache'] / 2**20:.0f}" for r in rss[3::4]), flush=True)
+                for key in ("rss", "in_use"):
+                    means = windows(rss, key, after=300)
+                    if means:
+                        print(f"  {key}, 5-minute means after the first 5 minutes: "
+                              + ", ".join(f"{m / 2**20:.0f}" for m in means)
+                              + f" MB; highest {100 * (max(means) / min(means) - 1):.1f} % above lowest", flush=True)
+                print_row(6, "soak", {"rss_peak_mb": max(r["rss"] for r in rss) / 2**20, **results["soak"]["kinds"]})
             finally:
                 service.stop()
 

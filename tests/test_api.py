@@ -24,6 +24,7 @@ from test_labeling import GUIDE_CONFIG
 
 from _wsgi import create_backend_app
 from cache import EmbeddingCache
+from heap import heap_stats
 from loader import Models
 
 
@@ -367,6 +368,8 @@ def test_webhook_and_metrics(client):
     assert metrics["grounded_sam_queue_admitted{kind=prompt}"] == 0
     assert metrics["grounded_sam_model_passes_running"] == 0
     assert metrics["process_resident_memory_bytes"] > 0
+    if heap_stats() is not None:  # glibc
+        assert metrics["grounded_sam_heap_in_use_bytes"] > 2**20 and "grounded_sam_heap_free_bytes" in metrics
     assert metrics["grounded_sam_cache_max_bytes"] == 2**20 and metrics["grounded_sam_cache_entries"] >= 1
 
 

@@ -102,6 +102,7 @@ def service(groundingdino_files, mobile_sam_checkpoint, images, home, tmp_path_f
         "HF_HUB_OFFLINE": "1",
         # Refusals by deadline depend on this machine's speed: tested in test_scheduler.py and test_api.py.
         "REQUEST_DEADLINE": "600",
+        "MALLOC_TRIM_INTERVAL": "1",
         "HOME": str(home),
         "XDG_RUNTIME_DIR": str(home),
     }
@@ -159,6 +160,18 @@ def test_no_control_socket_left_in_home(service, home):
     # gunicorn's default would be $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl.
     assert requests.get(service[0] + "/health", timeout=5).status_code == 200
     assert sorted(p.name for p in home.rglob("*") if "gunicorn" in p.name) == []
+
+
+def test_the_worker_trims_its_heap(service):
+    # gunicorn.conf.py's post_fork starts heap.py's thread in the worker: its trims counted in /metrics.
+    from conftest import metric_samples
+
+    def trims():
+        return metric_samples(requests.get(service[0] + "/metrics", timeout=5).text)["grounded_sam_heap_trims_total"]
+
+    first = trims()
+    time.sleep(2.5)
+    assert trims() >= first + 2
 
 
 def test_text_prompt_gives_labeled_boxes_and_masks_while_health_answers(service):

@@ -1,7 +1,8 @@
-"""heap.py: under glibc, the trimming thread hands freed heap memory back to the system."""
+"""heap.py: under glibc, the trimming thread hands freed heap memory back to the system, and the heap is counted."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import textwrap
@@ -50,3 +51,19 @@ def test_freed_memory_goes_back_to_the_system_within_an_interval():
 def test_without_the_interval_nothing_is_trimmed():
     before, after, running = run(arena_max=0, interval=0)
     assert not running and after > before - 50, (before, after)
+
+
+def test_heap_stats_count_what_is_allocated_and_what_is_freed_but_kept():
+    libc = heap._glibc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    start = heap.heap_stats()
+    chunks = [libc.malloc(4000) for _ in range(50_000)]  # ~200 MB in small blocks
+    held = heap.heap_stats()
+    for p in chunks[:-1]:
+        libc.free(p)  # kept in the arena below the last block
+    freed = heap.heap_stats()
+    libc.free(chunks[-1])
+    mb = 2**20
+    assert held["in_use"] - start["in_use"] > 190 * mb, (start, held)
+    assert held["in_use"] - freed["in_use"] > 190 * mb and freed["free"] - held["free"] > 190 * mb, (held, freed)
