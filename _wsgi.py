@@ -14,6 +14,7 @@ from flask import Flask
 
 from api import create_app
 from config import ServerSettings, Settings
+from evaluate import Evaluations
 from images import ImageLoader
 from jobs import JobParams, JobRunner, JobService, in_batches
 from loader import ModelLoader
@@ -39,16 +40,19 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
     images = ImageLoader(settings)
     scheduler = Scheduler(settings.model_concurrency, settings.queue_limit)  # owns this worker's model passes
 
+    def background_pipeline() -> Pipeline:
+        """The loaded models (waited for: a job may be queued while they load), each pass after every labeler's
+        (the scheduler's least urgent kind): bulk jobs' and evaluations'."""
+        return Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version, scheduler.background())
+
     def executor_for(params: JobParams, connection: Connection):
-        """How this worker predicts a bulk job's tasks: the loaded models, BATCH_SIZE tasks at a time, each pass
-        after every labeler's (the scheduler's least urgent kind)."""
+        """How this worker predicts a bulk job's tasks: BATCH_SIZE tasks at a time, in the background."""
         config, query = params.query()
         pipelines: list[Pipeline] = []
 
         def predict(tasks: list[dict]):
-            if not pipelines:  # the job may be queued while the models still load
-                pipelines.append(Pipeline(loader.get(timeout=24 * 3600), settings, images, loader.model_version,
-                                          scheduler.background()))
+            if not pipelines:
+                pipelines.append(background_pipeline())
             return pipelines[0].start_tasks(tasks, config, query, connection.url, connection.key)
 
         # One batch's host work (clean-up, regions) on a thread while the next batch's model passes run.
@@ -68,7 +72,9 @@ def create_backend_app(env=None, loader: ModelLoader | None = None) -> Flask:
         return loader.get(timeout=0).cache.stats() if loader.state().get("models") == "ready" else None
 
     metrics = ServiceMetrics(scheduler, cache_stats, jobs.metrics)
-    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response, metrics=metrics)
+    evaluations = Evaluations(settings, jobs, background_pipeline)
+    app = create_app(factory, health=loader.state, basic_auth=auth, jobs=jobs, page=index_response, metrics=metrics,
+                     evaluations=evaluations)
     app.extensions["model_loader"] = loader
     register_page(app, TryService(loader, settings, images, scheduler), status=loader.state)  # the page's routes
     app.before_request(loader.start)  # for servers without gunicorn.conf.py's hook

@@ -1,8 +1,9 @@
 """The HTTP layer: Label Studio's ML backend routes, parsed and validated, as a Flask app.
 
 Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics (Prometheus' text format,
-metrics.py's; GET / in a browser: the service's page, page.py's, which adds its own routes). Every other answer is
-JSON, errors included ({"error": "..."} with a 4xx/5xx status; 503 with Retry-After when the scheduler refuses).
+metrics.py's), /jobs (bulk jobs), /evaluations (a project's pre-annotations measured); GET / in a browser: the
+service's page (page.py's, which adds its own routes). Every other answer is JSON, errors included ({"error":
+"..."} with a 4xx/5xx status; 503 with Retry-After when the scheduler refuses).
 With BASIC_AUTH_USER and BASIC_AUTH_PASS set, every route but /health needs those credentials.
 """
 
@@ -12,6 +13,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from flask import Flask, g, jsonify, request
@@ -38,6 +40,9 @@ from metrics import ServiceMetrics
 from mlbase import LabelStudioMLBase
 from scheduler import Busy, Caller, peer_connected
 from store import project_key
+
+if TYPE_CHECKING:
+    from evaluate import Evaluations
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +139,7 @@ def create_app(
     jobs: JobService | None = None,
     page: Callable[[], object] | None = None,
     metrics: ServiceMetrics | None = None,
+    evaluations: Evaluations | None = None,
 ) -> Flask:
     """A Flask app serving the backend that `factory(project, label_config)` creates per request.
 
@@ -141,6 +147,7 @@ def create_app(
     jobs: the bulk jobs behind /jobs (None: no such routes).
     page: GET /'s answer to a browser (Accept: text/html before JSON); anything else gets /health's JSON there.
     metrics: what GET /metrics serves (a registry of its own when None).
+    evaluations: the project evaluations behind /evaluations (None: no such routes).
     """
     app = Flask(__name__)
     app.json = FastJSON(app)
@@ -295,5 +302,25 @@ def create_app(
         @app.delete("/jobs/<job_id>")
         def cancel_job(job_id: str):
             return jsonify(jobs.cancel(job_id, caller_key()))
+
+    if evaluations is not None:
+        @app.post("/evaluations")
+        def start_evaluation():
+            key = caller_key()
+            return jsonify(evaluations.start(_json_body(), key)), 201
+
+        @app.get("/evaluations/<evaluation_id>")
+        def get_evaluation(evaluation_id: str):
+            return jsonify(evaluations.status(evaluation_id, caller_key()))
+
+        @app.get("/evaluations/<evaluation_id>/report")
+        def evaluation_report(evaluation_id: str):
+            response = app.response_class(evaluations.html(evaluation_id, caller_key()), mimetype="text/html")
+            response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+            return response
+
+        @app.post("/evaluations/<evaluation_id>/apply")
+        def apply_evaluation(evaluation_id: str):
+            return jsonify(evaluations.apply(evaluation_id, caller_key()))
 
     return app

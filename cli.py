@@ -334,37 +334,23 @@ def _label_studio(args: argparse.Namespace, why: str):
 
 def evaluate(args: argparse.Namespace) -> int:
     import evaluate as ev
-    from api import parse_extra_params
     from jobs import parse_task_ranges
     from ls_client import LabelStudioClient, LabelStudioProject, Selection
-    from pipeline import TextQuery
 
     settings, connection = _label_studio(args, "evaluate reads the project's tasks and annotations")
+    given, where = _thresholds_given(args)
     try:
         selection = Selection(task_ids=parse_task_ranges(args.tasks)) if args.tasks else Selection(view=args.view)
         project = LabelStudioProject(LabelStudioClient(settings).sdk(connection), args.project)
-        config = parse_label_config(project.label_config())
-        ml = project.ml_connection()
-        extra = parse_extra_params(ml.extra_params) if ml else {}
-        params = _detection_params(args, settings, extra)
-        prompt = args.prompt or extra.get("prompt") or settings.default_prompt or ". ".join(config.labels)
-        plan = require_phrases(prompt, config.labels, config.predicted_values)
-        params.check_labels(config.labels)
+        evaluation = ev.ProjectEvaluation.open(project, settings, args.prompt, given, where)
         total = project.total(selection)
     except ServiceError as e:
         raise CommandError(str(e)) from None
-    if args.apply and (args.model_version or ml is None):
+    if args.apply and (args.model_version or evaluation.ml is None):
         raise CommandError("--apply writes the chosen thresholds to the project's model connection: it needs one, "
                            "and thresholds chosen by predicting (not --model-version)")
-    query = TextQuery(plan.phrases, params)
-    if args.model_version:
-        predictions = f"stored, model version {args.model_version}"
-
-        def predict(task, truth):
-            return ev.stored_sample(task, truth, config, args.model_version)
-
-        grid = None
-    else:
+    pipeline = None
+    if not args.model_version:
         from images import ImageLoader
         from loader import build_models
         from pipeline import Pipeline
@@ -374,34 +360,22 @@ def evaluate(args: argparse.Namespace) -> int:
                 pipeline = Pipeline(build_models(settings), settings, ImageLoader(settings))
         except ServiceError as e:
             raise CommandError(str(e)) from None
-        grid = ev.sweep_grid(pipeline.models.engine)
-        predictions = f"predicted now, model {pipeline.model_version}, prompt {prompt!r}"
-
-        def predict(task, truth):
-            return ev.predict_sample(pipeline, task, truth, config, query, grid, connection.url, connection.key)
-
     print(f"project {args.project}, {selection.describe()}{f' ({total} tasks)' if total is not None else ''}: "
-          f"{predictions}", file=sys.stderr)
+          + (f"stored, model version {args.model_version}" if pipeline is None else
+             f"predicted now, model {pipeline.model_version}, prompt {evaluation.prompt!r}"), file=sys.stderr)
     progress = _Progress(total)
     try:
-        samples, notes = ev.collect(project.tasks(selection), config, predict, progress)
+        report = evaluation.run(selection, pipeline, args.model_version, connection.url, connection.key,
+                                args.target_precision, progress)
+    except ev.NothingToEvaluate as e:
+        _print_failures(e.notes)
+        raise CommandError(str(e)) from None
     except ServiceError as e:
         raise CommandError(str(e)) from None
     finally:
         progress.close()
-    for failure in notes["failed"]:
-        print(f"  task {failure['task']} not evaluated: {failure['reason']}", file=sys.stderr)
-    if not samples:
-        raise CommandError(f"project {args.project}: no annotated task to evaluate in {selection.describe()} "
-                           f"({notes['unannotated']} without annotation, {len(notes['failed'])} failed, "
-                           f"{notes['no_prediction']} without a prediction of that model version)")
-    report = {"project": args.project, "predictions": predictions, **ev.evaluate(samples, config, config.labels),
-              "notes": notes}
-    if grid:
-        gates = list(grid)
-        labels = list(dict.fromkeys(p.label for p in plan.phrases if p.text != "*"))  # two phrases may share one
-        report["thresholds"] = ev.choose_thresholds(samples, config, labels, gates, args.target_precision)
-        report["extra_params"] = ev.extra_params_snippet(report["thresholds"])
+    notes = report["notes"]
+    _print_failures(notes)
     print(ev.table(report))
     if notes["ignored"] or notes["unknown_labels"] or notes["unannotated"]:
         print(f"not scored: {notes['unannotated']} task(s) without annotation; regions of other tools "
@@ -413,25 +387,34 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.report:
         _write(args.report, lambda path: Path(path).write_text(ev.html_report(report), encoding="utf-8"))
     if args.apply:
-        merged = {**extra, "label_thresholds": {**params.label_thresholds,
-                                                **report["extra_params"]["label_thresholds"]}}
         try:
-            project.set_extra_params(ml, merged)
+            evaluation.apply(report)
         except ServiceError as e:
             raise CommandError(str(e)) from None
-        print(f"model connection {ml.id}: extra params written", file=sys.stderr)
+        print(f"model connection {evaluation.ml.id}: extra params written", file=sys.stderr)
     return 0
 
 
-def _detection_params(args: argparse.Namespace, settings: Settings, project: dict | None = None):
-    """The command line's thresholds over the project's extra params (`project`), over the environment's (the
-    options are range-checked by argparse, --label-thresholds and the project's here)."""
-    from pipeline import DETECTION_KEYS, detection_params, detection_values
+def _print_failures(notes: dict) -> None:
+    for failure in notes["failed"]:
+        print(f"  task {failure['task']} not evaluated: {failure['reason']}", file=sys.stderr)
+
+
+def _thresholds_given(args: argparse.Namespace) -> tuple[dict, str]:
+    """The thresholds given on the command line ({DETECTION_KEYS}), and the prefix naming a bad one."""
+    from pipeline import DETECTION_KEYS
 
     given = {k: getattr(args, k) for k in DETECTION_KEYS if getattr(args, k) is not None}
-    where = "--label-thresholds: " if project is None or "label_thresholds" in given else "extra_params."
+    return given, "--label-thresholds: " if "label_thresholds" in given else "extra_params."
+
+
+def _detection_params(args: argparse.Namespace, settings: Settings):
+    """The command line's thresholds over the environment's (the options are range-checked by argparse,
+    --label-thresholds here)."""
+    from pipeline import detection_params
+
     try:
-        return detection_params(detection_values(project or {}, given), settings, where)
+        return detection_params(_thresholds_given(args)[0], settings, "--label-thresholds: ")
     except ServiceError as e:
         raise CommandError(str(e)) from None
 

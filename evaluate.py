@@ -18,11 +18,18 @@ pixels and masks pycocotools' RLE of the (H, W) image.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import html
 import io
+import logging
+import queue
+import threading
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
@@ -30,10 +37,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from errors import ServiceError
-from labeling import LabelingConfig
-from pipeline import Pipeline, TextQuery
+from config import Settings
+from errors import NotFound, ParamsError, ServiceError
+from jobs import JobService, selection_of
+from labeling import LabelingConfig, parse_label_config
+from ls_client import LabelStudioProject, Selection
+from pipeline import Pipeline, TextQuery, detection_params, detection_values
+from prompts import require_phrases
 from regions import percent_to_box
+
+logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5  # precision, recall, F1 and the sweep: a prediction matches an annotated region at this IoU
 GROUNDING_DINO_GRID = {"box_threshold": np.round(np.arange(0.1, 0.81, 0.05), 2).tolist(),
@@ -257,9 +270,9 @@ def choose_thresholds(samples: list[Sample], config: LabelingConfig, labels: Seq
     chosen = {}
     for label, curve in curves.items():
         n = len(gates)
-        # A point counts where something was predicted and something annotated: a label nobody annotated has
-        # nothing to choose from.
-        usable = [p for p in curve if p[n] is not None and p[n + 1] is not None]
+        # A point counts where it found an annotated region (F1 above 0): a label nobody annotated, or whose
+        # regions no point finds, has nothing to choose from.
+        usable = [p for p in curve if p[n + 2]]
         if target_precision is not None:
             usable = [p for p in usable if p[n] >= target_precision]
             best = max(usable, key=lambda p: (p[n + 1] or 0, p[n], p[:n]), default=None)
@@ -362,6 +375,182 @@ def collect(tasks: Iterable[dict], config: LabelingConfig, predict: Callable[[di
     return samples, notes
 
 
+# ---------------------------------------------------------------------------------------------------- a project
+
+
+class NothingToEvaluate(ServiceError):
+    """No task of the selection could be scored; `notes` as collect() counted them."""
+
+    def __init__(self, message: str, notes: dict):
+        super().__init__(message)
+        self.notes = notes
+
+
+@dataclass
+class ProjectEvaluation:
+    """A Label Studio project set up for evaluation: its labeling config, its model connection (Settings -> Model,
+    or None) and the connection's extra params, and the query its pre-annotations are made with."""
+
+    project: LabelStudioProject
+    config: LabelingConfig
+    ml: Any
+    extra: dict
+    prompt: str
+    query: TextQuery
+
+    @classmethod
+    def open(cls, project: LabelStudioProject, settings: Settings, prompt: str | None = None,
+             given: Mapping | None = None, where: str = "extra_params.") -> ProjectEvaluation:
+        """The project's thresholds: `given` ({DETECTION_KEYS}) over its extra params over the environment's;
+        `where` prefixes a bad threshold's name in the error. Raises ServiceError (a bad key, config or prompt)."""
+        from api import parse_extra_params
+
+        config = parse_label_config(project.label_config())
+        ml = project.ml_connection()
+        extra = parse_extra_params(ml.extra_params) if ml else {}
+        params = detection_params(detection_values(extra, given or {}), settings, where)
+        prompt = prompt or extra.get("prompt") or settings.default_prompt or ". ".join(config.labels)
+        plan = require_phrases(prompt, config.labels, config.predicted_values)
+        params.check_labels(config.labels)
+        return cls(project, config, ml, extra, prompt, TextQuery(plan.phrases, params))
+
+    def run(self, selection: Selection, pipeline: Pipeline | None = None, model_version: str | None = None,
+            hostname: str | None = None, key: str | None = None, target_precision: float | None = None,
+            progress: Callable[[dict], None] = lambda counts: None) -> dict:
+        """The report: the selection's annotated tasks predicted by `pipeline` (and the thresholds swept), or with
+        `model_version` their stored predictions read; {"project", "predictions", evaluate()'s figures, "notes",
+        and when predicted "thresholds", "extra_params"}. Raises NothingToEvaluate."""
+        if model_version:
+            description, grid = f"stored, model version {model_version}", None
+
+            def predict(task, truth):
+                return stored_sample(task, truth, self.config, model_version)
+        else:
+            description = f"predicted now, model {pipeline.model_version}, prompt {self.prompt!r}"
+            grid = sweep_grid(pipeline.models.engine)
+
+            def predict(task, truth):
+                return predict_sample(pipeline, task, truth, self.config, self.query, grid, hostname, key)
+
+        samples, notes = collect(self.project.tasks(selection), self.config, predict, progress)
+        if not samples:
+            raise NothingToEvaluate(
+                f"project {self.project.project}: no annotated task to evaluate in {selection.describe()} "
+                f"({notes['unannotated']} without annotation, {len(notes['failed'])} failed, "
+                f"{notes['no_prediction']} without a prediction of that model version)", notes)
+        report = {"project": self.project.project, "predictions": description,
+                  **evaluate(samples, self.config, self.config.labels), "notes": notes}
+        if grid:
+            # The prompt's labels (two phrases may share one), each swept once.
+            labels = list(dict.fromkeys(p.label for p in self.query.phrases if p.text != "*"))
+            report["thresholds"] = choose_thresholds(samples, self.config, labels, list(grid), target_precision)
+            report["extra_params"] = extra_params_snippet(report["thresholds"])
+        return report
+
+    def apply(self, report: dict) -> dict:
+        """Write the report's chosen thresholds into the model connection's extra params (over the labels it
+        already names); the extra params written."""
+        if self.ml is None or "extra_params" not in report:
+            raise ParamsError("applying writes the chosen thresholds to the project's model connection: it needs "
+                              "one, and thresholds chosen by predicting (not from a stored model version)")
+        merged = {**self.extra, "label_thresholds": {**self.query.params.label_thresholds,
+                                                     **report["extra_params"]["label_thresholds"]}}
+        self.project.set_extra_params(self.ml, merged)
+        return merged
+
+
+# ---------------------------------------------------------------------------------------------------- in the service
+
+
+class Evaluations:
+    """POST /evaluations: a project evaluated in the background through the worker's models, one evaluation at a
+    time (the others queued) and each model pass after every labeler's (the scheduler's least urgent kind). The
+    latest KEEP are kept in memory (a restart forgets them: the CLI's --out keeps a report); each is read and
+    applied only with the Label Studio key that started it."""
+
+    KEEP = 10
+
+    def __init__(self, settings: Settings, jobs: JobService, pipeline_for: Callable[[], Pipeline]):
+        self.settings, self.jobs, self.pipeline_for = settings, jobs, pipeline_for
+        self._runs: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon: a worker shutting down does not wait for an evaluation.
+        threading.Thread(target=self._work, name="evaluations", daemon=True).start()
+
+    def start(self, body: dict, key: str) -> dict:
+        """body: {"project", "tasks" | "view" | "all", "prompt", "model_version" (read its stored predictions
+        instead of predicting), "target_precision", "label_studio_url"}. The project, the key and the prompt are
+        checked with Label Studio before anything is queued."""
+        selection = selection_of(body)
+        prompt, version, target = body.get("prompt"), body.get("model_version"), body.get("target_precision")
+        for name, value in (("prompt", prompt), ("model_version", version)):
+            if value is not None and not isinstance(value, str):
+                raise ParamsError(f"'{name}' must be a string, got {type(value).__name__}")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                                   or not 0 < target <= 1):
+            raise ParamsError(f"'target_precision' must be a number in (0, 1], got {target!r}")
+        connection, project = self.jobs.open_project(body, key)
+        evaluation = ProjectEvaluation.open(project, self.settings, prompt or None)
+        run = {"id": uuid.uuid4().hex[:12], "project": project.project, "state": "queued",
+               "selection": selection.describe(), "prompt": None if version else evaluation.prompt,
+               "model_version": version or None, "total": None, "done": 0, "failed": 0, "skipped": 0,
+               "error": None, "report": None, "_key": _digest(key), "_evaluation": evaluation}
+        with self._lock:
+            self._runs[run["id"]] = run
+            for old in list(self._runs)[:-self.KEEP]:
+                if self._runs[old]["state"] in ("done", "failed"):
+                    del self._runs[old]
+        self._queue.put((run, evaluation, selection, connection, version or None, target))
+        return self.status(run["id"], key)
+
+    def _work(self) -> None:
+        while True:
+            self._run(*self._queue.get())
+
+    def _run(self, run: dict, evaluation: ProjectEvaluation, selection: Selection, connection, version, target):
+        run["state"] = "running"
+        try:
+            run["total"] = evaluation.project.total(selection)
+            pipeline = None if version else self.pipeline_for()
+            run["report"] = evaluation.run(selection, pipeline, version, connection.url, connection.key, target,
+                                           progress=run.update)
+            run["state"] = "done"
+        except ServiceError as e:
+            run.update(state="failed", error=str(e))
+        except Exception as e:  # never lose the worker thread; the message for the page, the trace for the log
+            logger.exception("evaluation %s failed", run["id"])
+            run.update(state="failed", error=f"{type(e).__name__}: {e}")
+
+    def _get(self, evaluation_id: str, key: str) -> dict:
+        run = self._runs.get(evaluation_id)
+        if run is None or not hmac.compare_digest(run["_key"], _digest(key)):
+            raise NotFound(f"no evaluation {evaluation_id!r} started with this key")
+        return run
+
+    def status(self, evaluation_id: str, key: str) -> dict:
+        """{"id", "project", "state": queued | running | done | failed, "selection", "prompt", "model_version",
+        "total", "done", "failed", "skipped", "error", "report" (when done)}."""
+        return {k: v for k, v in self._get(evaluation_id, key).items() if not k.startswith("_")}
+
+    def html(self, evaluation_id: str, key: str) -> str:
+        run = self._get(evaluation_id, key)
+        if run["report"] is None:
+            raise NotFound(f"evaluation {evaluation_id} has no report: it is {run['state']}")
+        return html_report(run["report"])
+
+    def apply(self, evaluation_id: str, key: str) -> dict:
+        """The chosen thresholds written to the project's model connection; {"extra_params": what was written}."""
+        run = self._get(evaluation_id, key)
+        if run["report"] is None:
+            raise ParamsError(f"evaluation {evaluation_id} has no thresholds to apply: it is {run['state']}")
+        return {"extra_params": run["_evaluation"].apply(run["report"])}
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
 # ---------------------------------------------------------------------------------------------------- output
 
 
@@ -389,7 +578,7 @@ def table(report: dict) -> str:
         goal = f"precision >= {sweep['target_precision']}" if sweep["target_precision"] is not None else "best F1"
         lines.append(f"thresholds chosen per label ({goal}, boxes at IoU {MATCH_IOU}):")
         for label, e in sweep["labels"].items():
-            chosen = ", ".join(f"{k} {v}" for k, v in e["chosen"].items()) if e["chosen"] else "none reaches it"
+            chosen = ", ".join(f"{k} {v}" for k, v in e["chosen"].items()) if e["chosen"] else "none finds it"
             lines.append(f"  {label[:20]:<20} {chosen:<40} P {_fmt(e['precision'])}  R {_fmt(e['recall'])}  "
                          f"F1 {_fmt(e['f1'])}")
     return "\n".join(lines)

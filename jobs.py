@@ -461,6 +461,40 @@ class JobRunner:
                     self._current = None
 
 
+def project_id(body: dict) -> int:
+    project = body.get("project")
+    if isinstance(project, bool) or not isinstance(project, int) or project < 1:
+        raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
+    return project
+
+
+def selection_of(body: dict) -> Selection:
+    """Which tasks a request body names: exactly one of "tasks" (ids, or a string like "1,5-9"), "view" or "all"."""
+    given = [k for k in ("tasks", "view", "all") if body.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise ParamsError("say which tasks: exactly one of 'tasks' (ids, or a string like \"1,5-9\"), 'view' "
+                          f"(a Data Manager view id) or 'all': true; got {given or 'none'}")
+    tasks, view = body.get("tasks"), body.get("view")
+    if given == ["tasks"]:
+        if isinstance(tasks, str):
+            ids = parse_task_ranges(tasks)
+        elif isinstance(tasks, list) and all(isinstance(t, int) and not isinstance(t, bool) and t > 0
+                                             for t in tasks):
+            ids = tuple(dict.fromkeys(tasks))
+        else:
+            raise ParamsError("'tasks' must be a list of task ids or a string like \"1,5-9\"")
+        if not ids:
+            raise ParamsError("'tasks' is empty: nothing to pre-annotate")
+        return Selection(task_ids=ids)
+    if given == ["view"]:
+        if isinstance(view, bool) or not isinstance(view, int) or view < 1:
+            raise ParamsError(f"'view' must be a Data Manager view id, got {view!r}")
+        return Selection(view=view)
+    if body.get("all") is not True:
+        raise ParamsError(f"'all' must be true, got {body.get('all')!r}")
+    return Selection()
+
+
 class JobService:
     """The jobs route's logic: a job from a request body and the caller's Label Studio key; status; cancel."""
 
@@ -473,16 +507,24 @@ class JobService:
         connection = Connection(normalise_base(url), key)
         return connection, LabelStudioProject(self.label_studio.sdk(connection), project, retries=1)
 
+    def open_project(self, body: dict, key: str) -> tuple[Connection, LabelStudioProject]:
+        """The caller's connection to the Label Studio of body's "project" (body's "label_studio_url", else
+        LABEL_STUDIO_URL, else the host /setup named), and the project's calls on it."""
+        project = project_id(body)
+        url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
+                                                                                                "hostname")
+        if not isinstance(url, str) or not url:
+            raise ParamsError("the Label Studio URL is unknown: send 'label_studio_url' or set LABEL_STUDIO_URL")
+        return self._project(url, key, project)
+
     def create(self, body: dict, key: str) -> dict:
         """body: {"project", "prompt", "tasks" (ids or "1,5-9") | "view" | "all", "redo", "only_missing" (the
         default: accepted, changes nothing), "box_threshold", "text_threshold", "max_detections",
         "sam3_score_threshold", "label_thresholds" (each over the project's extra params, then the environment's),
         "label_studio_url"}. Checks the project and the key with Label Studio before
         anything is queued."""
-        project = body.get("project")
-        if isinstance(project, bool) or not isinstance(project, int) or project < 1:
-            raise ParamsError(f"'project' must be a Label Studio project id (a positive integer), got {project!r}")
-        selection = self._selection(body)
+        project = project_id(body)
+        selection = selection_of(body)
         # The project's extra params (as /setup last sent them) under the body's: a job predicts as Retrieve
         # Predictions would.
         extra = self.store.get(str(project), "extra_params") or {}
@@ -494,11 +536,7 @@ class JobService:
         if flags["redo"] and flags["only_missing"]:
             raise ParamsError("'redo' and 'only_missing' contradict each other: 'redo' replaces the predictions "
                               "'only_missing' keeps (skipping them is the default)")
-        url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
-                                                                                                "hostname")
-        if not isinstance(url, str) or not url:
-            raise ParamsError("the Label Studio URL is unknown: send 'label_studio_url' or set LABEL_STUDIO_URL")
-        connection, label_project = self._project(url, key, project)
+        connection, label_project = self.open_project(body, key)
         label_config = label_project.label_config()
         config = parse_label_config(label_config)
         prompt = body.get("prompt")
@@ -514,32 +552,6 @@ class JobService:
                            **job_chunking(self.settings))
         job_id = self.runner.submit(params, connection)
         return job_status(self.store, job_id)
-
-    @staticmethod
-    def _selection(body: dict) -> Selection:
-        given = [k for k in ("tasks", "view", "all") if body.get(k) not in (None, False)]
-        if len(given) != 1:
-            raise ParamsError("say which tasks: exactly one of 'tasks' (ids, or a string like \"1,5-9\"), 'view' "
-                              f"(a Data Manager view id) or 'all': true; got {given or 'none'}")
-        tasks, view = body.get("tasks"), body.get("view")
-        if given == ["tasks"]:
-            if isinstance(tasks, str):
-                ids = parse_task_ranges(tasks)
-            elif isinstance(tasks, list) and all(isinstance(t, int) and not isinstance(t, bool) and t > 0
-                                                 for t in tasks):
-                ids = tuple(dict.fromkeys(tasks))
-            else:
-                raise ParamsError("'tasks' must be a list of task ids or a string like \"1,5-9\"")
-            if not ids:
-                raise ParamsError("'tasks' is empty: nothing to pre-annotate")
-            return Selection(task_ids=ids)
-        if given == ["view"]:
-            if isinstance(view, bool) or not isinstance(view, int) or view < 1:
-                raise ParamsError(f"'view' must be a Data Manager view id, got {view!r}")
-            return Selection(view=view)
-        if body.get("all") is not True:
-            raise ParamsError(f"'all' must be true, got {body.get('all')!r}")
-        return Selection()
 
     def status(self, job_id: str) -> dict:
         status = job_status(self.store, job_id)

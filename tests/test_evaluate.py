@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -271,3 +272,104 @@ def test_bench_evaluate_runs_and_both_ways_agree():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 detector passes" in done.stdout and "165 detector passes" in done.stdout
     assert "same boxes at the timed points: yes" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- /evaluations
+
+@pytest.fixture
+def service(tmp_path):
+    """The service's app (fake models: phrase 0's box at x 10-30 %, y 10-60 % of the image, score 0.9) and a
+    5-task project in the Label Studio imitation, tasks 1 and 2 annotated with that box, task 4's image missing."""
+    from fake_label_studio import FakeLabelStudio
+    from fakes import FakeLoader
+    from servers import ImageServer
+    from test_api import png
+    from test_labeling import GUIDE_CONFIG
+
+    from _wsgi import create_backend_app
+
+    with ImageServer({"/plain/a.png": png(64, 48)}) as images:
+        tasks = {i: {"image": f"{images.url}/plain/{'missing' if i == 4 else 'a'}.png"} for i in range(1, 6)}
+        with FakeLabelStudio(GUIDE_CONFIG, tasks) as ls:
+            box = {"type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": 64,
+                   "original_height": 48, "value": {"x": 10, "y": 10, "width": 20, "height": 50,
+                                                    "rectanglelabels": ["cats"]}}
+            for task in (1, 2, 4):
+                ls.annotations[task] = [{"id": task, "result": [box]}]
+            ls.ml_backends.append({"id": 3, "extra_params": {"prompt": "cats", "mask_smooth": 0}})
+            app = create_backend_app({"DATA_DIR": str(tmp_path / "data"), "LABEL_STUDIO_URL": ls.url},
+                                     loader=FakeLoader())
+            client = app.test_client()
+            client.ls = ls
+            yield client
+
+
+def finished(client, evaluation_id: str, headers: dict, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/evaluations/{evaluation_id}", headers=headers).json
+        if run["state"] in ("done", "failed"):
+            return run
+        time.sleep(0.05)
+    pytest.fail(f"evaluation {evaluation_id} did not end: {run}")
+
+
+def test_an_evaluation_runs_as_a_job_with_the_callers_key_and_applies_its_thresholds(service):
+    from conftest import metric_samples
+
+    auth = {"Authorization": f"Token {service.ls.token}"}
+    assert service.post("/evaluations", json={"project": 1, "all": True}).status_code == 401
+    started = service.post("/evaluations", json={"project": 1, "tasks": "1-5"}, headers=auth)
+    assert started.status_code == 201 and started.json["state"] in ("queued", "running", "done")
+    assert started.json["prompt"] == "cats"  # the model connection's
+    run = finished(service, started.json["id"], auth)
+    assert run["state"] == "done", run
+    assert (run["total"], run["done"], run["failed"], run["skipped"]) == (5, 2, 1, 2)
+    report = run["report"]
+    assert [f["task"] for f in report["notes"]["failed"]] == [4]
+    cats = report["boxes"]["labels"]["cats"]
+    assert (cats["annotated"], cats["predicted"], cats["matched"], cats["ap"]) == (2, 2, 2, 1.0)
+    # Every grid point below the fake's score 0.9 finds both boxes (F1 1): the highest such point is chosen.
+    assert report["extra_params"] == {"label_thresholds": {"cats": {"box_threshold": 0.8, "text_threshold": 0.6}}}
+    # Its model passes ran as a bulk job's do: after every labeler's.
+    metrics = metric_samples(service.get("/metrics").get_data(as_text=True))
+    assert metrics["grounded_sam_model_pass_seconds_count{kind=job,model=detector}"] == 2
+
+    other = {"Authorization": "Token someone-else"}
+    assert service.get(f"/evaluations/{run['id']}", headers=other).status_code == 404
+    page = service.get(f"/evaluations/{run['id']}/report", headers=auth)
+    assert page.status_code == 200 and page.mimetype == "text/html" and "<svg" in page.get_data(as_text=True)
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+    applied = service.post(f"/evaluations/{run['id']}/apply", headers=auth)
+    assert applied.status_code == 200, applied.json
+    written = {"prompt": "cats", "mask_smooth": 0, **report["extra_params"]}
+    assert applied.json == {"extra_params": written} and service.ls.ml_backends[0]["extra_params"] == written
+
+
+@pytest.mark.parametrize(
+    ("body", "token", "status", "message"),
+    [
+        ({"all": True}, None, 400, "'project' must be a Label Studio project id"),
+        ({"project": 1}, None, 400, "say which tasks"),
+        ({"project": 1, "all": True, "target_precision": 2}, None, 400, "'target_precision' must be a number"),
+        ({"project": 1, "all": True, "prompt": 5}, None, 400, "'prompt' must be a string"),
+        ({"project": 1, "all": True, "prompt": "giraffe"}, None, 422, "giraffe"),
+        ({"project": 99, "all": True}, None, 404, "404"),
+        ({"project": 1, "all": True}, "wrong", 403, "refused the key"),
+    ],
+)
+def test_bad_evaluation_requests_are_4xx_naming_the_problem(service, body, token, status, message):
+    response = service.post("/evaluations", json=body, headers={"Authorization": f"Token {token or service.ls.token}"})
+    assert response.status_code == status and message in response.json["error"], response.json
+
+
+def test_an_evaluation_with_nothing_to_score_fails_saying_why_and_has_nothing_to_apply(service):
+    auth = {"Authorization": f"Token {service.ls.token}"}
+    run = finished(service, service.post("/evaluations", json={"project": 1, "tasks": "3,5"}, headers=auth).json["id"],
+                   auth)
+    assert run["state"] == "failed" and "no annotated task to evaluate in 2 selected task(s)" in run["error"]
+    assert run["report"] is None
+    refused = service.post(f"/evaluations/{run['id']}/apply", headers=auth)
+    assert refused.status_code == 400 and "it is failed" in refused.json["error"]
+    assert service.get(f"/evaluations/{run['id']}/report", headers=auth).status_code == 404

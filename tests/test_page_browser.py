@@ -5,7 +5,9 @@ DINO and MobileSAM, behind basic auth), a loopback imitation of Label Studio's R
 Checks: basic auth is enforced; the page loads with no console error and no request leaving 127.0.0.1, at 1280 px
 and on a narrow window without sideways scrolling; an upload and a prompt draw N regions; a threshold slider changes
 the count with no new detector or image encoder pass (the server's counters); a running job's bar advances, its
-failures show their kind and reason, and its Cancel button (with the key entered on the page) cancels it.
+failures show their kind and reason, and its Cancel button (with the key entered on the page) cancels it; the
+Evaluate panel shows a project's figures per label and each label's precision-recall points, and applies the chosen
+thresholds to the model connection.
 Screenshots go to artifacts/ (git-ignored).
 
 Run alone: `.venv/bin/python -m pytest tests/test_page_browser.py` (or `make test-browser`, with test_browser.py).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -295,6 +298,62 @@ def test_a_running_jobs_bar_advances_and_cancel_works(page, service, session):
     assert job["state"] == "cancelled"
     finished = sum(job["counts"][k] for k in ("done", "failed", "skipped"))
     assert finished < TASKS
+    assert blocked == [] and errors_in(log) == []
+
+
+def test_the_evaluate_panel_shows_each_labels_figures_and_curve_and_applies_the_thresholds(page, service, session):
+    _, blocked, log = session
+    url, label_studio = service
+    # Every task shows the same picture. Task 3 is annotated with a box the model finds there (asked through /try),
+    # task 4 with one it does not; task 2's image is missing (BROKEN), task 5 has no annotation.
+    found = requests.post(f"{url}/try", auth=AUTH, files={"image": ("a.png", png(make_image(64, 48, seed=5)))},
+                          data={"prompt": "shape_cats"}, timeout=120).json()["detections"]
+    x0, y0, x1, y1 = found[0]["box"]
+
+    def box(x, y, w, h):  # in pixels of the 64 x 48 picture
+        return {"type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": 64,
+                "original_height": 48, "value": {"x": x * 100 / 64, "y": y * 100 / 48, "width": w * 100 / 64,
+                                                 "height": h * 100 / 48, "rectanglelabels": ["cats"]}}
+
+    far = box(0, 0, 3, 3) if x0 > 8 or y0 > 8 else box(60, 44, 3, 3)
+    for task, region in ((2, far), (3, box(x0, y0, x1 - x0, y1 - y0)), (4, far)):
+        label_studio.annotations[task] = [{"id": task, "result": [region]}]
+    label_studio.ml_backends[:] = [{"id": 4, "extra_params": {"prompt": "shape_cats"}}]
+    page.fill("#key", LS_TOKEN)
+    page.click("#key-form button[type=submit]")
+    page.fill("#eval-project", "1")
+    page.fill("#eval-tasks", "2-5")
+    page.click("#eval-form button[type=submit]")
+    page.locator("#eval-result").wait_for(state="visible", timeout=TIMEOUT_MS)
+    state = page.inner_text("#eval-state")
+    assert "done: 4 of 4 tasks: 2 evaluated, 1 failed, 1 skipped" in state and "task 2 (" in state, state
+    run_id = state.split()[1]  # "Evaluation <id> of project 1 done: ..."
+    report = requests.get(f"{url}/evaluations/{run_id}", auth=AUTH, headers={"X-Label-Studio-Key": LS_TOKEN},
+                          timeout=10).json()["report"]
+    # The table shows the report's figures: one row per label of the config and one overall.
+    rows = page.locator("#eval-tables table").first.locator("tbody tr")
+    assert rows.count() == 3
+    cats = rows.nth(0).locator("th, td").all_inner_texts()
+    figures = report["boxes"]["labels"]["cats"]
+    assert cats[0] == "cats" and cats[6:9] == [str(figures[k]) for k in ("annotated", "predicted", "matched")]
+    assert cats[4] == ("–" if figures["recall"] is None else f"{figures['recall']:.3f}")
+    # One curve per prompt label: a dot per threshold point with a precision and a recall, the chosen one circled.
+    figure = page.locator("#eval-curves figure")
+    assert figure.count() == 1 and figure.get_attribute("data-label") == "cats"
+    curve = report["thresholds"]["labels"]["cats"]
+    points = sum(1 for p in curve["curve"] if p[2] is not None and p[3] is not None)
+    assert figure.locator("circle:not(.chosen)").count() == points
+    assert curve["chosen"] and figure.locator("circle.chosen").count() == 1  # the found box: some point finds it
+    assert 0 < figures["recall"] < 1 and report["boxes"]["labels"]["cats"]["ap"] > 0
+    snippet = json.loads(page.input_value("#eval-snippet"))
+    assert snippet == report["extra_params"] and "cats" in snippet["label_thresholds"]
+    screenshot(page, "page-evaluate.png")
+    page.locator("#evaluate").screenshot(path=str(ARTIFACTS / "page-evaluate-panel.png"))  # docs/evaluate-panel.png
+    with page.expect_response(lambda r: r.url.endswith("/apply")) as applied:
+        page.click("#eval-apply")
+    assert applied.value.status == 200
+    page.get_by_text("Written: the next predictions use these thresholds.").wait_for()
+    assert label_studio.ml_backends[0]["extra_params"] == {"prompt": "shape_cats", **snippet}
     assert blocked == [] and errors_in(log) == []
 
 

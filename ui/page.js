@@ -1,4 +1,5 @@
-// The service's page: Status (GET /status), Jobs (GET/POST /jobs, DELETE /jobs/{id}), Try it (POST /try).
+// The service's page: Status (GET /status), Jobs (GET/POST /jobs, DELETE /jobs/{id}), Evaluate (POST /evaluations,
+// GET /evaluations/{id}, POST /evaluations/{id}/apply), Try it (POST /try).
 // No library, nothing from outside this server. The Label Studio key stays in sessionStorage (this tab only) and
 // travels only in the X-Label-Studio-Key header of the requests that need it.
 "use strict";
@@ -203,6 +204,121 @@ $("job-form").addEventListener("submit", async (event) => {
     state.textContent = `Not started: ${e.message}`;
   }
   refreshJobs();
+});
+
+// ---- evaluate --------------------------------------------------------------------------------------------------
+let evaluation = null;
+const num = (v) => (v === null || v === undefined ? "–" : v.toFixed(3));
+
+function figuresTable(name, part) {
+  const masks = name === "masks";
+  const heads = ["label", "AP", "AP50", "precision", "recall", "F1", "annotated", "predicted", "matched",
+                 ...(masks ? ["mean IoU"] : [])];
+  const head = el("tr", {}, ...heads.map((h, i) => el("th", { scope: "col", className: i ? "num" : "", text: h })));
+  const rows = [...Object.entries(part.labels), ["(all)", part.overall]].map(([label, e]) => el("tr", {},
+    el("th", { scope: "row", text: label }),
+    ...[num(e.ap), num(e.ap50), num(e.precision), num(e.recall), num(e.f1), e.annotated, e.predicted, e.matched,
+        ...(masks ? [num(e.mean_iou)] : [])].map((v) => el("td", { className: "num", text: String(v) }))));
+  return el("table", { className: "small" },
+    el("caption", { text: `${name}: COCO AP and AP50; precision, recall, F1 at IoU 0.5 and the thresholds in force` }),
+    el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  return node;
+}
+
+function curve(label, entry, gates) {
+  // Recall on x, precision on y, both 0..1; one dot per threshold point tried, the chosen one circled.
+  const size = 200, pad = 28, span = size - 2 * pad, n = gates.length;
+  const x = (r) => pad + r * span, y = (p) => size - pad - p * span;
+  const svg = svgEl("svg", { width: size, height: size, viewBox: `0 0 ${size} ${size}`, role: "img",
+                             "aria-label": `${label}: precision against recall over the thresholds tried` });
+  svg.append(svgEl("rect", { x: pad, y: pad, width: span, height: span, fill: "none", stroke: "#9aa4ae" }));
+  const xl = svgEl("text", { x: size / 2, y: size - 8, "text-anchor": "middle" }); xl.textContent = "recall";
+  const yl = svgEl("text", { x: 10, y: size / 2, "text-anchor": "middle", transform: `rotate(-90 10 ${size / 2})` });
+  yl.textContent = "precision";
+  svg.append(xl, yl);
+  for (const point of entry.curve) {
+    const [p, r] = [point[n], point[n + 1]];
+    if (p === null || r === null) continue;
+    svg.append(svgEl("circle", { cx: x(r), cy: y(p), r: 2.5, fill: "#7aa6d6" }));
+  }
+  if (entry.chosen) {
+    svg.append(svgEl("circle", { cx: x(entry.recall), cy: y(entry.precision), r: 6, fill: "none",
+                                 stroke: "#d0342c", "stroke-width": 2, class: "chosen" }));
+  }
+  const chosen = entry.chosen ? Object.entries(entry.chosen).map(([k, v]) => `${k} ${v}`).join(", ")
+                              : "no point finds it (nothing chosen)";
+  return el("figure", { "data-label": label }, svg, el("figcaption", { text: `${label}: ${chosen}` }));
+}
+
+function showEvaluation(run) {
+  const report = run.report;
+  const kinds = ["boxes", "masks"].filter((k) => report[k]);
+  $("eval-tables").replaceChildren(...kinds.map((k) => figuresTable(k, report[k])));
+  const sweep = report.thresholds;
+  $("eval-curves").replaceChildren(...(sweep
+    ? Object.entries(sweep.labels).map(([label, entry]) => curve(label, entry, sweep.gates))
+    : [el("p", { className: "hint", text: "Stored predictions: no thresholds tried." })]));
+  const chosen = report.extra_params && Object.keys(report.extra_params.label_thresholds).length;
+  $("eval-snippet").value = chosen ? JSON.stringify(report.extra_params) : "";
+  $("eval-apply").hidden = !chosen;
+  $("eval-result").hidden = false;
+}
+
+async function followEvaluation() {
+  try {
+    const run = await api(`/evaluations/${encodeURIComponent(evaluation)}`, { withKey: true });
+    const of = run.total ? ` of ${run.total}` : "";
+    const counts = `${run.done + run.failed + run.skipped}${of} tasks: ${run.done} evaluated, ${run.failed} failed, ` +
+                   `${run.skipped} skipped`;
+    if (run.state === "done") {
+      const notes = run.report.notes;
+      $("eval-state").textContent = `Evaluation ${run.id} of project ${run.project} done: ${counts}; ` +
+        `${run.report.predictions}.` + (notes.failed.length ? ` Not evaluated: ${notes.failed.map(
+          (f) => `task ${f.task} (${f.reason})`).join("; ")}.` : "");
+      showEvaluation(run);
+    } else if (run.state === "failed") {
+      $("eval-state").textContent = `Evaluation ${run.id} failed: ${run.error}`;
+    } else {
+      $("eval-state").textContent = `Evaluation ${run.id} of project ${run.project} ${run.state}: ${counts}…`;
+      setTimeout(followEvaluation, 1000);
+    }
+  } catch (e) {
+    $("eval-state").textContent = `Evaluation unavailable: ${e.message}`;
+  }
+}
+
+$("eval-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!key()) { $("eval-state").textContent = "Enter your Label Studio key first (top of the page)."; return; }
+  const body = { project: Number($("eval-project").value) };
+  const tasks = $("eval-tasks").value.trim();
+  if (tasks) body.tasks = tasks; else body.all = true;
+  if ($("eval-prompt").value.trim()) body.prompt = $("eval-prompt").value.trim();
+  if ($("eval-version").value.trim()) body.model_version = $("eval-version").value.trim();
+  if ($("eval-target").value) body.target_precision = Number($("eval-target").value);
+  $("eval-result").hidden = true;
+  $("eval-apply-state").textContent = "";
+  try {
+    const run = await api("/evaluations", { method: "POST", json: body, withKey: true });
+    evaluation = run.id;
+    followEvaluation();
+  } catch (e) {
+    $("eval-state").textContent = `Not started: ${e.message}`;
+  }
+});
+
+$("eval-apply").addEventListener("click", async () => {
+  try {
+    await api(`/evaluations/${encodeURIComponent(evaluation)}/apply`, { method: "POST", withKey: true });
+    $("eval-apply-state").textContent = "Written: the next predictions use these thresholds.";
+  } catch (e) {
+    $("eval-apply-state").textContent = `Not applied: ${e.message}`;
+  }
 });
 
 // ---- try it ----------------------------------------------------------------------------------------------------
