@@ -466,7 +466,7 @@ class Evaluations:
     """POST /evaluations: a project evaluated in the background through the worker's models, one evaluation at a
     time (the others queued) and each model pass after every labeler's (the scheduler's least urgent kind). The
     latest KEEP are kept in memory (a restart forgets them: the CLI's --out keeps a report); each is read and
-    applied only with the Label Studio key that started it."""
+    applied only with the Label Studio key that started it, which is held (in memory) only until its run ends."""
 
     KEEP = 10
 
@@ -495,7 +495,7 @@ class Evaluations:
         run = {"id": uuid.uuid4().hex[:12], "project": project.project, "state": "queued",
                "selection": selection.describe(), "prompt": None if version else evaluation.prompt,
                "model_version": version or None, "total": None, "done": 0, "failed": 0, "skipped": 0,
-               "error": None, "report": None, "_key": _digest(key), "_evaluation": evaluation}
+               "error": None, "report": None, "_key": _digest(key), "_url": connection.url}
         with self._lock:
             self._runs[run["id"]] = run
             for old in list(self._runs)[:-self.KEEP]:
@@ -544,7 +544,10 @@ class Evaluations:
         run = self._get(evaluation_id, key)
         if run["report"] is None:
             raise ParamsError(f"evaluation {evaluation_id} has no thresholds to apply: it is {run['state']}")
-        return {"extra_params": run["_evaluation"].apply(run["report"])}
+        # The project opened again with the key presented (none is kept once a run ends): its extra params as they
+        # are now, not as they were when the evaluation started.
+        _, project = self.jobs.open_project({"project": run["project"], "label_studio_url": run["_url"]}, key)
+        return {"extra_params": ProjectEvaluation.open(project, self.settings, run["prompt"]).apply(run["report"])}
 
 
 def _digest(key: str) -> bytes:
