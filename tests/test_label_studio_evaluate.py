@@ -5,6 +5,8 @@ writing the chosen thresholds to the model connection, and the next Retrieve Pre
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -118,6 +120,43 @@ def test_evaluate_a_real_project_apply_and_the_next_retrieve_predictions_follows
     stored_report = json.loads(out.read_text())
     # t0, t1 and the broken one now hold a prediction (the broken one's empty: its image could not be read)
     assert stored_report["tasks"] == 3 and "thresholds" not in stored_report
-    rectangles = sum(1 for task in (t0, t1, broken) for p in ls.predictions(task)
-                     if p["model_version"] == MODEL_VERSION for r in p["result"] if r["type"] == "rectanglelabels")
-    assert stored_report["boxes"]["overall"]["predicted"] == rectangles
+    newest = {task: max((p for p in ls.predictions(task) if p["model_version"] == MODEL_VERSION),
+                        key=lambda p: p["id"])["result"] for task in (t0, t1, broken)}
+    rectangles = sum(1 for result in newest.values() for r in result if r["type"] == "rectanglelabels")
+    overall = stored_report["boxes"]["overall"]
+    assert overall["predicted"] == rectangles
+    if rectangles:  # pycocotools' own evaluation of the same boxes, written as COCO JSON the straightforward way
+        ap, ap50 = coco_box_ap({task: annotations[task] for task in newest}, newest)
+        assert (overall["ap"], overall["ap50"]) == (pytest.approx(ap, abs=1e-9), pytest.approx(ap50, abs=1e-9))
+
+
+def coco_box_ap(truth: dict[int, list[dict]], found: dict[int, list[dict]]) -> tuple[float, float]:
+    """COCOeval's box AP and AP50 (COCO's mean over the labels annotated) of the rectangles found against the
+    rectangles annotated, per task, both written here as COCO JSON."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    labels = ["cats", "house", "dog"]
+
+    def boxes(results):
+        for r in results:
+            if r["type"] == "rectanglelabels":
+                v, w, h = r["value"], r["original_width"], r["original_height"]
+                yield (labels.index(v["rectanglelabels"][0]) + 1, [v["x"] * w / 100, v["y"] * h / 100,
+                                                                  v["width"] * w / 100, v["height"] * h / 100],
+                       r.get("score"))
+
+    annotations = [{"id": n, "image_id": task, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                   for n, (task, (c, b, _)) in enumerate(((t, x) for t, res in truth.items() for x in boxes(res)), 1)]
+    gt = COCO()
+    gt.dataset = {"images": [{"id": task, "width": W, "height": H} for task in truth], "annotations": annotations,
+                  "categories": [{"id": i, "name": name} for i, name in enumerate(labels, 1)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes([{"image_id": task, "category_id": c, "bbox": b, "score": score}
+                         for task, res in found.items() for c, b, score in boxes(res)])
+        run = COCOeval(gt, dt, "bbox")
+        run.evaluate()
+        run.accumulate()
+        run.summarize()
+    return float(run.stats[0]), float(run.stats[1])
