@@ -1,9 +1,11 @@
 """`cli.py annotate --ray local` (a local Ray cluster of two single-threaded CPU actors, the generated test models)
-against the loopback imitation of Label Studio: the same regions as the in-process job, one prediction per task.
+against the loopback imitation of Label Studio: the same regions as the in-process job, one prediction per task;
+per-label thresholds honoured by the actors.
 A killed actor, against the real Label Studio: tests/test_label_studio_bulk.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +58,31 @@ def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, m
         assert counts == {i: 1 for i in range(1, TASKS + 1)}
         results.append(regions_by_task(ls))
     assert results[0] == results[1]
+
+
+def test_per_label_thresholds_hold_on_ray(project, groundingdino_files, mobile_sam_checkpoint, tmp_path):
+    """--label-thresholds travel to the actors: a cat region only above its own box threshold, and none at all
+    once that threshold is past every score, while house regions below it stay (the gate is the cats' alone)."""
+    ls = project
+    env = {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint), "HF_HUB_OFFLINE": "1",
+           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "DATA_DIR": str(tmp_path)}
+
+    def regions(thresholds: str) -> list[dict]:
+        ls.predictions.clear()
+        done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "annotate", "--project", "1", "--tasks", "1-2",
+                               "--prompt", PROMPT, "--ray", "local", "--ray-actors", "1", "--label-thresholds",
+                               thresholds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        return [r for p in ls.predictions for r in p["result"] if r["type"] == "rectanglelabels"]
+
+    def of(found, label):
+        return sorted(r["score"] for r in found if r["value"]["rectanglelabels"] == [label])
+
+    low = regions('{"cats": {"box_threshold": 0.01}}')
+    cats = of(low, "cats")
+    assert cats, "no cat region even at box threshold 0.01"
+    gate = cats[len(cats) // 2]  # a gate between the cat scores
+    high = regions(json.dumps({"cats": {"box_threshold": gate}}))
+    assert of(high, "cats") == [s for s in cats if s > gate]
+    assert any(s <= gate for s in of(high, "house")), (gate, of(high, "house"))
+    assert of(regions('{"cats": {"box_threshold": 1.0}}'), "cats") == []
