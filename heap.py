@@ -60,8 +60,9 @@ def manage_heap(arena_max: int, trim_interval: float) -> threading.Thread | None
 
 
 def heap_stats() -> dict | None:
-    """glibc's own count over all arenas: {"in_use": bytes allocated (mmapped blocks included), "free": bytes freed
-    but kept in the arenas}; None without glibc >= 2.33. RSS well above in_use is the allocator keeping, not a leak."""
+    """glibc's own count over all arenas: {"in_use": bytes allocated (mmapped blocks included), "free": bytes free
+    in the arenas, resident or handed back by malloc_trim}; None without glibc >= 2.33. RSS well above in_use is the
+    allocator keeping, not a leak."""
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None

@@ -112,7 +112,8 @@ class _StateCollector:
         if counts is not None:
             yield GaugeMetricFamily("grounded_sam_heap_in_use_bytes", "malloc'd and not freed (glibc mallinfo2)",
                                     counts["in_use"])
-            yield GaugeMetricFamily("grounded_sam_heap_free_bytes", "Freed, kept in malloc's arenas", counts["free"])
+            yield GaugeMetricFamily("grounded_sam_heap_free_bytes", "Free in malloc's arenas (trimmed or not)",
+                                    counts["free"])
             yield CounterMetricFamily("grounded_sam_heap_trims", "malloc_trim calls (MALLOC_TRIM_INTERVAL)",
                                       heap.trims)
 
