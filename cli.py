@@ -361,8 +361,7 @@ def evaluate(args: argparse.Namespace) -> int:
         except ServiceError as e:
             raise CommandError(str(e)) from None
     print(f"project {args.project}, {selection.describe()}{f' ({total} tasks)' if total is not None else ''}: "
-          + (f"stored, model version {args.model_version}" if pipeline is None else
-             f"predicted now, model {pipeline.model_version}, prompt {evaluation.prompt!r}"), file=sys.stderr)
+          + evaluation.describe(pipeline, args.model_version), file=sys.stderr)
     progress = _Progress(total)
     try:
         report = evaluation.run(selection, pipeline, args.model_version, connection.url, connection.key,

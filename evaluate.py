@@ -39,7 +39,7 @@ from pycocotools.cocoeval import COCOeval
 
 from config import Settings
 from errors import NotFound, ParamsError, ServiceError
-from jobs import JobService, selection_of
+from jobs import JobService, project_id, selection_of
 from labeling import LabelingConfig, parse_label_config
 from ls_client import LabelStudioProject, Selection
 from pipeline import Pipeline, TextQuery, detection_params, detection_values
@@ -421,12 +421,11 @@ class ProjectEvaluation:
         `model_version` their stored predictions read; {"project", "predictions", evaluate()'s figures, "notes",
         and when predicted "thresholds", "extra_params"}. Raises NothingToEvaluate."""
         if model_version:
-            description, grid = f"stored, model version {model_version}", None
+            grid = None
 
             def predict(task, truth):
                 return stored_sample(task, truth, self.config, model_version)
         else:
-            description = f"predicted now, model {pipeline.model_version}, prompt {self.prompt!r}"
             grid = sweep_grid(pipeline.models.engine)
 
             def predict(task, truth):
@@ -438,7 +437,7 @@ class ProjectEvaluation:
                 f"project {self.project.project}: no annotated task to evaluate in {selection.describe()} "
                 f"({notes['unannotated']} without annotation, {len(notes['failed'])} failed, "
                 f"{notes['no_prediction']} without a prediction of that model version)", notes)
-        report = {"project": self.project.project, "predictions": description,
+        report = {"project": self.project.project, "predictions": self.describe(pipeline, model_version),
                   **evaluate(samples, self.config, self.config.labels), "notes": notes}
         if grid:
             # The prompt's labels (two phrases may share one), each swept once.
@@ -446,6 +445,12 @@ class ProjectEvaluation:
             report["thresholds"] = choose_thresholds(samples, self.config, labels, list(grid), target_precision)
             report["extra_params"] = extra_params_snippet(report["thresholds"])
         return report
+
+    def describe(self, pipeline: Pipeline | None, model_version: str | None) -> str:
+        """Where run()'s predictions come from, in words."""
+        if model_version:
+            return f"stored, model version {model_version}"
+        return f"predicted now, model {pipeline.model_version}, prompt {self.prompt!r}"
 
     def apply(self, report: dict) -> dict:
         """Write the report's chosen thresholds into the model connection's extra params (over the labels it
@@ -490,7 +495,7 @@ class Evaluations:
         if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
                                    or not 0 < target <= 1):
             raise ParamsError(f"'target_precision' must be a number in (0, 1], got {target!r}")
-        connection, project = self.jobs.open_project(body, key)
+        connection, project = self.jobs.open_project(project_id(body), key, body.get("label_studio_url"))
         evaluation = ProjectEvaluation.open(project, self.settings, prompt or None)
         run = {"id": uuid.uuid4().hex[:12], "project": project.project, "state": "queued",
                "selection": selection.describe(), "prompt": None if version else evaluation.prompt,
@@ -546,7 +551,7 @@ class Evaluations:
             raise ParamsError(f"evaluation {evaluation_id} has no thresholds to apply: it is {run['state']}")
         # The project opened again with the key presented (none is kept once a run ends): its extra params as they
         # are now, not as they were when the evaluation started.
-        _, project = self.jobs.open_project({"project": run["project"], "label_studio_url": run["_url"]}, key)
+        _, project = self.jobs.open_project(run["project"], key, run["_url"])
         return {"extra_params": ProjectEvaluation.open(project, self.settings, run["prompt"]).apply(run["report"])}
 
 

@@ -507,12 +507,10 @@ class JobService:
         connection = Connection(normalise_base(url), key)
         return connection, LabelStudioProject(self.label_studio.sdk(connection), project, retries=1)
 
-    def open_project(self, body: dict, key: str) -> tuple[Connection, LabelStudioProject]:
-        """The caller's connection to the Label Studio of body's "project" (body's "label_studio_url", else
-        LABEL_STUDIO_URL, else the host /setup named), and the project's calls on it."""
-        project = project_id(body)
-        url = body.get("label_studio_url") or self.settings.label_studio_url or self.store.get(str(project),
-                                                                                                "hostname")
+    def open_project(self, project: int, key: str, url: str | None = None) -> tuple[Connection, LabelStudioProject]:
+        """The caller's connection to the Label Studio at `url` (else LABEL_STUDIO_URL, else the host /setup named
+        for the project), and the project's calls on it."""
+        url = url or self.settings.label_studio_url or self.store.get(str(project), "hostname")
         if not isinstance(url, str) or not url:
             raise ParamsError("the Label Studio URL is unknown: send 'label_studio_url' or set LABEL_STUDIO_URL")
         return self._project(url, key, project)
@@ -536,7 +534,7 @@ class JobService:
         if flags["redo"] and flags["only_missing"]:
             raise ParamsError("'redo' and 'only_missing' contradict each other: 'redo' replaces the predictions "
                               "'only_missing' keeps (skipping them is the default)")
-        connection, label_project = self.open_project(body, key)
+        connection, label_project = self.open_project(project, key, body.get("label_studio_url"))
         label_config = label_project.label_config()
         config = parse_label_config(label_config)
         prompt = body.get("prompt")
@@ -566,8 +564,7 @@ class JobService:
         """Cancel after the task in flight and the import of what was predicted; the key must be one Label Studio
         accepts for the job's project."""
         status = self.status(job_id)
-        url = self.settings.label_studio_url or self.store.get(str(status["project"]), "hostname") or ""
-        self._project(url, key, status["project"])[1].label_config()
+        self.open_project(status["project"], key)[1].label_config()
         if not self.runner.cancel(job_id) and status["state"] in ("queued", "running", "paused", "interrupted"):
             self.store.set_state(job_id, "cancelled")
         return self.status(job_id)

@@ -131,10 +131,10 @@ def test_evaluate_a_real_project_apply_and_the_next_retrieve_predictions_follows
                         key=lambda p: p["id"])["result"] for task in (t0, t1, broken)}
     rectangles = sum(1 for result in newest.values() for r in result if r["type"] == "rectanglelabels")
     overall = stored_report["boxes"]["overall"]
-    assert overall["predicted"] == rectangles
-    if rectangles:  # pycocotools' own evaluation of the same boxes, written as COCO JSON the straightforward way
-        ap, ap50 = coco_box_ap({task: annotations[task] for task in newest}, newest)
-        assert (overall["ap"], overall["ap50"]) == (pytest.approx(ap, abs=1e-9), pytest.approx(ap50, abs=1e-9))
+    assert overall["predicted"] == rectangles > 0  # t0's cat box at least, found at its chosen threshold
+    # pycocotools' own evaluation of the same boxes, written as COCO JSON the straightforward way
+    ap, ap50 = coco_box_ap({task: annotations[task] for task in newest}, newest)
+    assert (overall["ap"], overall["ap50"]) == (pytest.approx(ap, abs=1e-9), pytest.approx(ap50, abs=1e-9))
 
 
 def coco_box_ap(truth: dict[int, list[dict]], found: dict[int, list[dict]]) -> tuple[float, float]:
