@@ -44,6 +44,7 @@ from pathlib import Path
 import psutil
 import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
@@ -233,8 +234,8 @@ class RssSampler:
                     text = requests.get(service.url + "/metrics", timeout=5).text
                 except requests.RequestException:
                     text = ""
-                values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-                sample.update({key: float(values.get(name, 0)) for key, name in self.GAUGES.items()})
+                values = {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
+                sample.update({key: values.get(name, 0.0) for key, name in self.GAUGES.items()})
                 self.samples.append(sample)
 
         self._thread = threading.Thread(target=run, daemon=True)
