@@ -3,9 +3,11 @@
 A request frees most of what it allocated (images, masks, regions), but glibc keeps freed memory in its arenas for
 reuse, and under 32 request threads it makes up to 8 arenas per core: the worker's RSS then settles well above what
 it uses and creeps up as fragments pile (a 30-minute soak measured 1.3 GB in use in a 3.4 GB RSS). So each worker
-caps the arenas (MALLOC_ARENA_MAX) before its request threads start, and a daemon thread calls malloc_trim(0)
-every MALLOC_TRIM_INTERVAL s, which returns free pages from inside the arenas too. Elsewhere (musl, macOS) nothing
-is done.
+caps the arenas (MALLOC_ARENA_MAX) before its request threads start, and a daemon thread calls malloc_trim(0),
+which returns free pages from inside the arenas too, after each MALLOC_TRIM_INTERVAL s in which the process was
+quiet. Only then: under load, what is freed is soon needed again, and trimming it anyway made the RSS swing with
+every dip in the load (2.1 to 3.7 GB in one 30-minute soak) while each model pass faulted the pages back in.
+Elsewhere (musl, macOS) nothing is done.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 logger = logging.getLogger(__name__)
 trims = 0  # malloc_trim calls by this process's trimming thread (shown in /metrics)
+QUIET = 0.1  # an interval is quiet when the process used less than this share of one core's time in it
 
 M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
 
@@ -37,8 +40,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def manage_heap(arena_max: int, trim_interval: float) -> threading.Thread | None:
-    """Cap glibc's malloc arenas at `arena_max` (0: glibc's default) and start the thread that trims the heap every
-    `trim_interval` seconds (0: none); the thread, or None. Call once per process, before its request threads."""
+    """Cap glibc's malloc arenas at `arena_max` (0: glibc's default) and start the thread that trims the heap at the
+    end of every `trim_interval` seconds (0: never) in which all the process's threads together used under QUIET of
+    one core; the thread, or None. Call once per process, before its request threads."""
     libc = _glibc()
     if libc is None:
         return None
@@ -49,10 +53,14 @@ def manage_heap(arena_max: int, trim_interval: float) -> threading.Thread | None
 
     def trim_forever() -> None:
         global trims
+        cpu = time.process_time()  # every thread's CPU time
         while True:
             time.sleep(trim_interval)
-            libc.malloc_trim(0)
-            trims += 1
+            now = time.process_time()
+            quiet, cpu = now - cpu < QUIET * trim_interval, now
+            if quiet:
+                libc.malloc_trim(0)
+                trims += 1
 
     thread = threading.Thread(target=trim_forever, name="malloc-trim", daemon=True)
     thread.start()
