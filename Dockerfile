@@ -38,12 +38,12 @@ COPY requirements-ray.txt ./
 RUN if [ "${WITH_RAY}" = "true" ]; then pip install --no-cache-dir -c constraints.txt -r requirements-ray.txt; fi
 
 # Model files, fetched by the project's own download tool into /models (owned by root: read-only for the service).
-# This layer depends only on weights.py and WEIGHTS (split into names), so other code changes do not download
-# them again.
+# This layer depends only on weights.py, its manifest weights.json and WEIGHTS (split into names), so other code
+# changes do not download them again.
 ARG WEIGHTS="groundingdino_swint_ogc.pth mobile_sam.pt sam_vit_h_4b8939.pth bert-base-uncased"
 # A Hugging Face hub mirror for the hub's files (read by huggingface_hub in this step only).
 ARG HF_ENDPOINT=https://huggingface.co
-COPY weights.py ./
+COPY weights.py weights.json ./
 # WEIGHTS="" bakes in no model file (mount your own: README "Where the weights come from"); weights.py without
 # names would fetch what the settings need instead.
 RUN if [ -n "${WEIGHTS}" ]; then python weights.py --dir /models ${WEIGHTS}; fi

@@ -11,8 +11,8 @@ through `pooch` (a known SHA-256 digest, retries, a progress bar; an interrupted
 file whose size and SHA-256 match the manifest is kept; a downloaded file that does not match is deleted and the
 run fails. A file already in place is checked too (once: a small `.weights-verified.json` next to it remembers the
 result by size and modification time, so a verified file needs no network again), and one that does not match is
-an error, never silently replaced. `--manifest FILE` (JSON, the layout of MANIFEST below) swaps the whole manifest,
-e.g. for an internal mirror.
+an error, never silently replaced. The manifest is weights.json; `--manifest FILE` (JSON, the same layout) swaps the
+whole manifest, e.g. for an internal mirror.
 """
 
 from __future__ import annotations
@@ -30,131 +30,11 @@ from pathlib import Path
 
 logger = logging.getLogger("weights")
 
-BERT_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"  # bert-base-uncased on the Hugging Face hub
-GDINO_REVISION = "a94c9b567a2a374598f05c584e96798a170c56fb"  # ShilongLiu/GroundingDINO on the hub
-_MOBILESAM_COMMIT = "f706ad9c4eb7f219c00d9050e46328518ffb65d2"  # ChaoningZhang/MobileSAM
-# facebook/sam3 on the hub (gated: each user accepts Meta's SAM License there), at the revision public download
-# manifests pin it to.
-SAM3_REPO = "facebook/sam3"
-SAM3_REVISION = "3c879f39826c281e95690f02c7821c4de09afae7"
-SAM3_LICENSE_PAGE = f"https://huggingface.co/{SAM3_REPO}"
-
-# Every digest below was read in published sources, not computed here (no weight file can be downloaded from
-# this project's machines); each is recorded, with the same file size, by several independent projects that
-# verify these files. Sources:
-# - SAM ViT-H/L/B and MobileSAM (vit_t): github.com/computational-cell-analytics/micro-sam, micro_sam/util.py
-#   (its pooch registry of SHA-256 digests for the dl.fbaipublicfiles.com files and MobileSAM's weights).
-# - Grounding DINO Swin-T / Swin-B: public download scripts and manifests that pin the GitHub release files
-#   (v0.1.0-alpha / v0.1.0-alpha2) and ShilongLiu/GroundingDINO@a94c9b5 on the hub to these digests and sizes.
-# - bpe_simple_vocab_16e6.txt.gz (SAM 3's tokenizer: CLIP's BPE vocabulary, not in the sam3 wheel): computed here
-#   from the copy in the open_clip_torch 3.3.0 wheel as PyPI serves it (pip checks that wheel's own digest), the
-#   file `make install` puts in site-packages and SAM3_TOKENIZER defaults to; the URLs serve the same file.
-# - sam3.pt has no digest published outside the gated repository, so its entry's sha256 is null: the download first
-#   asks the hub for the file's metadata at SAM3_REVISION (`get_hf_file_metadata`: the LFS object id, which is the
-#   SHA-256 of its content, and its size) and verifies the bytes against that. It proves the file is the one that
-#   revision holds, intact, not that the hub is honest.
-# - SAM 2.1 (Hiera-T/S/B+/L): Meta publishes no digest beside its download links, so, as sam3.pt, the hub's LFS
-#   object id of the file in facebook/sam2.1-hiera-*, then Meta's own host with the same digest. Those
-#   repositories' commits could not be read from here, so these entries ask for "main" (UNPINNED): the file is the
-#   one the hub holds now, intact, not necessarily the one of a fixed revision. Pin them when a commit is known.
-# - bert-base-uncased@86b5e09: the hub's LFS pointer digest of model.safetensors and the file digests of
-#   config.json, vocab.txt, tokenizer.json and tokenizer_config.json, as pinned by projects that download
-#   them from that revision.
-UNPINNED = ("sam2.1_hiera_tiny.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_large.pt")
-MANIFEST: dict[str, dict] = {
-    "groundingdino_swint_ogc.pth": {
-        "description": "Grounding DINO Swin-T (OGC): the default detector (the upstream grounding_sam example's)",
-        "files": [{
-            "path": "groundingdino_swint_ogc.pth",
-            "hub": {"repo": "ShilongLiu/GroundingDINO", "revision": GDINO_REVISION,
-                    "file": "groundingdino_swint_ogc.pth"},
-            "urls": ["https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/"
-                     "groundingdino_swint_ogc.pth"],
-            "size": 693_997_677,
-            "sha256": "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799",
-        }],
-    },
-    "groundingdino_swinb_cogcoor.pth": {
-        "description": "Grounding DINO Swin-B (COGCOOR); set GROUNDINGDINO_CONFIG to the package's "
-                       "GroundingDINO_SwinB_cfg.py",
-        "files": [{
-            "path": "groundingdino_swinb_cogcoor.pth",
-            "urls": ["https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha2/"
-                     "groundingdino_swinb_cogcoor.pth"],
-            "size": 938_057_991,
-            "sha256": "46270f7a822e6906b655b729c90613e48929d0f2bb8b9b76fd10a856f3ac6ab7",
-        }],
-    },
-    **{name: {
-        "description": f"SAM ViT-{kind[-1].upper()} (USE_SAM=true, SAM_MODEL_TYPE={kind})",
-        "files": [{"path": name, "urls": [f"https://dl.fbaipublicfiles.com/segment_anything/{name}"],
-                   "size": size, "sha256": digest}],
-    } for kind, name, size, digest in [
-        ("vit_h", "sam_vit_h_4b8939.pth", 2_564_550_879,
-         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
-        ("vit_l", "sam_vit_l_0b3195.pth", 1_249_524_607,
-         "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-        ("vit_b", "sam_vit_b_01ec64.pth", 375_042_383,
-         "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
-    ]},
-    "mobile_sam.pt": {
-        "description": "MobileSAM: the default mask model (USE_MOBILE_SAM=true)",
-        "files": [{
-            "path": "mobile_sam.pt",
-            "urls": [f"https://github.com/ChaoningZhang/MobileSAM/raw/{_MOBILESAM_COMMIT}/weights/mobile_sam.pt"],
-            "size": 40_728_226,
-            "sha256": "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
-        }],
-    },
-    **{name: {
-        "description": f"SAM 2.1 Hiera-{label} (USE_SAM=true, SAM_MODEL_TYPE={model_type})",
-        "files": [{
-            "path": name,
-            "hub": {"repo": f"facebook/{repo}", "revision": "main", "file": name},
-            "urls": [f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"],
-            "size": None,
-            "sha256": None,  # the hub's LFS digest
-        }],
-    } for model_type, name, label, repo in [
-        ("sam2.1_hiera_t", "sam2.1_hiera_tiny.pt", "T", "sam2.1-hiera-tiny"),
-        ("sam2.1_hiera_s", "sam2.1_hiera_small.pt", "S", "sam2.1-hiera-small"),
-        ("sam2.1_hiera_b+", "sam2.1_hiera_base_plus.pt", "B+", "sam2.1-hiera-base-plus"),
-        ("sam2.1_hiera_l", "sam2.1_hiera_large.pt", "L", "sam2.1-hiera-large"),
-    ]},
-    "sam3.pt": {
-        "description": "SAM 3 (ENGINE=sam3); the repository is gated: accept the license, set HF_TOKEN",
-        "files": [{
-            "path": "sam3.pt",
-            "hub": {"repo": SAM3_REPO, "revision": SAM3_REVISION, "file": "sam3.pt"},
-            "size": None,
-            "sha256": None,  # the hub's LFS digest
-            "gated": SAM3_LICENSE_PAGE,
-        }],
-    },
-    "bpe_simple_vocab_16e6.txt.gz": {
-        "description": "SAM 3's tokenizer file (open_clip_torch ships it: SAM3_TOKENIZER's default)",
-        "files": [{
-            "path": "bpe_simple_vocab_16e6.txt.gz",
-            "urls": ["https://github.com/mlfoundations/open_clip/raw/v3.3.0/src/open_clip/bpe_simple_vocab_16e6.txt.gz"],
-            "size": 1_356_917,
-            "sha256": "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
-        }],
-    },
-    "bert-base-uncased": {
-        "description": f"Grounding DINO's text encoder as a local directory (hub revision {BERT_REVISION[:7]}); "
-                       "point GROUNDINGDINO_TEXT_ENCODER at it",
-        "files": [{"path": f"bert-base-uncased/{name}", "size": size, "sha256": digest,
-                   "hub": {"repo": "bert-base-uncased", "revision": BERT_REVISION, "file": name}}
-                  for name, size, digest in [
-            ("config.json", 570, "7160e1553ad2ca51d8c1cb066be533db31826e12d173824c1bb0cb1a4f187d20"),
-            ("vocab.txt", 231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
-            ("tokenizer.json", 466_062, "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"),
-            ("tokenizer_config.json", 48, "a025160ef0431f1a392f6f050c1310f4c5d9fb6f275932dbccba73c4d214bf10"),
-            ("model.safetensors", 440_449_768, "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"),
-        ]],
-    },
-}
-
+# The built-in manifest (the layout validate_manifest describes). Every digest in it was read in published sources,
+# never computed from a download here (no weight file can be downloaded from this project's machines); each entry's
+# "source" says where. A hub file without a digest (sam3.pt: none is published outside its gated repository) is
+# verified against the hub's own LFS digest of the file at the pinned revision.
+MANIFEST_FILE = Path(__file__).with_name("weights.json")
 STAMP = ".weights-verified.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -177,10 +57,11 @@ class GatedError(DownloadError):
 def validate_manifest(manifest: Mapping) -> dict:
     """Check a manifest's layout; return a deep copy. Raises DownloadError naming the bad entry.
 
-    Each entry: {"description": str, "files": [spec, ...]}; each spec: "path" (relative to the target directory),
-    "hub" ({"repo", "revision", "file"}: fetched with hf_hub_download) and/or "urls" (plain hosts, tried after the
-    hub), "size" (bytes or null), "sha256" (64 hex digits; null: the hub's LFS digest for a hub file, else not
-    verified) and, for a gated hub repository, "gated" (the https page where its license is accepted)."""
+    Each entry: {"description": str, "source": where its digests were read, "files": [spec, ...]}; each spec:
+    "path" (relative to the target directory), "hub" ({"repo", "revision", "file"}: fetched with hf_hub_download)
+    and/or "urls" (plain hosts, tried after the hub), "size" (bytes or null), "sha256" (64 hex digits; null: the
+    hub's LFS digest for a hub file, else not verified) and, for a gated hub repository, "gated" (the https page
+    where its license is accepted)."""
     if not isinstance(manifest, Mapping) or not manifest:
         raise DownloadError("manifest: expected a non-empty object of entries")
     for name, entry in manifest.items():
@@ -215,9 +96,8 @@ def validate_manifest(manifest: Mapping) -> dict:
 
 
 def load_manifest(path: str | os.PathLike | None = None) -> dict:
-    """MANIFEST, or the JSON manifest at `path`."""
-    if path is None:
-        return validate_manifest(MANIFEST)
+    """The JSON manifest at `path` (default: weights.json), checked."""
+    path = MANIFEST_FILE if path is None else path
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -466,7 +346,7 @@ def fetch_file(spec: Mapping, directory: str | os.PathLike, *, variable: str | N
 def fetch_entry(name: str, directory: str | os.PathLike, manifest: Mapping | None = None, *,
                 variable: str | None = None, **options) -> list[Path]:
     """Fetch every file of a manifest entry into `directory`; return their paths."""
-    manifest = MANIFEST if manifest is None else manifest
+    manifest = load_manifest() if manifest is None else manifest
     if name not in manifest:
         raise DownloadError(f"unknown name {name!r}; known: {', '.join(manifest)}")
     return [fetch_file(spec, directory, variable=variable, **options) for spec in manifest[name]["files"]]
@@ -496,7 +376,7 @@ def ensure(settings=None, manifest: Mapping | None = None, **options) -> list[Pa
         from config import Settings
 
         settings = Settings.from_env()
-    manifest = MANIFEST if manifest is None else manifest
+    manifest = load_manifest() if manifest is None else manifest
     single = {e["files"][0]["path"]: name for name, e in manifest.items() if len(e["files"]) == 1}
     # (variable, directory, file spec or None for a file of your own, path)
     wanted: list[tuple[str, str, Mapping | None, str]] = []
@@ -559,7 +439,7 @@ def _missing_report(problems: list, encoder: str | None, encoder_entry: Mapping 
         lines.append(f"  GROUNDINGDINO_TEXT_ENCODER={encoder} is a directory that must hold: {files}.")
     lines.append("To fetch them: `python weights.py` (or `make weights`) where the download hosts are reachable; "
                  "`python weights.py --list` shows each file's size and digest, and its source URLs are in "
-                 "weights.py's MANIFEST. Offline: copy each file to the path above (it is checked against its "
+                 "weights.json. Offline: copy each file to the path above (it is checked against its "
                  "sha256), or point the variable at a copy you have.")
     return "\n".join(lines)
 

@@ -321,9 +321,10 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies():
 def test_default_weights_cover_the_default_settings_in_the_image():
     names = dockerfile_args()["WEIGHTS"].split()
     assert names == ["groundingdino_swint_ogc.pth", "mobile_sam.pt", "sam_vit_h_4b8939.pth", "bert-base-uncased"]
-    assert set(names) <= weights.MANIFEST.keys()
+    manifest = weights.load_manifest()
+    assert set(names) <= manifest.keys()
     image = Settings.from_env(dockerfile_env())
-    baked = {f"/models/{spec['path']}" for name in names for spec in weights.MANIFEST[name]["files"]}
+    baked = {f"/models/{spec['path']}" for name in names for spec in manifest[name]["files"]}
     assert image.groundingdino_checkpoint in baked and image.mobilesam_checkpoint in baked
     assert Settings.from_env({**dockerfile_env(), "USE_SAM": "true"}).sam_checkpoint in baked
     assert f"{image.groundingdino_text_encoder}/config.json" in baked
