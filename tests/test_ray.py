@@ -1,6 +1,6 @@
 """`cli.py annotate --ray local` (a local Ray cluster of two single-threaded CPU actors, the generated test models)
 against the loopback imitation of Label Studio: the same regions as the in-process job, one prediction per task;
-per-label thresholds honoured by the actors.
+per-label thresholds honoured by the actors; the same with SAM 2.1 as the segmenter.
 A killed actor, against the real Label Studio: tests/test_label_studio_bulk.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_label_studio import FakeLabelStudio
-from model_factory import make_image, service_env
+from model_factory import make_image, make_sam2, service_env
 from servers import ImageServer
 from test_e2e_gunicorn import encode
 from test_labeling import GUIDE_CONFIG
@@ -38,9 +38,14 @@ def regions_by_task(ls) -> dict[int, list]:
     return {p["task"]: [{k: v for k, v in r.items() if k != "id"} for r in p["result"]] for p in ls.predictions}
 
 
-def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, mobile_sam_checkpoint, tmp_path):
+@pytest.mark.parametrize("segmenter", ["mobile_sam", "sam2.1_hiera_t"])
+def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, mobile_sam_checkpoint, tmp_path,
+                                                 segmenter):
     ls = project
-    env = {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint), "HF_HUB_OFFLINE": "1",
+    sam2 = {} if segmenter == "mobile_sam" else {
+        "USE_SAM": "true", "SAM_MODEL_TYPE": segmenter,
+        "SAM_CHECKPOINT": str(make_sam2(tmp_path / "sam2.1_hiera_tiny.pt", segmenter))}
+    env = {**os.environ, **service_env(groundingdino_files, mobile_sam_checkpoint, **sam2), "HF_HUB_OFFLINE": "1",
            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "DATA_DIR": str(tmp_path),
            # In-process as each actor: the same float reduction order, one image per encoder pass, the same bits.
            "OMP_NUM_THREADS": "1", "BATCH_SIZE": "1"}
@@ -56,8 +61,10 @@ def test_cli_on_ray_gives_the_in_process_regions(project, groundingdino_files, m
         for prediction in ls.predictions:
             counts[prediction["task"]] = counts.get(prediction["task"], 0) + 1
         assert counts == {i: 1 for i in range(1, TASKS + 1)}
+        assert {p["model_version"] for p in ls.predictions} == {
+            "groundingdino_tiny+" + ("mobile_sam" if segmenter == "mobile_sam" else "sam2.1_hiera_tiny")}
         results.append(regions_by_task(ls))
-    assert results[0] == results[1]
+    assert results[0] == results[1] and any(results[0].values())
 
 
 def test_per_label_thresholds_hold_on_ray(project, groundingdino_files, mobile_sam_checkpoint, tmp_path):

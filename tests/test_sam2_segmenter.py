@@ -1,18 +1,28 @@
 """SAM 2.1 as the segmenter (sam2_segmenter.py): random weights at the published Hiera-T config (Hiera-S: loading),
 saved as Meta's files and loaded through build_models; masks, scores and low-res logits equal SAM2ImagePredictor's
 for the same boxes and clicks, batched images equal one at a time, segment everything equals SAM2AutomaticMaskGenerator
-one to one, and the service's paths (prompt box, clicks, Retrieve Predictions) run on it."""
+one to one, and the service's entry points (Retrieve Predictions, the prompt box, `*`, clicks, the page's try-it,
+`cli.py predict`; Ray: tests/test_ray.py) run on it."""
 
 from __future__ import annotations
+
+import io
+import json
 
 import numpy as np
 import pytest
 import torch
+from label_studio_sdk.converter import brush
 from model_factory import make_image, make_sam2, service_env
+from PIL import Image
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
+from servers import ImageServer
+from test_labeling import GUIDE_CONFIG
 
+import cli
+from _wsgi import create_backend_app
 from cache import EmbeddingCache, image_digest
 from config import ConfigError, Settings
 from errors import ModelLoadError
@@ -188,3 +198,63 @@ def test_compile_warms_the_encoder_up_and_a_failed_compile_stays_eager(ours, mon
     eager = Sam2Segmenter(ours.model, "cpu")
     assert eager.compile((1, 4)) is False and not eager._warmed
     assert "torch.compile of the segmenter's image encoder failed" in caplog.text
+
+
+def test_the_http_api_the_page_and_the_cli_run_on_sam2(groundingdino_files, mobile_sam_checkpoint, hiera_t, tmp_path,
+                                                        monkeypatch, capsys):
+    """The service's entry points with SAM_MODEL_TYPE=sam2.1_hiera_t: /health and every answer name it; Retrieve
+    Predictions (no context) and the prompt box answer brush masks; `*` segments everything; the page's try-it
+    answers a prompt, then clicks on the held image; `cli.py predict` prints the same regions /predict answers."""
+    picture = tmp_path / "a.png"
+    Image.fromarray(IMAGE).save(picture)
+    version = "groundingdino_tiny+sam2.1_hiera_tiny"
+    env = service_env(groundingdino_files, mobile_sam_checkpoint, USE_SAM="true", SAM_MODEL_TYPE="sam2.1_hiera_t",
+                      SAM_CHECKPOINT=str(hiera_t), MAX_DETECTIONS="4", DATA_DIR=str(tmp_path / "data"),
+                      IMAGE_ALLOWED_HOSTS="127.0.0.1", BOX_THRESHOLD="0.05", TEXT_THRESHOLD="0.05",
+                      # random weights: keep every mask of a small grid
+                      EVERYTHING_POINTS_PER_SIDE="3", EVERYTHING_PRED_IOU_THRESH="0",
+                      EVERYTHING_STABILITY_SCORE_THRESH="0", EVERYTHING_BOX_NMS_THRESH="1.0")
+    with ImageServer({"/a.png": picture.read_bytes()}) as images:
+        app = create_backend_app(env)
+        app.extensions["model_loader"].get(timeout=300)
+        client = app.test_client()
+        health = client.get("/health").json
+        assert (health["status"], health["models"], health["model_version"]) == ("UP", "ready", version)
+
+        def predict(prompt):
+            context = None if prompt is None else {"result": [{
+                "value": {"text": [prompt]}, "id": "p", "from_name": "prompt", "to_name": "image", "type": "textarea"}]}
+            answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": images.url + "/a.png"}}],
+                                                   "project": "1.1", "label_config": GUIDE_CONFIG,
+                                                   "params": {"context": context}})
+            assert answer.status_code == 200, answer.json
+            (prediction,) = answer.json["results"]
+            assert prediction["model_version"] == version
+            return prediction["result"]
+
+        for prompt in (None, "shape_cats. house"):  # Retrieve Predictions, then the prompt box
+            regions = predict(prompt)
+            brushes = [r for r in regions if r["type"] == "brushlabels"]
+            assert brushes and len(brushes) == len(regions) // 2
+            assert all(len(brush.decode_rle(r["value"]["rle"])) == 320 * 240 * 4 for r in brushes)
+        everything = predict("*_cats")
+        assert everything and {r["value"]["brushlabels"][0] for r in everything if r["type"] == "brushlabels"} == {
+            "cats"}
+
+        tried = client.post("/try", data={"image": (io.BytesIO(picture.read_bytes()), "a.png"), "prompt": "cats"},
+                            content_type="multipart/form-data")
+        assert tried.status_code == 200, tried.json
+        clicked = client.post("/try", json={"image_id": tried.json["image_id"], "label": "cats",
+                                            "clicks": [{"x": 60, "y": 80, "positive": True}]})
+        assert clicked.status_code == 200, clicked.json
+        (region,) = clicked.json["detections"]
+        assert region["label"] == "cats" and region["mask"] is not None
+
+    for key, value in {"HF_HUB_OFFLINE": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    assert cli.main(["predict", str(picture), "--prompt", "shape_cats. house"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model_version"] == version
+    strip = [{k: v for k, v in r.items() if k != "id"} for r in printed["result"]]
+    assert strip == [{k: v for k, v in r.items() if k != "id"} for r in regions]
