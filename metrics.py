@@ -114,8 +114,8 @@ class _StateCollector:
                                     counts["in_use"])
             yield GaugeMetricFamily("grounded_sam_heap_free_bytes", "Free in malloc's arenas (trimmed or not)",
                                     counts["free"])
-            yield CounterMetricFamily("grounded_sam_heap_trims", "malloc_trim calls (MALLOC_TRIM_INTERVAL)",
-                                      heap.trims)
+            yield CounterMetricFamily("grounded_sam_heap_trims",
+                                      "malloc_trim calls (after each quiet MALLOC_TRIM_INTERVAL)", heap.trims)
 
 
 def _gpu_memory():

@@ -12,7 +12,8 @@ answers per second, and the worker's peak RSS.
     --flood N     also: N users for 90 s, then how long after the last of them left a click is answered at idle
                   speed again, and the longest request
     --soak-minutes M   also (the current code only): 6 users and a job for M minutes over fresh images, the
-                  worker's RSS, glibc's heap and the embedding cache every 30 s, and 5-minute means after warm-up
+                  worker's RSS, glibc's heap and the embedding cache every 30 s, and 5-minute means after warm-up;
+                  then the job cancelled, the RSS once the quiet worker has trimmed its heap
 
 Locust (pinned in benchmarks/locust-requirements.txt) lives in a virtualenv of its own, .venv-locust, built on the
 first run: its gevent stays out of the service's. Nothing leaves 127.0.0.1.
@@ -176,12 +177,31 @@ CLICK_CONFIG = """<View>
 </View>"""
 
 
-def submit_job(service: Service, label_studio: FakeLabelStudio) -> None:
+def submit_job(service: Service, label_studio: FakeLabelStudio) -> str:
+    """A bulk job over the whole imitated project; its id."""
     response = requests.post(service.url + "/jobs", timeout=30, headers={"X-Label-Studio-Key": label_studio.token},
                              json={"project": 1, "prompt": "shape_cats", "all": True,
                                    "label_studio_url": label_studio.url})
     if response.status_code != 201:
         raise SystemExit(f"bench_load: the job was refused: {response.status_code} {response.text[:300]}")
+    return response.json()["id"]
+
+
+def rss_once_quiet(service: Service, label_studio: FakeLabelStudio, job_id: str, timeout: float = 300
+                   ) -> tuple[float, int]:
+    """Cancel the job, then wait for the worker's first heap trim (it trims once quiet, heap.py): (seconds waited,
+    the worker's RSS then); at `timeout`, the RSS as it is."""
+    requests.delete(f"{service.url}/jobs/{job_id}", timeout=30, headers={"X-Label-Studio-Key": label_studio.token})
+
+    def trims() -> float:
+        text = requests.get(service.url + "/metrics", timeout=5).text
+        return next((m.samples[0].value for m in text_string_to_metric_families(text)
+                     if m.name == "grounded_sam_heap_trims"), 0.0)
+
+    started, before = time.monotonic(), trims()
+    while time.monotonic() - started < timeout and trims() == before:
+        time.sleep(2)
+    return time.monotonic() - started, service.rss()
 
 
 def run_locust(locust: Path, url: str, users: int, seconds: float, records: Path, stop_timeout: int = 100) -> float:
@@ -363,12 +383,14 @@ def main() -> None:
         if args.soak_minutes:
             service = serve("now", "soak")
             try:
-                submit_job(service, label_studio)
+                job_id = submit_job(service, label_studio)
                 sampler = RssSampler(service, every=30)
                 run_locust(locust, service.url, 6, args.soak_minutes * 60, tmp / "soak.jsonl", stop_timeout=10)
                 rss = sampler.stop()
+                waited, quiet_rss = rss_once_quiet(service, label_studio, job_id)
                 results["soak"] = {"memory_mb": [{k: round(v / 2**20) if k != "t" else round(v) for k, v in r.items()}
                                                   for r in rss],
+                                   "quiet": {"waited_s": round(waited), "rss_mb": round(quiet_rss / 2**20)},
                                    "kinds": summarise(tmp / "soak.jsonl", args.soak_minutes * 60)}
                 save()
                 print(f"soak, 6 users and a job, {args.soak_minutes:g} min, every 2 min: MB RSS / heap in use / "
@@ -381,6 +403,8 @@ def main() -> None:
                         print(f"  {key}, 5-minute means after the first 5 minutes: "
                               + ", ".join(f"{m / 2**20:.0f}" for m in means)
                               + f" MB; highest {100 * (max(means) / min(means) - 1):.1f} % above lowest", flush=True)
+                print(f"  after the load (the job cancelled, the worker's first trim once quiet, {waited:.0f} s "
+                      f"later): RSS {quiet_rss / 2**20:.0f} MB", flush=True)
                 print_row(6, "soak", {"rss_peak_mb": max(r["rss"] for r in rss) / 2**20, **results["soak"]["kinds"]})
             finally:
                 service.stop()
