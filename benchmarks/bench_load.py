@@ -252,9 +252,9 @@ class RssSampler:
                 sample = {"t": time.monotonic() - started, "rss": service.rss()}
                 try:
                     text = requests.get(service.url + "/metrics", timeout=5).text
-                except requests.RequestException:
-                    text = ""
-                values = {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
+                    values = {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
+                except (requests.RequestException, ValueError):  # ValueError: the code before, whose /metrics is JSON
+                    values = {}
                 sample.update({key: values.get(name, 0.0) for key, name in self.GAUGES.items()})
                 self.samples.append(sample)
 
