@@ -90,6 +90,7 @@ class JobParams:
     everything: EverythingParams | None = None  # the project's segment-everything parameters (None: ditto)
     import_wait: float = 10.0  # seconds a prediction may wait for its chunk to fill
     chunk_max: int = 500  # the largest chunk (and the queue's bound)
+    label_studio_url: str = ""  # where the job was created: a cancel's key is checked there ("": the default)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -547,7 +548,7 @@ class JobService:
         if selection.view is not None and next(iter(label_project.tasks(selection)), None) is None:
             raise ParamsError(f"view {selection.view} of project {project} holds no task")
         params = JobParams(project, prompt, detection, selection, flags["redo"], self.model_version, label_config,
-                           **job_chunking(self.settings))
+                           **job_chunking(self.settings), label_studio_url=connection.url)
         job_id = self.runner.submit(params, connection)
         return job_status(self.store, job_id)
 
@@ -564,7 +565,8 @@ class JobService:
         """Cancel after the task in flight and the import of what was predicted; the key must be one Label Studio
         accepts for the job's project."""
         status = self.status(job_id)
-        self.open_project(status["project"], key)[1].label_config()
+        url = (self.store.job(job_id)["params"].get("label_studio_url") or None)  # jobs stored before: the default
+        self.open_project(status["project"], key, url)[1].label_config()
         if not self.runner.cancel(job_id) and status["state"] in ("queued", "running", "paused", "interrupted"):
             self.store.set_state(job_id, "cancelled")
         return self.status(job_id)

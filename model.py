@@ -294,7 +294,8 @@ class GroundedSAM(LabelStudioMLBase):
         ids = _task_ids(tasks)
         params = JobParams(int(self.project_id), self.prompt or "", query.params, Selection(task_ids=tuple(ids)),
                            model_version=self.model_version, label_config=self.label_config or self.get("label_config"),
-                           cleanup=query.cleanup, everything=query.everything, **job_chunking(self.settings))
+                           cleanup=query.cleanup, everything=query.everything, **job_chunking(self.settings),
+                           label_studio_url=connection.url)
         return self.jobs.submit(params, connection, queued=ids, tasks=tasks)
 
 

@@ -462,6 +462,32 @@ def test_cancel_and_unknown_jobs(service):
     assert len(service.ls.predictions) < 30
 
 
+def test_a_job_on_another_label_studio_is_cancelled_with_the_key_checked_there(tmp_path):
+    """A job created with 'label_studio_url' (LABEL_STUDIO_URL names another host, with no such project): its cancel
+    checks the caller's key at the job's Label Studio, not at LABEL_STUDIO_URL (which answered 404 before)."""
+    from fakes import FakeLoader
+    from servers import ImageServer
+    from test_api import png
+
+    from _wsgi import create_backend_app
+
+    with ImageServer({"/plain/a.png": png(64, 48)}) as elsewhere:
+        tasks = {i: {"image": f"{elsewhere.url}/plain/a.png"} for i in range(1, 31)}
+        with FakeLabelStudio(GUIDE_CONFIG, tasks) as ls:
+            loader = FakeLoader()
+            client = create_backend_app({"DATA_DIR": str(tmp_path), "LABEL_STUDIO_URL": elsewhere.url},
+                                        loader=loader).test_client()
+            client.loader = loader
+            slow_down(client, 0.2)
+            auth = {"Authorization": f"Token {ls.token}"}
+            job = client.post("/jobs", json={"project": 1, "prompt": "cats", "all": True, "label_studio_url": ls.url},
+                              headers=auth).json
+            cancelled = client.delete(f"/jobs/{job['id']}", headers=auth)
+            assert cancelled.status_code == 200, cancelled.json
+            assert wait_job(client, job["id"])["state"] == "cancelled" and len(ls.predictions) < 30
+            assert not [path for path, _ in elsewhere.requests if path.startswith("/api/")]
+
+
 def test_one_retrieve_predictions_hands_the_rest_to_a_background_job(service):
     """Label Studio sends 30 tasks in one /predict and the budget allows a few: those are answered, the others are
     predicted and imported by a job. Sent again (the user clicks twice), none is queued or predicted twice."""
