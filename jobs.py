@@ -565,7 +565,7 @@ class JobService:
         """Cancel after the task in flight and the import of what was predicted; the key must be one Label Studio
         accepts for the job's project."""
         status = self.status(job_id)
-        url = (self.store.job(job_id)["params"].get("label_studio_url") or None)  # jobs stored before: the default
+        url = self.store.job(job_id)["params"].get("label_studio_url") or None  # jobs stored before: the default
         self.open_project(status["project"], key, url)[1].label_config()
         if not self.runner.cancel(job_id) and status["state"] in ("queued", "running", "paused", "interrupted"):
             self.store.set_state(job_id, "cancelled")

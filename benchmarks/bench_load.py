@@ -403,8 +403,8 @@ def main() -> None:
                         print(f"  {key}, 5-minute means after the first 5 minutes: "
                               + ", ".join(f"{m / 2**20:.0f}" for m in means)
                               + f" MB; highest {100 * (max(means) / min(means) - 1):.1f} % above lowest", flush=True)
-                print(f"  after the load (the job cancelled, the worker's first trim once quiet, {waited:.0f} s "
-                      f"later): RSS {quiet_rss / 2**20:.0f} MB", flush=True)
+                when = "no trim within 300 s" if waited >= 300 else f"its first trim once quiet, {waited:.0f} s later"
+                print(f"  after the load (the job cancelled, {when}): RSS {quiet_rss / 2**20:.0f} MB", flush=True)
                 print_row(6, "soak", {"rss_peak_mb": max(r["rss"] for r in rss) / 2**20, **results["soak"]["kinds"]})
             finally:
                 service.stop()
