@@ -18,7 +18,6 @@ whole manifest, e.g. for an internal mirror.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -55,7 +54,7 @@ class GatedError(DownloadError):
 # ---------------------------------------------------------------------------------------------- manifest
 
 def validate_manifest(manifest: Mapping) -> dict:
-    """Check a manifest's layout; return a deep copy. Raises DownloadError naming the bad entry.
+    """Check a manifest's layout; return it as a dict. Raises DownloadError naming the bad entry.
 
     Each entry: {"description": str, "source": where its digests were read, "files": [spec, ...]}; each spec:
     "path" (relative to the target directory), "hub" ({"repo", "revision", "file"}: fetched with hf_hub_download)
@@ -92,7 +91,7 @@ def validate_manifest(manifest: Mapping) -> dict:
             if gated is not None and not (hub and isinstance(gated, str) and gated.startswith("https://")):
                 raise DownloadError(f"{where}: 'gated' must be the https URL of the page where the license of its "
                                     "'hub' repository is accepted")
-    return copy.deepcopy(dict(manifest))
+    return dict(manifest)
 
 
 def load_manifest(path: str | os.PathLike | None = None) -> dict:

@@ -194,9 +194,7 @@ def rss_once_quiet(service: Service, label_studio: FakeLabelStudio, job_id: str,
     requests.delete(f"{service.url}/jobs/{job_id}", timeout=30, headers={"X-Label-Studio-Key": label_studio.token})
 
     def trims() -> float:
-        text = requests.get(service.url + "/metrics", timeout=5).text
-        return next((m.samples[0].value for m in text_string_to_metric_families(text)
-                     if m.name == "grounded_sam_heap_trims"), 0.0)
+        return scrape(service).get("grounded_sam_heap_trims", 0.0)
 
     started, before = time.monotonic(), trims()
     while time.monotonic() - started < timeout and trims() == before:
@@ -235,6 +233,16 @@ def summarise(records: Path, seconds: float) -> dict:
     return out
 
 
+def scrape(service: Service) -> dict[str, float]:
+    """The service's /metrics: each family's first sample by family name; {} when it can't be read or isn't
+    Prometheus' format (the code before answers JSON)."""
+    try:
+        text = requests.get(service.url + "/metrics", timeout=5).text
+        return {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
+    except (requests.RequestException, ValueError):
+        return {}
+
+
 class RssSampler:
     """Every `every` s on a thread, until stopped: the worker's RSS and, from its /metrics, glibc's bytes in use and
     freed-but-kept and the embedding cache's bytes (0 where a figure is missing)."""
@@ -250,11 +258,7 @@ class RssSampler:
         def run():
             while not self._stop.wait(every):
                 sample = {"t": time.monotonic() - started, "rss": service.rss()}
-                try:
-                    text = requests.get(service.url + "/metrics", timeout=5).text
-                    values = {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
-                except (requests.RequestException, ValueError):  # ValueError: the code before, whose /metrics is JSON
-                    values = {}
+                values = scrape(service)
                 sample.update({key: values.get(name, 0.0) for key, name in self.GAUGES.items()})
                 self.samples.append(sample)
 

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from label_studio_harness import textarea_context
 from label_studio_sdk.converter import brush
 from model_factory import make_image, make_sam2, service_env
 from PIL import Image
@@ -19,9 +20,9 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from servers import ImageServer
-from test_labeling import GUIDE_CONFIG
+from test_api import predict_payload
+from test_cli import run_here
 
-import cli
 from _wsgi import create_backend_app
 from cache import EmbeddingCache, image_digest
 from config import ConfigError, Settings
@@ -222,11 +223,8 @@ def test_the_http_api_the_page_and_the_cli_run_on_sam2(groundingdino_files, mobi
         assert (health["status"], health["models"], health["model_version"]) == ("UP", "ready", version)
 
         def predict(prompt):
-            context = None if prompt is None else {"result": [{
-                "value": {"text": [prompt]}, "id": "p", "from_name": "prompt", "to_name": "image", "type": "textarea"}]}
-            answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": images.url + "/a.png"}}],
-                                                   "project": "1.1", "label_config": GUIDE_CONFIG,
-                                                   "params": {"context": context}})
+            task = {"id": 1, "data": {"image": images.url + "/a.png"}}
+            answer = client.post("/predict", json=predict_payload([task], prompt and textarea_context(prompt)))
             assert answer.status_code == 200, answer.json
             (prediction,) = answer.json["results"]
             assert prediction["model_version"] == version
@@ -250,11 +248,9 @@ def test_the_http_api_the_page_and_the_cli_run_on_sam2(groundingdino_files, mobi
         (region,) = clicked.json["detections"]
         assert region["label"] == "cats" and region["mask"] is not None
 
-    for key, value in {"HF_HUB_OFFLINE": "1", **env}.items():
-        monkeypatch.setenv(key, value)
-    capsys.readouterr()
-    assert cli.main(["predict", str(picture), "--prompt", "shape_cats. house"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = run_here(monkeypatch, capsys, env, "predict", str(picture), "--prompt", "shape_cats. house")
+    assert printed.returncode == 0, printed.stderr
+    printed = json.loads(printed.stdout)
     assert printed["model_version"] == version
     strip = [{k: v for k, v in r.items() if k != "id"} for r in printed["result"]]
     assert strip == [{k: v for k, v in r.items() if k != "id"} for r in regions]
